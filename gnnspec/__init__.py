@@ -1,0 +1,53 @@
+"""gnnspec: deep graph neural networks from a one-line spec (the public API of SPEC.md section 7).
+
+    spec = gnnspec.parse("rev(groups=2, depth=1001, op=gat, tie=true)")
+    spec = gnnspec.load("specs/revgnn_deep.gnn")
+    text = gnnspec.format(spec)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The submodules `check` and `format` are imported before the functions of the same names are
+# defined: importing a submodule binds it on the package, and it must not shadow the API.
+import gnnspec.check as _check_module
+import gnnspec.format as _format_module
+from gnnspec.errors import SpecError
+from gnnspec.ir import Spec
+from gnnspec.syntax import parse_text, read_spec_file
+
+__all__ = ["Spec", "SpecError", "parse", "load", "format", "check"]
+__version__ = "0.1.0"
+
+
+def check(spec: Spec) -> Spec:
+    """``spec`` unchanged when it satisfies every semantic rule; else the first rule's `SpecError`."""
+    errors = _check_module.violations(spec)
+    if errors:
+        raise errors[0]
+    return spec
+
+
+def _checked(text: str, filename: str, **options) -> Spec:
+    spec = parse_text(text, filename=filename, **options)
+    try:
+        return check(spec)
+    except SpecError as err:
+        raise err.located(filename, text) from None
+
+
+def parse(text: str, *, filename: str = "<spec>", form: str | None = None) -> Spec:
+    """The checked IR of spec text: a `.gnn` file's text, a bare expression, or YAML (``form="yaml"``)."""
+    return _checked(text, filename, form=form)
+
+
+def load(path: str | Path) -> Spec:
+    """The checked IR of the spec file at ``path`` (`.gnn`, `.yaml`/`.yml`, or "-" for stdin)."""
+    text, shown = read_spec_file(path)
+    return _checked(text, shown, name=Path(path).stem if str(path) != "-" else None)
+
+
+def format(spec: Spec | str) -> str:
+    """The canonical `.gnn` text of a spec (or of spec text)."""
+    return _format_module.format_spec(parse(spec) if isinstance(spec, str) else spec)

@@ -1,0 +1,256 @@
+"""Semantic rules of SPEC.md section 2, checked on the IR before anything is built.
+
+Each rule is a small function ``rule(spec) -> Iterator[SpecError]`` that points at the offending
+value's span; :data:`RULES` is the table, run in order by :func:`violations`. Names were already
+resolved by the parser (unknown names, repeated arguments), so these rules are about values.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from gnnspec import ir
+from gnnspec.errors import SpecError
+from gnnspec.ir import Span
+
+Rule = Callable[[ir.Spec], Iterator[SpecError]]
+
+# Which stage kinds each plan is valid for (SPEC.md section 4); None: every stage.
+PLAN_VALID_FOR: dict[str, tuple[str, ...] | None] = {
+    "store": None,
+    "checkpoint": ir.STACK_KINDS,
+    "reversible": ("rev",),
+    "implicit": ("deq",),
+    "unroll": ("deq",),
+}
+
+
+def _error(span: Span | None, message: str, hint: str | None = None) -> SpecError:
+    if span is None:
+        return SpecError(message, hint=hint)
+    end = span.end_column if span.end_line == span.line else None
+    return SpecError(message, line=span.line, column=span.column, end_column=end, hint=hint)
+
+
+def _stacks(spec: ir.Spec) -> Iterator[ir.Stack]:
+    return (s for s in spec.model if isinstance(s, ir.Stack))
+
+
+def stack_width(spec: ir.Spec, stage: ir.Stack) -> int:
+    """The width a stack's convolutions run at: its ``hidden``, divided by ``groups`` for ``rev``."""
+    hidden = stage.hidden if stage.hidden is not None else spec.hidden
+    return hidden // stage.groups if isinstance(stage, ir.Rev) else hidden
+
+
+# ---------------------------------------------------------------------------- rules
+
+
+def positive_widths(spec: ir.Spec) -> Iterator[SpecError]:
+    for key, field in (("in", "in_"), ("out", "out"), ("hidden", "hidden")):
+        value = getattr(spec, field)
+        if isinstance(value, int) and value < 1:
+            yield _error(spec.span(key), f"`{key}` must be positive, got {value}")
+    for stage in spec.model:
+        for name in ("hidden", "dim"):
+            value = getattr(stage, name, None)
+            if isinstance(value, int) and value < 1:
+                yield _error(stage.span(name), f"`{name}` must be positive, got {value}")
+        if isinstance(stage, ir.Mlp):
+            for value in stage.dims:
+                if value < 1:
+                    yield _error(stage.span("dims"), f"widths in `dims` must be positive, got {value}")
+
+
+def depth_at_least_one(spec: ir.Spec) -> Iterator[SpecError]:
+    for stage in _stacks(spec):
+        if stage.depth < 1:
+            yield _error(stage.span("depth"), f"`depth` must be at least 1, got {stage.depth}")
+
+
+def dropout_in_range(spec: ir.Spec) -> Iterator[SpecError]:
+    for stage in spec.model:
+        name = "p" if isinstance(stage, ir.Dropout) else "dropout"
+        value = getattr(stage, name, None)
+        if value is not None and not 0.0 <= value < 1.0:
+            yield _error(
+                stage.span(name),
+                f"dropout must be in [0, 1), got {value}",
+                "it is the probability of zeroing a value; 0 disables dropout",
+            )
+
+
+def rev_groups(spec: ir.Spec) -> Iterator[SpecError]:
+    for stage in spec.model:
+        if not isinstance(stage, ir.Rev):
+            continue
+        hidden = stage.hidden if stage.hidden is not None else spec.hidden
+        if stage.groups < 2:
+            yield _error(
+                stage.span("groups"),
+                f"`groups` must be at least 2, got {stage.groups}",
+                "a reversible stack splits the channels into groups that update each other",
+            )
+        elif hidden % stage.groups:
+            yield _error(
+                stage.span("groups") or stage.span("hidden"),
+                f"`hidden` ({hidden}) is not divisible by `groups` ({stage.groups})",
+                f"each group is hidden/groups channels wide; try groups={_divisor_near(hidden, stage.groups)}",
+            )
+
+
+def heads_divide_width(spec: ir.Spec) -> Iterator[SpecError]:
+    for stage in _stacks(spec):
+        heads = stage.op.heads
+        if heads is None or heads < 1:
+            continue
+        if isinstance(stage, ir.Rev) and (stage.groups < 2 or (stage.hidden or spec.hidden) % stage.groups):
+            continue  # reported by rev_groups
+        width = stack_width(spec, stage)
+        if width % heads:
+            where = f"width hidden/groups = {width}" if isinstance(stage, ir.Rev) else f"width {width}"
+            yield _error(
+                stage.op.span("heads"),
+                f"{heads} attention heads do not divide the {where}",
+                f"heads split the width; try heads={_divisor_near(width, heads)}",
+            )
+
+
+def op_argument_ranges(spec: ir.Spec) -> Iterator[SpecError]:
+    for stage in _stacks(spec):
+        sig = ir.OP_SIGNATURES.get(stage.op.name)
+        for param in sig.params if sig else ():
+            value = stage.op.arg(param.name)
+            if param.minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+                too_small = value <= param.minimum if param.type == "float" else value < param.minimum
+                if too_small:
+                    yield _error(
+                        stage.op.span(param.name),
+                        f"`{param.name}` of `{stage.op.name}` must be "
+                        f"{'above' if param.type == 'float' else 'at least'} {param.minimum:g}, got {value}",
+                    )
+
+
+def stage_number_ranges(spec: ir.Spec) -> Iterator[SpecError]:
+    for stage in spec.model:
+        checks: list[tuple[str, bool, str]] = []
+        if isinstance(stage, (ir.Appnp, ir.Sgc)):
+            checks.append(("k", stage.k >= 1, "at least 1"))
+        if isinstance(stage, (ir.Appnp, ir.Gcnii)):
+            checks.append(("alpha", 0.0 <= stage.alpha <= 1.0, "in [0, 1]"))
+        if isinstance(stage, ir.Gcnii):
+            checks.append(("theta", stage.theta > 0.0, "positive"))
+        if isinstance(stage, ir.Deq):
+            checks.append(("max_iter", stage.max_iter >= 1, "at least 1"))
+            checks.append(("tol", stage.tol > 0.0, "positive"))
+        if isinstance(stage, ir.Stack) and stage.weight_decay is not None:
+            checks.append(("weight_decay", stage.weight_decay >= 0.0, "at least 0"))
+        for name, ok, words in checks:
+            if not ok:
+                yield _error(stage.span(name), f"`{name}` must be {words}, got {getattr(stage, name)}")
+
+
+def tie_needs_equal_widths(spec: ir.Spec) -> Iterator[SpecError]:
+    for stage in spec.model:
+        if isinstance(stage, ir.Dense) and stage.tie and stage.depth > 1:
+            yield _error(
+                stage.span("tie"),
+                "`tie` cannot share weights in a `dense` stack",
+                "each layer of a dense stack sees a wider input, so its weights differ in shape",
+            )
+
+
+def gcnii_uses_gcn(spec: ir.Spec) -> Iterator[SpecError]:
+    for stage in spec.model:
+        if isinstance(stage, ir.Gcnii) and stage.op.name != "gcn":
+            yield _error(
+                stage.op.span("name"),
+                f"`gcnii` propagates with the GCN normalisation; `op={stage.op.name}` is not supported",
+                "leave `op` out (it is `gcn`), or use `res+(op=...)` for another op",
+            )
+
+
+def plans_fit_stages(spec: ir.Spec) -> Iterator[SpecError]:
+    for stage in spec.model:
+        plan = getattr(stage, "plan", None)
+        if plan is None:
+            continue
+        if plan.kind == "auto":
+            yield _error(
+                plan.span("name"),
+                "`auto` chooses plans for the whole spec; it is not a stage's plan",
+                "write `plan: auto(budget=...)` at the top level",
+            )
+            continue
+        valid = PLAN_VALID_FOR[plan.kind]
+        if valid is not None and stage.kind not in valid:
+            yield _error(
+                plan.span("name"),
+                f"plan `{plan.kind}` is not valid for `{stage.kind}`",
+                f"`{plan.kind}` applies to {', '.join(f'`{k}`' for k in valid)}; valid here: "
+                + ", ".join(k for k, v in PLAN_VALID_FOR.items() if v is None or stage.kind in v),
+            )
+    plan = spec.plan
+    valid = PLAN_VALID_FOR.get(plan.kind)
+    if valid is not None and not any(s.kind in valid for s in spec.model):
+        yield _error(
+            spec.span("plan"),
+            f"plan `{plan.kind}` applies to {', '.join(f'`{k}`' for k in valid)} stages; this model has none",
+            "use `store`, `checkpoint` or `auto`",
+        )
+
+
+def plan_arguments(spec: ir.Spec) -> Iterator[SpecError]:
+    plans = [spec.plan] + [getattr(s, "plan", None) for s in spec.model]
+    for plan in plans:
+        if isinstance(plan, ir.Checkpoint) and plan.segments is not None and plan.segments < 1:
+            yield _error(plan.span("segments"), f"`segments` must be at least 1, got {plan.segments}")
+        if isinstance(plan, ir.Auto) and plan.budget is not None and plan.budget < 1:
+            yield _error(plan.span("budget"), f"`budget` must be positive, got {plan.budget}")
+
+
+def graph_and_training(spec: ir.Spec) -> Iterator[SpecError]:
+    graph, train = spec.graph, spec.train
+    checks: list[tuple[ir.IRModel, str, bool, str]] = []
+    if graph is not None:
+        checks += [(graph, "nodes", graph.nodes >= 1, "at least 1"), (graph, "edges", graph.edges >= 0, "at least 0")]
+        for name in ("features", "classes"):
+            value = getattr(graph, name)
+            checks.append((graph, name, value is None or value >= 1, "at least 1"))
+    checks += [
+        (train, "lr", train.lr > 0.0, "positive"),
+        (train, "weight_decay", train.weight_decay >= 0.0, "at least 0"),
+        (train, "momentum", 0.0 <= train.momentum < 1.0, "in [0, 1)"),
+        (train, "epochs", train.epochs >= 1, "at least 1"),
+        (train, "patience", train.patience is None or train.patience >= 1, "at least 1"),
+    ]
+    for node, name, ok, words in checks:
+        if not ok:
+            yield _error(node.span(name), f"`{name}` must be {words}, got {getattr(node, name)}")
+    if spec.seed < 0:
+        yield _error(spec.span("seed"), f"`seed` must be at least 0, got {spec.seed}")
+
+
+RULES: tuple[Rule, ...] = (
+    positive_widths,
+    depth_at_least_one,
+    dropout_in_range,
+    rev_groups,
+    heads_divide_width,
+    op_argument_ranges,
+    stage_number_ranges,
+    tie_needs_equal_widths,
+    gcnii_uses_gcn,
+    plans_fit_stages,
+    plan_arguments,
+    graph_and_training,
+)
+
+
+def violations(spec: ir.Spec) -> list[SpecError]:
+    """Every rule's errors, in the order of :data:`RULES`."""
+    return [error for rule in RULES for error in rule(spec)]
+
+
+def _divisor_near(n: int, k: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - k), -d)) if divisors else 1

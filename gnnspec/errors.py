@@ -1,0 +1,96 @@
+"""`SpecError`, the one error a user gets for bad input, and the "did you mean" suggestion.
+
+Rendered (``str(error)``) as::
+
+    specs/model.gnn:3:15: unknown op `gatt`
+      model: rev(op=gatt, depth=4)
+                    ^^^^
+    hint: did you mean `gat`? (valid: gcn, sage, gat, ...)
+
+A leaf module: every layer (syntax, check, lowering, command line) may raise it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class SpecError(Exception):
+    """An invalid spec or argument, with its position (1-based line and column) and a hint."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        line: int = 1,
+        column: int = 1,
+        end_column: int | None = None,
+        hint: str | None = None,
+        filename: str = "<spec>",
+        source: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line
+        self.column = column
+        self.end_column = end_column
+        self.hint = hint
+        self.filename = filename
+        self.source = source
+
+    def located(self, filename: str, source: str | None) -> "SpecError":
+        """The same error, attributed to ``filename`` whose text is ``source``."""
+        self.filename = filename
+        if source is not None:
+            self.source = source
+        return self
+
+    @property
+    def source_line(self) -> str | None:
+        if self.source is None:
+            return None
+        lines = self.source.splitlines()
+        return lines[self.line - 1] if 0 < self.line <= len(lines) else ""
+
+    def render(self) -> str:
+        parts = [f"{self.filename}:{self.line}:{self.column}: {self.message}"]
+        line = self.source_line
+        if line is not None:
+            shown = line.expandtabs(1)
+            width = 1
+            if self.end_column is not None and self.end_column > self.column:
+                width = min(self.end_column, len(shown) + 1) - self.column
+            parts.append("  " + shown)
+            parts.append("  " + " " * (self.column - 1) + "^" * max(width, 1))
+        if self.hint:
+            parts.append(f"hint: {self.hint}")
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def nearest(name: str, known: Iterable[str]) -> str | None:
+    """The known name closest to ``name`` (difflib ratio >= 0.6, or same letters ignoring case/_)."""
+    known = list(known)
+    folded = {k.lower().replace("_", "").replace("-", ""): k for k in known}
+    key = name.lower().replace("_", "").replace("-", "")
+    if key in folded:
+        return folded[key]
+    matches = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if not matches:
+        matches = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def did_you_mean(name: str, known: Iterable[str], *, list_up_to: int = 16) -> str | None:
+    """A hint naming the nearest known name and, when the list is short, all valid names."""
+    known = list(known)
+    guess = nearest(name, known)
+    parts = []
+    if guess is not None:
+        parts.append(f"did you mean `{guess}`?")
+    if known and len(known) <= list_up_to:
+        parts.append("valid: " + ", ".join(known))
+    return " ".join(parts) if parts else None

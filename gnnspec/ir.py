@@ -1,0 +1,423 @@
+"""The gnnspec IR: frozen pydantic models for SPEC.md sections 1, 2 and 4.
+
+Every value of the language has a typed field with its default; stages and plans are
+discriminated unions keyed by a required ``kind``; sequences are tuples. Source positions live in
+a ``spans`` field of type :class:`Spans`, which compares equal to every other ``Spans``: two specs
+that mean the same thing are equal wherever their text came from.
+
+The IR also holds the vocabulary that is not a model of its own: the op signatures
+(:data:`OP_SIGNATURES`) and the enumerations. This module imports nothing of gnnspec and nothing
+of torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
+
+# ---------------------------------------------------------------------------- source positions
+
+
+class Span(NamedTuple):
+    """A region of source text: 1-based line and column, end exclusive."""
+
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+
+
+class Spans:
+    """Source spans of a node's values, by field name ("" is the whole node, "name" its name).
+
+    Equal to every other ``Spans`` and hashed alike, so positions never take part in equality.
+    """
+
+    __slots__ = ("_by_field",)
+
+    def __init__(self, by_field: dict[str, Span] | None = None) -> None:
+        self._by_field = dict(by_field or {})
+
+    def get(self, name: str = "") -> Span | None:
+        return self._by_field.get(name) or self._by_field.get("")
+
+    def items(self):
+        return self._by_field.items()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Spans)
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "Spans()"
+
+
+class IRModel(BaseModel):
+    """Base of every IR node: frozen, no unknown fields, spans excluded from dumps and schema."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", arbitrary_types_allowed=True, populate_by_name=True
+    )
+    spans: SkipJsonSchema[Spans] = Field(default_factory=Spans, exclude=True, repr=False)
+
+    def span(self, name: str = "") -> Span | None:
+        return self.spans.get(name)
+
+
+# ---------------------------------------------------------------------------- enumerations
+
+ActName = Literal["relu", "gelu", "elu", "leaky_relu", "prelu", "tanh", "none"]
+NormName = Literal["batch", "layer", "graph", "instance", "none"]
+JkName = Literal["none", "last", "cat", "max"]
+SolverName = Literal["anderson", "fixed_point", "broyden"]
+DtypeName = Literal["float32", "bfloat16", "float16", "float64"]
+OptimizerName = Literal["adam", "adamw", "sgd"]
+LossName = Literal["ce", "bce", "mse"]
+
+Scalar = Union[bool, int, float, str]
+
+# ---------------------------------------------------------------------------- ops
+
+
+@dataclass(frozen=True)
+class OpParam:
+    """One argument of an op: its type, default and, for enumerations, the allowed values."""
+
+    name: str
+    type: Literal["int", "float", "bool", "enum"]
+    default: Scalar
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+
+
+@dataclass(frozen=True)
+class OpSignature:
+    """The arguments an op takes. ``heads`` names the argument that splits the width, if any."""
+
+    name: str
+    params: tuple[OpParam, ...] = ()
+    heads: str | None = None
+    builtin: bool = field(default=True, compare=False)
+
+    def param(self, name: str) -> OpParam | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+def _heads(default: int) -> OpParam:
+    return OpParam("heads", "int", default, minimum=1)
+
+
+OP_SIGNATURES: dict[str, OpSignature] = {
+    sig.name: sig
+    for sig in (
+        OpSignature("gcn"),
+        OpSignature("sage", (OpParam("aggr", "enum", "mean", ("mean", "max", "sum", "min")),)),
+        OpSignature("gat", (_heads(4),), heads="heads"),
+        OpSignature("gatv2", (_heads(4),), heads="heads"),
+        OpSignature(
+            "gen",
+            (
+                OpParam("aggr", "enum", "softmax", ("softmax", "powermean", "mean", "max", "sum", "min")),
+                OpParam("t", "float", 1.0, minimum=0.0),
+                OpParam("learn_t", "bool", False),
+            ),
+        ),
+        OpSignature("gin"),
+        OpSignature("graphconv"),
+        OpSignature("transformer", (_heads(4),), heads="heads"),
+        OpSignature("egc", (_heads(8), OpParam("bases", "int", 4, minimum=1)), heads="heads"),
+        OpSignature("cheb", (OpParam("k", "int", 2, minimum=1),)),
+    )
+}
+
+
+def register_op_signature(signature: OpSignature) -> None:
+    """Make an op name known to the parser and checker (used by ``gnnspec.register_op``)."""
+    OP_SIGNATURES[signature.name] = signature
+
+
+class Op(IRModel):
+    """A message-passing op: its name and every argument, defaults filled in signature order."""
+
+    name: str
+    args: tuple[tuple[str, Scalar], ...] = ()
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        return dict(self.args).get(name, default)
+
+    @property
+    def heads(self) -> int | None:
+        sig = OP_SIGNATURES.get(self.name)
+        return None if sig is None or sig.heads is None else int(self.arg(sig.heads))
+
+
+def default_op(name: str = "gcn") -> Op:
+    sig = OP_SIGNATURES[name]
+    return Op(name=name, args=tuple((p.name, p.default) for p in sig.params))
+
+
+# ---------------------------------------------------------------------------- plans
+
+
+class Store(IRModel):
+    """Plain autograd: every layer's activations are kept for backward."""
+
+    kind: Literal["store"]
+
+
+class Checkpoint(IRModel):
+    """Gradient checkpointing over ``segments`` contiguous segments (``None``: round(sqrt(depth)))."""
+
+    kind: Literal["checkpoint"]
+    segments: int | None = None
+
+
+class Reversible(IRModel):
+    """Reconstruct each layer's input from its output in backward (``rev`` stages only)."""
+
+    kind: Literal["reversible"]
+
+
+class Implicit(IRModel):
+    """Implicit-function-theorem backward of a fixed point (``deq`` stages only)."""
+
+    kind: Literal["implicit"]
+
+
+class Unroll(IRModel):
+    """Backpropagate through every solver iteration (``deq`` stages only)."""
+
+    kind: Literal["unroll"]
+
+
+class Auto(IRModel):
+    """Per stage, the fastest plan whose estimated peak fits ``budget`` bytes (None: device memory)."""
+
+    kind: Literal["auto"]
+    budget: int | None = None
+
+
+Plan = Annotated[
+    Union[Store, Checkpoint, Reversible, Implicit, Unroll, Auto], Field(discriminator="kind")
+]
+PLAN_MODELS: dict[str, type[IRModel]] = {
+    "store": Store,
+    "checkpoint": Checkpoint,
+    "reversible": Reversible,
+    "implicit": Implicit,
+    "unroll": Unroll,
+    "auto": Auto,
+}
+
+# ---------------------------------------------------------------------------- stages
+
+
+class Linear(IRModel):
+    """``y = x W^T + b``; ``dim`` defaults to ``hidden``, or to ``out`` in last place."""
+
+    kind: Literal["linear"]
+    dim: int | None = None
+    bias: bool = True
+
+
+class Mlp(IRModel):
+    """``linear`` to each width of ``dims`` in turn (empty: ``[hidden]``), ``norm``/``act``/``dropout`` between."""
+
+    kind: Literal["mlp"]
+    dims: tuple[int, ...] = ()
+    act: ActName = "relu"
+    dropout: float = 0.0
+    norm: NormName = "none"
+
+
+class Dropout(IRModel):
+    """Elementwise dropout with probability ``p``."""
+
+    kind: Literal["dropout"]
+    p: float = 0.5
+    positional: ClassVar[str] = "p"
+
+
+class Act(IRModel):
+    """An activation function."""
+
+    kind: Literal["act"]
+    fn: ActName = "relu"
+    positional: ClassVar[str] = "fn"
+
+
+class Norm(IRModel):
+    """A normalisation layer."""
+
+    kind: Literal["norm"]
+    type: NormName = "batch"
+    positional: ClassVar[str] = "type"
+
+
+class Stack(IRModel):
+    """Arguments shared by the message-passing stacks (SPEC.md section 2)."""
+
+    op: Op = Field(default_factory=default_op)
+    depth: int = 2
+    hidden: int | None = None
+    norm: NormName = "none"
+    act: ActName = "relu"
+    dropout: float = 0.0
+    tie: bool = False
+    plan: Plan | None = None
+    weight_decay: float | None = None
+
+
+class Plain(Stack):
+    """``x = drop(act(norm(conv(x))))``, ``depth`` times."""
+
+    kind: Literal["plain"]
+    jk: JkName = "none"
+
+
+class Res(Stack):
+    """Post-activation residual (ResGCN): ``x = drop(act(norm(conv(x)))) + x``."""
+
+    kind: Literal["res"]
+    jk: JkName = "none"
+
+
+class ResPlus(Stack):
+    """Pre-activation residual (DeeperGCN): ``x = x + conv(drop(act(norm(x))))``."""
+
+    kind: Literal["res+"]
+    jk: JkName = "none"
+
+
+class Dense(Stack):
+    """Dense connections: ``x = cat(x, conv(x))``; the width grows by ``hidden`` per layer."""
+
+    kind: Literal["dense"]
+    jk: JkName = "none"
+
+
+class Rev(Stack):
+    """Grouped reversible residual (RevGNN): ``x'_i = f_i(x'_{i-1}) + x_i`` over ``groups`` channel groups."""
+
+    kind: Literal["rev"]
+    groups: int = 2
+
+
+class Gcnii(Stack):
+    """GCNII: initial residual to the stage input (``alpha``) plus identity mapping (``theta``)."""
+
+    kind: Literal["gcnii"]
+    jk: JkName = "none"
+    alpha: float = 0.1
+    theta: float = 0.5
+
+
+class Deq(Stack):
+    """Deep equilibrium: ``z* = f(z*, x)``, ``f(z, x) = conv(act(norm(z))) + x``, one layer's weights."""
+
+    kind: Literal["deq"]
+    depth: int = 1
+    solver: SolverName = "anderson"
+    max_iter: int = 50
+    tol: float = 1e-4
+
+
+class Appnp(IRModel):
+    """Personalised-PageRank propagation: ``k`` steps with teleport ``alpha``; no weights."""
+
+    kind: Literal["appnp"]
+    k: int = 10
+    alpha: float = 0.1
+
+
+class Sgc(IRModel):
+    """``A^k x`` with the GCN-normalised adjacency; no weights."""
+
+    kind: Literal["sgc"]
+    k: int = 2
+
+
+Stage = Annotated[
+    Union[Linear, Mlp, Dropout, Act, Norm, Plain, Res, ResPlus, Dense, Rev, Gcnii, Deq, Appnp, Sgc],
+    Field(discriminator="kind"),
+]
+STAGE_MODELS: dict[str, type[IRModel]] = {
+    "linear": Linear,
+    "mlp": Mlp,
+    "dropout": Dropout,
+    "act": Act,
+    "norm": Norm,
+    "plain": Plain,
+    "res": Res,
+    "res+": ResPlus,
+    "dense": Dense,
+    "rev": Rev,
+    "gcnii": Gcnii,
+    "deq": Deq,
+    "appnp": Appnp,
+    "sgc": Sgc,
+}
+STACK_KINDS = tuple(k for k, m in STAGE_MODELS.items() if issubclass(m, Stack))
+
+# ---------------------------------------------------------------------------- spec
+
+
+class Graph(IRModel):
+    """The graph assumed when no data is given."""
+
+    nodes: int
+    edges: int
+    features: int | None = None
+    classes: int | None = None
+
+
+class Train(IRModel):
+    """Training settings; the test score is reported at the best validation epoch."""
+
+    optimizer: OptimizerName = "adam"
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    epochs: int = 200
+    patience: int | None = None
+    loss: LossName = "ce"
+
+
+Width = Union[int, Literal["auto"]]
+
+
+class Spec(IRModel):
+    """A whole spec: the model pipeline and the settings around it (SPEC.md section 1)."""
+
+    model_config = ConfigDict(serialize_by_alias=True, validate_by_alias=True, validate_by_name=True)
+
+    model: tuple[Stage, ...] = Field(min_length=1)
+    name: str = "model"
+    in_: Width = Field(default="auto", alias="in")
+    out: Width = "auto"
+    hidden: int = 64
+    graph: Graph | None = None
+    dtype: DtypeName = "float32"
+    plan: Plan = Field(default_factory=lambda: Auto(kind="auto"))
+    train: Train = Field(default_factory=Train)
+    seed: int = 0
+
+
+# Keys of a spec file in canonical order, with the field each one fills.
+SPEC_KEYS: dict[str, str] = {
+    "name": "name",
+    "in": "in_",
+    "out": "out",
+    "hidden": "hidden",
+    "model": "model",
+    "graph": "graph",
+    "dtype": "dtype",
+    "plan": "plan",
+    "train": "train",
+    "seed": "seed",
+}

@@ -1,0 +1,80 @@
+"""Side-effect-free recomputation, shared by every plan that runs a layer more than once.
+
+Contract (SPEC.md section 3): a plan that recomputes a forward (checkpoint, reversible, the DEQ
+solver's iterations) must compute the same function as the first forward and must not change
+module state a second time. Two pieces of state matter:
+
+* dropout masks: :class:`SharedDropout` draws one mask per forward of a stage
+  (``draw``) and applies that same mask in every layer and in every recomputation;
+* normalisation running statistics: :func:`preserved_running_stats` snapshots the running
+  buffers of every batch/instance norm below a module and restores them on exit, so a
+  recomputation in training mode uses batch statistics (the same values as the first forward)
+  but leaves ``running_mean``, ``running_var`` and ``num_batches_tracked`` as they were.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+
+def _running_stat_buffers(modules: Iterable[nn.Module]) -> list[Tensor]:
+    buffers: list[Tensor] = []
+    seen: set[int] = set()
+    for root in modules:
+        for module in root.modules():
+            if isinstance(module, _NormBase) and module.track_running_stats:
+                for buf in (module.running_mean, module.running_var, module.num_batches_tracked):
+                    if buf is not None and id(buf) not in seen:
+                        seen.add(id(buf))
+                        buffers.append(buf)
+    return buffers
+
+
+@contextmanager
+def preserved_running_stats(*modules: nn.Module) -> Iterator[None]:
+    """Run a recomputation without a second update of normalisation running statistics.
+
+    Costs one copy of each running buffer (O(channels)), independent of N, E and depth.
+    """
+    buffers = _running_stat_buffers(modules)
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in zip(buffers, saved):
+                buf.copy_(value)
+
+
+class SharedDropout(nn.Module):
+    """Dropout with one mask per forward of a stage, shared by all of the stage's layers.
+
+    ``mask = draw(x)`` samples ``bernoulli(1 - p) / (1 - p)`` with the shape of ``x`` (RevGNN's
+    shared dropout); ``apply(x, mask)`` returns ``x * mask``. In eval mode or with ``p == 0``
+    ``draw`` returns ``None`` and ``apply`` is the identity. The mask is a plain tensor, so a
+    plan that recomputes the stage passes the same mask again instead of drawing a new one.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def draw(self, x: Tensor) -> Tensor | None:
+        if not self.training or self.p == 0.0:
+            return None
+        keep = 1.0 - self.p
+        return torch.empty_like(x).bernoulli_(keep).div_(keep)
+
+    @staticmethod
+    def apply_mask(x: Tensor, mask: Tensor | None) -> Tensor:
+        return x if mask is None else x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

@@ -1,0 +1,74 @@
+"""Text -> IR: the `.gnn` grammar, the YAML front and bare expressions (SPEC.md section 1).
+
+``parse_text`` turns text into a :class:`gnnspec.ir.Spec` (names resolved, values typed) and
+``read_spec_file`` reads a path or standard input; both raise `SpecError` located in the file.
+Semantic rules (:mod:`gnnspec.check`) run after this.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from gnnspec.errors import SpecError
+from gnnspec.ir import Spec
+from gnnspec.syntax.parser import parse_cst
+from gnnspec.syntax.to_ir import spec_from_entries, spec_from_expression
+from gnnspec.syntax.yaml_front import entries_from_yaml
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def parse_text(text: str, *, filename: str = "<spec>", form: str | None = None, name: str | None = None) -> Spec:
+    """The IR of ``text``; ``form`` is "gnn", "yaml" or None (from ``filename``'s suffix)."""
+    if form is None:
+        form = "yaml" if filename.endswith(YAML_SUFFIXES) else "gnn"
+    default_name = name or "model"
+    try:
+        cst = entries_from_yaml(text) if form == "yaml" else parse_cst(text)
+        if isinstance(cst, tuple):
+            return spec_from_entries(cst, default_name=default_name)
+        return spec_from_expression(cst, default_name=default_name)
+    except SpecError as err:
+        raise err.located(filename, text) from None
+
+
+def decode_spec_bytes(data: bytes, filename: str) -> str:
+    """UTF-8 text of a spec file; `SpecError` at the first byte that is not."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        head = data[: err.start]
+        line = head.count(b"\n") + 1
+        column = err.start - (head.rfind(b"\n") + 1) + 1
+        raise SpecError(
+            f"not UTF-8 text (byte 0x{data[err.start]:02x})",
+            line=line,
+            column=column,
+            hint="a spec is a UTF-8 text file (.gnn, .yaml or .yml)",
+            filename=filename,
+        ) from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def read_spec_file(path: str | Path) -> tuple[str, str]:
+    """(text, display name) of a spec file, or of standard input when ``path`` is "-"."""
+    if str(path) == "-":
+        return decode_spec_bytes(sys.stdin.buffer.read(), "<stdin>"), "<stdin>"
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"no such file: {path}", filename=str(path), hint="give the path of a .gnn or .yaml spec") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path} is a directory, not a spec file", filename=str(path)) from None
+    except OSError as err:
+        raise SpecError(f"cannot read {path}: {err.strerror}", filename=str(path)) from None
+    return decode_spec_bytes(data, str(path)), str(path)
+
+
+def load_spec_file(path: str | Path) -> Spec:
+    """The IR of the spec file at ``path`` (name defaults to the file's stem)."""
+    text, shown = read_spec_file(path)
+    stem = Path(path).stem if str(path) != "-" else None
+    return parse_text(text, filename=shown, name=stem)

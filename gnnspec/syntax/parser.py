@@ -1,0 +1,205 @@
+"""Text -> CST with the Lark grammar; Lark's errors become `SpecError` in the user's words.
+
+The grammar is read from the installed package (``gnnspec/grammars/gnnspec.lark``, put there by
+the wheel build) or, in a source checkout, from ``grammars/gnnspec.lark``. Lark's terminal names
+never reach the user: :data:`TERMINAL_WORDS` says what each one is.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from lark import Lark
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from gnnspec.errors import SpecError
+from gnnspec.syntax.cst import Entry, Node, ToCST
+
+TERMINAL_WORDS: dict[str, str] = {
+    "NAME": "a name",
+    "INT": "an integer",
+    "FLOAT": "a number",
+    "SIZE": "a size",
+    "STRING": "a string",
+    "TRUE": "`true`",
+    "FALSE": "`false`",
+    "AUTO": "`auto`",
+    "NONE": "`none`",
+    "_CHAIN": "`>>`",
+    "_COLON": "`:`",
+    "_COMMA": "a comma",
+    "_EQUALS": "`=`",
+    "_LPAR": "`(`",
+    "_RPAR": "`)`",
+    "_LSQB": "`[`",
+    "_RSQB": "`]`",
+    "_SEP": "a new entry on the next line",
+    "$END": "the end of the spec",
+}
+_VALUE_STARTS = {"NAME", "INT", "FLOAT", "SIZE", "STRING", "TRUE", "FALSE", "AUTO", "NONE", "_LSQB"}
+_MAX_TEXT = 1_000_000
+
+
+def grammar_text() -> str:
+    packaged = resources.files("gnnspec").joinpath("grammars/gnnspec.lark")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parents[2] / "grammars" / "gnnspec.lark").read_text("utf-8")
+
+
+@lru_cache(maxsize=1)
+def lark_parser() -> Lark:
+    return Lark(
+        grammar_text(),
+        parser="lalr",
+        lexer="contextual",
+        propagate_positions=True,
+        strict=True,
+        maybe_placeholders=False,
+        start=["start", "value"],
+    )
+
+
+def parse_cst(text: str, *, rule: str = "start") -> tuple[Entry, ...] | Node:
+    """Entries of a ``.gnn`` file or the node of a bare expression (``rule="value"``: one value,
+    as a YAML string holds). Raises `SpecError`."""
+    if len(text) > _MAX_TEXT:
+        raise SpecError(f"spec is too long ({len(text)} characters; at most {_MAX_TEXT})")
+    if "\x00" in text:
+        line, column = _position_of(text, text.index("\x00"))
+        raise SpecError(
+            "binary data (a NUL byte) in the spec",
+            line=line,
+            column=column,
+            hint="a spec is text: a .gnn, .yaml or .yml file",
+        )
+    if not _has_content(text):
+        raise SpecError(
+            "empty spec",
+            hint="write `model: <pipeline>` or a bare expression such as `rev(depth=8, op=gcn)`",
+        )
+    try:
+        tree = lark_parser().parse(text, start=rule)
+    except UnexpectedInput as err:
+        raise _spec_error(err, text) from None
+    return ToCST().transform(tree)
+
+
+def _has_content(text: str) -> bool:
+    return any(line.split("#", 1)[0].strip() for line in text.splitlines())
+
+
+def _position_of(text: str, index: int) -> tuple[int, int]:
+    line = text.count("\n", 0, index) + 1
+    return line, index - (text.rfind("\n", 0, index) + 1) + 1
+
+
+def _expected_words(expected: set[str]) -> str:
+    names = set(expected)
+    words = []
+    if len(names & _VALUE_STARTS) >= 5:
+        words.append("a value")
+        names -= _VALUE_STARTS
+    order = list(TERMINAL_WORDS)
+    for name in sorted(names, key=lambda n: order.index(n) if n in order else len(order)):
+        if name in TERMINAL_WORDS:
+            words.append(TERMINAL_WORDS[name])
+    if not words:
+        return "something else"
+    if len(words) == 1:
+        return words[0]
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _describe_token(token) -> str:
+    kind = token.type
+    if kind == "$END":
+        return "end of the spec"
+    if kind == "_SEP":
+        return "end of line"
+    if kind in ("NAME", "INT", "FLOAT", "SIZE", "STRING"):
+        return f"{TERMINAL_WORDS[kind].split(' ', 1)[1]} `{token}`"
+    return f"`{token}`"
+
+
+def _hint(unexpected: str, expected: set[str]) -> str | None:
+    if unexpected == "_COLON" and "_EQUALS" in expected | {"_EQUALS"} and "_RPAR" in expected:
+        return "arguments are written `name=value`"
+    if unexpected == "_COLON":
+        return "`key: value` entries start at column 0, one per line; arguments are written `name=value`"
+    if unexpected in ("$END", "_SEP") and "_RPAR" in expected:
+        return "every `(` needs a matching `)`; a value continues on lines that are indented or start with `>>`"
+    if unexpected in ("$END", "_SEP") and "_RSQB" in expected:
+        return "every `[` needs a matching `]`"
+    if unexpected in ("NAME", "_LPAR") and "_CHAIN" in expected:
+        return "stages are joined by `>>`; a key is followed by `:`"
+    if unexpected == "_EQUALS":
+        return "`name=value` arguments go inside a call's parentheses, e.g. `rev(depth=4)`"
+    if unexpected == "_COMMA" and "_SEP" in expected:
+        return "only `graph` and `train` take a bare `name=value, ...` list; elsewhere use a call"
+    return None
+
+
+def _spec_error(err: UnexpectedInput, text: str) -> SpecError:
+    if isinstance(err, UnexpectedCharacters):
+        char = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
+        if char in "\r\n":
+            return _line_break_error(err, text)
+        expected = set(err.allowed or ())
+        message = f"unexpected character `{char}`"
+        if expected:
+            message += f"; expected {_expected_words(expected)}"
+        hint = None
+        if char == ">":
+            hint = "stages are joined by `>>`"
+        elif char == "-":
+            hint = "names are letters, digits and `_`; `>>` joins stages"
+        elif char in "'\"":
+            hint = "a string ends on the line where it starts"
+        return SpecError(message, line=err.line, column=err.column, hint=hint)
+    if isinstance(err, UnexpectedToken):
+        token = err.token
+        expected = set(err.accepts or err.expected or ())
+        if token.type == "$END":
+            line, column = _end_position(text)
+            end = None
+        else:
+            line, column = token.line, token.column
+            end = token.end_column if token.end_line == token.line else None
+        return SpecError(
+            f"unexpected {_describe_token(token)}; expected {_expected_words(expected)}",
+            line=line,
+            column=column,
+            end_column=end,
+            hint=_hint(token.type, expected),
+        )
+    if isinstance(err, UnexpectedEOF):
+        line, column = _end_position(text)
+        return SpecError(
+            f"unexpected end of the spec; expected {_expected_words(set(err.expected or ()))}",
+            line=line,
+            column=column,
+        )
+    return SpecError(str(err), line=getattr(err, "line", 1), column=getattr(err, "column", 1))
+
+
+def _line_break_error(err: UnexpectedCharacters, text: str) -> SpecError:
+    """A line break where the value cannot end: point at the end of the unfinished line."""
+    line = err.line
+    lines = text.splitlines()
+    column = len(lines[line - 1]) + 1 if line - 1 < len(lines) else 1
+    expected = set(err.allowed or ())
+    return SpecError(
+        f"the line ends before the value does; expected {_expected_words(expected)}",
+        line=line,
+        column=column,
+        hint="a value continues on lines that are indented or start with `>>`",
+    )
+
+
+def _end_position(text: str) -> tuple[int, int]:
+    stripped = text.rstrip()
+    lines = stripped.splitlines() or [""]
+    return len(lines), len(lines[-1]) + 1

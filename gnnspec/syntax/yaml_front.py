@@ -1,0 +1,162 @@
+"""The `.yaml` / `.yml` surface form: a YAML mapping with the keys of a `.gnn` file.
+
+Loaded with PyYAML's safe composer so every value keeps its position. String values are parsed
+with the expression grammar (rule ``value``) and their positions mapped back into the YAML file;
+numbers and booleans become literals; ``graph`` and ``train`` may be YAML mappings; ``model``
+may be a list of stages. The result is the same CST a `.gnn` file gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import yaml
+
+from gnnspec.errors import SpecError
+from gnnspec.ir import Span
+from gnnspec.syntax.cst import Arg, Atom, Entry, Kwargs, ListNode, Node, Pipeline
+from gnnspec.syntax.parser import parse_cst
+
+_TAG = "tag:yaml.org,2002:"
+# What YAML may put between two characters of a scalar's value: folding, quotes, block headers.
+_SKIPPABLE = " \t\r\n\"'|>-+"
+
+
+def entries_from_yaml(text: str) -> tuple[Entry, ...] | Node:
+    """The CST of a YAML spec (entries, or one node when the document is a bare string)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        problem = err.problem or err.context or "invalid YAML"
+        raise SpecError(
+            f"invalid YAML: {problem}",
+            line=mark.line + 1 if mark else 1,
+            column=mark.column + 1 if mark else 1,
+            hint="the YAML form is a mapping such as `model: linear >> rev(depth=8)`",
+        ) from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"invalid YAML: {err}") from None
+    if root is None:
+        raise SpecError("empty spec", hint="write `model: <pipeline>` as a YAML mapping")
+    if isinstance(root, yaml.ScalarNode) and root.tag == _TAG + "str":
+        return _value(root, text)
+    if not isinstance(root, yaml.MappingNode):
+        raise SpecError(
+            "a YAML spec must be a mapping of keys such as `model`",
+            line=root.start_mark.line + 1,
+            column=root.start_mark.column + 1,
+        )
+    entries = []
+    for key, value in root.value:
+        key_span = _span(key)
+        if not (isinstance(key, yaml.ScalarNode) and key.tag == _TAG + "str"):
+            raise SpecError(
+                "keys are names such as `model`",
+                line=key_span.line,
+                column=key_span.column,
+            )
+        entries.append(Entry(key.value, _value(value, text, key=key.value), _span(value), key_span))
+    return tuple(entries)
+
+
+def _span(node: yaml.Node) -> Span:
+    start, end = node.start_mark, node.end_mark
+    return Span(start.line + 1, start.column + 1, end.line + 1, end.column + 1)
+
+
+def _value(node: yaml.Node, text: str, key: str | None = None) -> Node:
+    span = _span(node)
+    if isinstance(node, yaml.MappingNode):
+        args = []
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode):
+                raise SpecError("setting names are plain names", line=span.line, column=span.column)
+            args.append(Arg(str(k.value), _value(v, text), _span(v), _span(k)))
+        return Kwargs(tuple(args), span)
+    if isinstance(node, yaml.SequenceNode):
+        items = tuple(_value(item, text) for item in node.value)
+        if key == "model":
+            flat = tuple(s for item in items for s in (item.items if isinstance(item, Pipeline) else (item,)))
+            return flat[0] if len(flat) == 1 else Pipeline(flat, span)
+        return ListNode(items, span)
+    tag = node.tag[len(_TAG):] if node.tag.startswith(_TAG) else node.tag
+    if tag == "int":
+        return Atom("int", yaml.safe_load(node.value) if node.value else 0, node.value, span)
+    if tag == "float":
+        return Atom("float", float(yaml.safe_load(node.value)), node.value, span)
+    if tag == "bool":
+        return Atom("bool", yaml.safe_load(node.value), node.value, span)
+    if tag == "null":
+        raise SpecError(
+            f"`{key or 'value'}` has no value",
+            line=span.line,
+            column=span.column,
+            hint="give it a value or leave the key out",
+        )
+    return _parse_scalar(node, text)
+
+
+def _parse_scalar(node: yaml.ScalarNode, text: str) -> Node:
+    """Parse a YAML string with the expression grammar; positions point into the YAML file."""
+    offsets = _align(node.value, text, node.start_mark.index)
+    try:
+        cst = parse_cst(node.value, rule="value")
+    except SpecError as err:
+        line, column = _file_position(node.value, err.line, err.column, offsets, text)
+        err.line, err.column = line, column
+        err.end_column = None
+        raise
+    return _relocate(cst, lambda span: _map_span(span, node.value, offsets, text))
+
+
+def _align(value: str, text: str, start: int) -> list[int]:
+    """For each character of a scalar's value, its index in the file text.
+
+    YAML folds line breaks and indentation into spaces and drops quotes; matching the value's
+    characters in order against the source text recovers where each one came from.
+    """
+    offsets = []
+    j = start
+    for ch in value:
+        k = j
+        while k < len(text) and text[k] != ch and text[k] in _SKIPPABLE:
+            k += 1
+        offsets.append(min(k, len(text)))
+        j = k + 1 if k < len(text) and text[k] == ch else k
+    offsets.append(min(j, len(text)))
+    return offsets
+
+
+def _value_index(value: str, line: int, column: int) -> int:
+    lines = value.split("\n")
+    return sum(len(l) + 1 for l in lines[: line - 1]) + column - 1
+
+
+def _file_position(value: str, line: int, column: int, offsets: list[int], text: str) -> tuple[int, int]:
+    index = min(max(_value_index(value, line, column), 0), len(offsets) - 1)
+    pos = offsets[index]
+    return text.count("\n", 0, pos) + 1, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+def _map_span(span: Span, value: str, offsets: list[int], text: str) -> Span:
+    line, column = _file_position(value, span.line, span.column, offsets, text)
+    end_line, end_column = _file_position(value, span.end_line, span.end_column, offsets, text)
+    return Span(line, column, end_line, end_column)
+
+
+def _relocate(node: Any, move) -> Any:
+    """A copy of a CST node with every span passed through ``move``."""
+    if isinstance(node, tuple):
+        return tuple(_relocate(n, move) for n in node)
+    if not dataclasses.is_dataclass(node):
+        return node
+    changes = {}
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if isinstance(value, Span):
+            changes[f.name] = move(value)
+        elif isinstance(value, tuple) or dataclasses.is_dataclass(value):
+            changes[f.name] = _relocate(value, move)
+    return dataclasses.replace(node, **changes)
