@@ -15,7 +15,8 @@ import gnnspec.check as _check_module
 import gnnspec.format as _format_module
 from gnnspec.errors import SpecError
 from gnnspec.ir import Spec
-from gnnspec.syntax import parse_text, read_spec_file
+from gnnspec.syntax import YAML_SUFFIXES, parse_text, read_spec_file
+from gnnspec.syntax.comments import source_layout
 
 __all__ = ["Spec", "SpecError", "parse", "load", "format", "check"]
 __version__ = "0.1.0"
@@ -37,9 +38,10 @@ def _checked(text: str, filename: str, **options) -> Spec:
         raise err.located(filename, text) from None
 
 
-def parse(text: str, *, filename: str = "<spec>", form: str | None = None) -> Spec:
-    """The checked IR of spec text: a `.gnn` file's text, a bare expression, or YAML (``form="yaml"``)."""
-    return _checked(text, filename, form=form)
+def parse(text: str, *, filename: str = "<spec>", form: str | None = None, name: str | None = None) -> Spec:
+    """The checked IR of spec text: a `.gnn` file's text, a bare expression, or YAML (``form="yaml"``
+    or a `.yaml`/`.yml` ``filename``). ``name`` is the default for the spec's `name` key."""
+    return _checked(text, filename, form=form, name=name)
 
 
 def load(path: str | Path) -> Spec:
@@ -48,6 +50,12 @@ def load(path: str | Path) -> Spec:
     return _checked(text, shown, name=Path(path).stem if str(path) != "-" else None)
 
 
-def format(spec: Spec | str) -> str:
-    """The canonical `.gnn` text of a spec (or of spec text)."""
-    return _format_module.format_spec(parse(spec) if isinstance(spec, str) else spec)
+def format(spec: Spec | str, *, filename: str = "<spec>", form: str | None = None) -> str:
+    """The canonical text of a spec. Given spec text, its comments are kept and a YAML text
+    (``form="yaml"`` or a `.yaml`/`.yml` ``filename``) stays YAML; a `Spec` gives `.gnn` text."""
+    if not isinstance(spec, str):
+        return _format_module.format_spec(spec)
+    form = form or ("yaml" if filename.endswith(YAML_SUFFIXES) else "gnn")
+    parsed = parse(spec, filename=filename, form=form)
+    layout = source_layout(spec, form=form)
+    return _format_module.format_spec(parsed, layout, style=form)

@@ -10,7 +10,10 @@ one stage per line with ``>>`` leading.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 from gnnspec import ir
 
@@ -114,28 +117,136 @@ def format_pipeline(stages: tuple[Any, ...], indent: int) -> str:
     return ("\n" + " " * indent + ">> ").join(parts)
 
 
-def format_spec(spec: ir.Spec) -> str:
-    """The canonical `.gnn` text of ``spec``, ending with a newline."""
+@dataclass(frozen=True)
+class SourceComment:
+    line: int
+    text: str
+    standalone: bool
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    key: str
+    start_line: int
+    end_line: int
+
+
+@dataclass
+class Layout:
+    """Comments and blank lines to keep around each entry: ``""`` in ``leading`` is a blank line."""
+
+    leading: dict[str, list[str]] = field(default_factory=dict)
+    trailing: dict[str, list[str]] = field(default_factory=dict)
+    blank_before: set[str] = field(default_factory=set)
+    footer: list[str] = field(default_factory=list)
+
+
+def attach_comments(comments: list[SourceComment], entries: list[SourceEntry], blanks: set[int]) -> Layout:
+    """Attach each comment to its entry: trailing ones to the entry on their line, standalone ones
+    to the entry they precede (or sit inside), the rest to the footer. Runs of blank lines that
+    separate items become one blank line."""
+    layout = Layout()
+    entries = sorted(entries, key=lambda e: e.start_line)
+    for comment in comments:
+        inside = next((e for e in entries if e.start_line <= comment.line <= e.end_line), None)
+        if not comment.standalone and inside is not None:
+            layout.trailing.setdefault(inside.key, []).append(comment.text)
+            continue
+        owner = inside or next((e for e in entries if e.start_line > comment.line), None)
+        lines = layout.leading.setdefault(owner.key, []) if owner else layout.footer
+        if comment.line - 1 in blanks:
+            lines.append("")
+        lines.append(comment.text)
+    for entry in entries:
+        if entry.start_line - 1 in blanks:
+            layout.blank_before.add(entry.key)
+    return layout
+
+
+def _entry_text(key: str, value: Any, width: int) -> str:
+    if key == "model":
+        return format_pipeline(value, width)
+    if key == "graph":
+        return format_settings(value, always=("nodes", "edges"))
+    if key == "train":
+        return format_settings(value)
+    if key == "plan":
+        return format_node(value)
+    if key == "name" and value in _KEYWORDS:
+        return f'"{value}"'
+    return format_scalar(value)
+
+
+def _yaml_entry(key: str, value: Any) -> str:
+    if key in ("graph", "train"):
+        always = ("nodes", "edges") if key == "graph" else ()
+        default = type(value).model_construct()
+        data = {
+            name: _yaml_scalar(getattr(value, name))
+            for name in type(value).model_fields
+            if name != "spans" and (name in always or getattr(value, name) != getattr(default, name, None))
+        }
+        payload: Any = data
+    elif isinstance(value, int) and not isinstance(value, bool):
+        payload = value
+    elif key == "name":
+        payload = value
+    elif key == "model":
+        payload = " >> ".join(format_node(stage) for stage in value)
+    else:
+        payload = _entry_text(key, value, LINE_WIDTH)
+    return yaml.safe_dump({key: payload}, sort_keys=False, width=10**9, default_flow_style=False).rstrip("\n")
+
+
+def _yaml_scalar(value: Any) -> Any:
+    if value is None:
+        return "none"
+    if isinstance(value, (bool, int, float)):
+        return value
+    return format_scalar(value)
+
+
+def format_spec(spec: ir.Spec, layout: Layout | None = None, *, style: str = "gnn") -> str:
+    """The canonical text of ``spec`` (``style`` "gnn" or "yaml"), ending with a newline.
+
+    With a ``layout`` (from the source text), comments and separating blank lines are kept.
+    """
+    layout = layout or Layout()
     values: dict[str, Any] = {}
     defaults = ir.Spec.model_construct()
-    for key, field in ir.SPEC_KEYS.items():
-        value = getattr(spec, field)
-        if key == "model" or value != getattr(defaults, field, None) or (key == "name" and value != "model"):
+    for key, attr in ir.SPEC_KEYS.items():
+        value = getattr(spec, attr)
+        if key == "model" or value != getattr(defaults, attr, None) or (key == "name" and value != "model"):
             values[key] = value
     width = max(len(k) for k in values) + 2
-    lines = []
-    for key, value in values.items():
-        if key == "model":
-            text = format_pipeline(value, width)
-        elif key == "graph":
-            text = format_settings(value, always=("nodes", "edges"))
-        elif key == "train":
-            text = format_settings(value)
-        elif key == "plan":
-            text = format_node(value)
-        elif key == "name" and value in _KEYWORDS:
-            text = f'"{value}"'
+    lines: list[str] = []
+    pending: list[str] = []
+    for key in ir.SPEC_KEYS:
+        pending += layout.leading.get(key, [])
+        if key not in values:
+            pending += layout.trailing.get(key, [])
+            continue
+        lines += pending
+        pending = []
+        if key in layout.blank_before:
+            lines.append("")
+        if style == "yaml":
+            text = _yaml_entry(key, values[key])
         else:
-            text = format_scalar(value)
-        lines.append(f"{key + ':':<{width}}{text}")
-    return "\n".join(lines) + "\n"
+            text = f"{key + ':':<{width}}{_entry_text(key, values[key], width)}"
+        if layout.trailing.get(key):
+            text += "  " + " ".join(layout.trailing[key])
+        lines += text.split("\n")
+    lines += pending + layout.footer
+    return "\n".join(_collapse_blank_lines(lines)) + "\n"
+
+
+def _collapse_blank_lines(lines: list[str]) -> list[str]:
+    out: list[str] = []
+    for line in lines:
+        if line == "" and (not out or out[-1] == ""):
+            continue
+        out.append(line)
+    while out and out[-1] == "":
+        out.pop()
+    return out

@@ -1,0 +1,184 @@
+"""The `gnnspec` command line (SPEC.md section 6): argument parsing, output and exit codes only.
+
+Every command calls the Python API. Exit codes: 0 ok, 1 internal error (or `fmt --check` found a
+file to reformat), 2 invalid spec or arguments, 3 nothing fits the budget. Bad input never shows
+a traceback (set ``GNNSPEC_DEBUG=1`` to see one for internal errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import gnnspec
+from gnnspec.errors import SpecError
+from gnnspec.schema import yaml_form_schema
+from gnnspec.syntax import YAML_SUFFIXES, read_spec_file
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_NO_FIT = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    """Bad command-line arguments (exit 2)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would exit itself; we own the exit codes
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# ---------------------------------------------------------------------------- spec sources
+
+
+def _spec_inputs(args: argparse.Namespace) -> list[str | None]:
+    """The specs named on the command line: paths ("-" is standard input), or None for --expr."""
+    if getattr(args, "expr", None) is not None:
+        if args.specs:
+            raise UsageError("give either SPEC paths or --expr, not both")
+        return [None]
+    if not args.specs:
+        raise UsageError("give a SPEC path, - for standard input, or --expr TEXT")
+    return list(args.specs)
+
+
+def _read(args: argparse.Namespace, path: str | None) -> tuple[str, str]:
+    return (args.expr, "<expr>") if path is None else read_spec_file(path)
+
+
+def _load(args: argparse.Namespace, path: str | None) -> gnnspec.Spec:
+    text, shown = _read(args, path)
+    return gnnspec.parse(text, filename=shown, name=None if path in (None, "-") else Path(path).stem)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in _spec_inputs(args):
+        try:
+            spec = _load(args, path)
+        except SpecError as err:
+            print(err.render(), file=sys.stderr)
+            failed += 1
+            continue
+        if not args.quiet:
+            print(f"ok: {path or '<expr>'} ({spec.name}, {len(spec.model)} stages)")
+    return EXIT_INVALID if failed else EXIT_OK
+
+
+def cmd_fmt(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for path in _spec_inputs(args):
+        text, shown = _read(args, path)
+        form = "yaml" if shown.endswith(YAML_SUFFIXES) else "gnn"
+        canonical = gnnspec.format(text, filename=shown, form=form)
+        if args.check:
+            if canonical != text:
+                diff = difflib.unified_diff(
+                    text.splitlines(keepends=True), canonical.splitlines(keepends=True), shown, f"{shown} (formatted)"
+                )
+                sys.stdout.writelines(diff)
+                print(f"would reformat {shown}", file=sys.stderr)
+                status = EXIT_INTERNAL
+        elif args.write and not shown.startswith("<"):
+            if canonical != text:
+                _write_atomically(Path(shown), canonical)
+                print(f"reformatted {shown}", file=sys.stderr)
+        else:
+            sys.stdout.write(canonical)
+    return status
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(yaml_form_schema(), indent=2))
+    return EXIT_OK
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a failure leaves the old file, never half a new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def _add_spec_arguments(parser: argparse.ArgumentParser, many: bool) -> None:
+    parser.add_argument(
+        "specs", nargs="*" if many else "?", metavar="SPEC", help="a .gnn/.yaml spec file, or - for standard input"
+    )
+    parser.add_argument("--expr", metavar="TEXT", help="a spec given as a bare expression instead of a file")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="gnnspec", description="Deep GNNs from a one-line spec, planned to fit memory.")
+    parser.add_argument("--version", action="version", version=f"gnnspec {gnnspec.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+
+    check = commands.add_parser("check", help="check specs; report the first error of each")
+    _add_spec_arguments(check, many=True)
+    check.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    check.set_defaults(run=cmd_check)
+
+    fmt = commands.add_parser("fmt", help="print a spec in canonical form (comments kept)")
+    _add_spec_arguments(fmt, many=True)
+    mode = fmt.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 and show a diff if a file is not canonical")
+    mode.add_argument("--write", action="store_true", help="rewrite files in place")
+    fmt.set_defaults(run=cmd_fmt)
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of the YAML form")
+    schema.set_defaults(run=cmd_schema)
+    return parser
+
+
+def _normalise_specs(args: argparse.Namespace) -> None:
+    specs = getattr(args, "specs", None)
+    if isinstance(specs, str):
+        args.specs = [specs]
+    elif specs is None and hasattr(args, "specs"):
+        args.specs = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _normalise_specs(args)
+        run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
+        if run is None:
+            parser.print_help(sys.stderr)
+            return EXIT_INVALID
+        return run(args)
+    except UsageError as err:
+        print(f"{err}\n(see `gnnspec --help`)", file=sys.stderr)
+        return EXIT_INVALID
+    except SpecError as err:
+        print(err.render(), file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as err:  # an internal error: say so plainly, no traceback unless asked
+        if os.environ.get("GNNSPEC_DEBUG"):
+            raise
+        print(f"gnnspec: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
