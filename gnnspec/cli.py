@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import gnnspec
 from gnnspec.errors import SpecError
+from gnnspec.ir import ir_json
 from gnnspec.schema import yaml_form_schema
 from gnnspec.syntax import YAML_SUFFIXES, read_spec_file
 
@@ -68,7 +69,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(err.render(), file=sys.stderr)
             failed += 1
             continue
-        if not args.quiet:
+        if args.json:
+            print(json.dumps(ir_json(spec), indent=2))
+        elif not args.quiet:
             print(f"ok: {path or '<expr>'} ({spec.name}, {len(spec.model)} stages)")
     return EXIT_INVALID if failed else EXIT_OK
 
@@ -131,6 +134,7 @@ def build_parser() -> ArgumentParser:
     check = commands.add_parser("check", help="check specs; report the first error of each")
     _add_spec_arguments(check, many=True)
     check.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    check.add_argument("--json", action="store_true", help="print each spec's IR as JSON")
     check.set_defaults(run=cmd_check)
 
     fmt = commands.add_parser("fmt", help="print a spec in canonical form (comments kept)")

@@ -27,10 +27,10 @@ _LEADING_ARGS = ("op", "depth", "groups", "hidden")
 
 
 def format_size(n: int) -> str:
-    for unit, scale in _UNITS:
-        if n >= scale and n % scale == 0:
-            return f"{n // scale}{unit}"
-    return f"{n}B"
+    """``n`` bytes in the unit that divides it exactly with the smallest quotient (binary on ties)."""
+    exact = [(n // scale, unit) for unit, scale in _UNITS if n >= scale and n % scale == 0]
+    quotient, unit = min(exact, key=lambda q: q[0], default=(n, "B"))
+    return f"{quotient}{unit}"
 
 
 def format_scalar(value: Any) -> str:

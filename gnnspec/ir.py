@@ -421,3 +421,8 @@ SPEC_KEYS: dict[str, str] = {
     "train": "train",
     "seed": "seed",
 }
+
+
+def ir_json(spec: Spec) -> dict[str, Any]:
+    """The IR as JSON data (keys as written in spec files, e.g. ``in``); spans left out."""
+    return spec.model_dump(mode="json", by_alias=True)

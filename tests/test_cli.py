@@ -1,0 +1,111 @@
+"""The command line as a user runs it: output, exit codes, no tracebacks (SPEC.md section 6)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gnnspec.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def test_check_ok_and_error(tmp_path, capsys):
+    good = tmp_path / "good.gnn"
+    good.write_text("model: linear >> rev(depth=4) >> linear\n")
+    bad = tmp_path / "bad.gnn"
+    bad.write_text("hidden: 64\nmodel: rev(op=gatt)\n")
+    code, out, err = run(capsys, "check", str(good))
+    assert code == 0 and "ok:" in out
+    code, out, err = run(capsys, "check", str(good), str(bad))
+    assert code == 2
+    assert f"{bad}:2:15: unknown op `gatt`" in err
+    assert "  model: rev(op=gatt)\n" in err and "\n                ^^^^\n" in err
+    assert "hint: did you mean `gat`?" in err
+
+
+def test_check_json_prints_the_ir(capsys):
+    code, out, _ = run(capsys, "check", "--json", "--expr", "rev(depth=3)")
+    assert code == 0
+    data = json.loads(out)
+    assert data["model"][0]["kind"] == "rev" and data["model"][0]["depth"] == 3
+
+
+def test_expr_and_stdin(capsys, monkeypatch):
+    import io
+
+    code, _, err = run(capsys, "check", "--expr", "rev(groups=1)")
+    assert code == 2 and "<expr>:1:12: `groups` must be at least 2" in err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"model: rev >> linear\n")))
+    code, out, _ = run(capsys, "fmt", "-")
+    assert code == 0 and out == "model: rev >> linear\n"
+
+
+def test_fmt_prints_canonical_text(tmp_path, capsys):
+    path = tmp_path / "m.gnn"
+    path.write_text("# keep me\nmodel:   linear>>rev( depth = 4 )  # deep\nseed: 0\n")
+    code, out, _ = run(capsys, "fmt", str(path))
+    assert code == 0 and out == "# keep me\nmodel: linear >> rev(depth=4)  # deep\n"
+
+
+def test_fmt_check_reports_and_exits_1_without_writing(tmp_path, capsys):
+    path = tmp_path / "m.gnn"
+    original = "model:   rev\n"
+    path.write_text(original)
+    code, out, err = run(capsys, "fmt", "--check", str(path))
+    assert code == 1 and "would reformat" in err and "+model: rev" in out
+    assert path.read_text() == original
+    path.write_text("model: rev\n")
+    assert run(capsys, "fmt", "--check", str(path))[0] == 0
+
+
+def test_fmt_write_rewrites_and_never_half_writes(tmp_path, capsys):
+    path = tmp_path / "m.gnn"
+    path.write_text("model:   rev\n")
+    assert run(capsys, "fmt", "--write", str(path))[0] == 0
+    assert path.read_text() == "model: rev\n"
+    broken = "model: rev(\n"
+    path.write_text(broken)
+    code, _, err = run(capsys, "fmt", "--write", str(path))
+    assert code == 2 and path.read_text() == broken
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gnn"]
+
+
+def test_schema_is_json(capsys):
+    code, out, _ = run(capsys, "schema")
+    assert code == 0 and json.loads(out)["title"].startswith("gnnspec")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "usage"),
+        (["frobnicate"], "invalid choice"),
+        (["check"], "give a SPEC path"),
+        (["check", "--expr", "rev", "x.gnn"], "not both"),
+        (["check", "/nonexistent/x.gnn"], "no such file"),
+        (["fmt", "--check", "--write", "x.gnn"], "not allowed with"),
+    ],
+)
+def test_bad_arguments_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and message in out + err
+
+
+def test_console_script_is_installed_and_never_shows_a_traceback(tmp_path):
+    binary = tmp_path / "b.gnn"
+    binary.write_bytes(b"\x00\x01\x02model")
+    result = subprocess.run(
+        [sys.executable, "-m", "gnnspec.cli", "check", str(binary), str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "binary data" in result.stderr and "is a directory" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

@@ -1,0 +1,209 @@
+"""The spec language as a user writes it: values, layout, the three surface forms (SPEC.md 1-2)."""
+
+from __future__ import annotations
+
+import pytest
+
+import gnnspec
+from gnnspec import ir
+
+
+def model_of(text: str, **kw) -> tuple:
+    return gnnspec.parse(text, **kw).model
+
+
+@pytest.mark.parametrize(
+    "text, field, expected",
+    [
+        ("rev(depth=1001)", "depth", 1001),
+        ("rev(depth=1_001)", "depth", 1001),
+        ("rev(dropout=0.1)", "dropout", 0.1),
+        ("rev(dropout=0)", "dropout", 0.0),
+        ("deq(tol=1e-3)", "tol", 1e-3),
+        ("deq(tol=2.5E-6)", "tol", 2.5e-6),
+        ("rev(tie=true)", "tie", True),
+        ("rev(tie=false)", "tie", False),
+        ("rev(norm=none)", "norm", "none"),
+        ("rev(hidden=none)", "hidden", None),
+        ("rev(weight_decay=5e-4)", "weight_decay", 5e-4),
+        ("mlp(dims=[15, 10])", "dims", (15, 10)),
+        ("mlp(dims=[15, 10,])", "dims", (15, 10)),
+        ("mlp(dims=[])", "dims", ()),
+        ("linear(dim=auto)", "dim", None),
+    ],
+)
+def test_values_are_typed(text, field, expected):
+    (stage,) = model_of(text)
+    value = getattr(stage, field)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "size, expected",
+    [("16GiB", 16 * 2**30), ("512MiB", 512 * 2**20), ("8GB", 8 * 10**9), ("500MB", 500 * 10**6),
+     ("1.5GiB", 3 * 2**29), ("100B", 100), ("4KiB", 4096), ("2TB", 2 * 10**12), ("12345", 12345)],
+)
+def test_sizes_in_binary_and_decimal_units(size, expected):
+    spec = gnnspec.parse(f"model: rev\nplan: auto(budget={size})")
+    assert spec.plan == ir.Auto(kind="auto", budget=expected)
+
+
+def test_keywords_do_not_swallow_identifiers():
+    spec = gnnspec.parse("name: true_x\nmodel: rev")
+    assert spec.name == "true_x"
+    assert gnnspec.parse("name: autograd\nmodel: rev").name == "autograd"
+    assert gnnspec.parse("name: none_left\nmodel: rev").name == "none_left"
+
+
+def test_positional_argument_of_dropout_act_norm():
+    stages = model_of("dropout(0.3) >> act(gelu) >> norm(layer) >> dropout(p=0.2) >> act(fn=tanh)")
+    assert [s.kind for s in stages] == ["dropout", "act", "norm", "dropout", "act"]
+    assert stages[0].p == 0.3 and stages[1].fn == "gelu" and stages[2].type == "layer"
+    assert stages[3].p == 0.2 and stages[4].fn == "tanh"
+
+
+def test_a_name_alone_takes_every_default():
+    (stage,) = model_of("rev")
+    assert stage == ir.Rev(kind="rev")
+    assert (stage.groups, stage.depth, stage.op.name, stage.norm, stage.act, stage.dropout) == (2, 2, "gcn", "none", "relu", 0.0)
+
+
+def test_res_plus_is_a_stage_name():
+    assert model_of("res+(op=gcn, depth=28)")[0].kind == "res+"
+    assert model_of("res(op=gcn, depth=28)")[0].kind == "res"
+
+
+def test_op_arguments_are_filled_with_defaults_so_equal_ops_compare_equal():
+    assert model_of("rev(op=gat)") == model_of("rev(op=gat(heads=4))")
+    op = model_of("res+(op=gen(aggr=softmax, learn_t=true))")[0].op
+    assert op.name == "gen" and op.arg("learn_t") is True and op.arg("t") == 1.0
+
+
+def test_bare_expression_equals_model_key():
+    assert gnnspec.parse("linear >> rev(depth=3) >> linear") == gnnspec.parse("model: linear >> rev(depth=3) >> linear")
+
+
+def test_spec_example_from_the_contract():
+    text = """# RevGNN-Deep (Li et al., ICML 2021, Table 1): 1001 layers, 80 channels
+name:   revgnn_deep
+in:     8
+out:    112
+hidden: 80
+model:  linear
+        >> rev(groups=2, depth=1001, op=gen(aggr=softmax, learn_t=true), norm=layer, dropout=0.1)
+        >> linear
+graph:  nodes=132534, edges=39561252
+plan:   auto(budget=16GiB)
+train:  optimizer=adam, lr=0.001
+"""
+    spec = gnnspec.parse(text)
+    assert (spec.name, spec.in_, spec.out, spec.hidden) == ("revgnn_deep", 8, 112, 80)
+    assert [s.kind for s in spec.model] == ["linear", "rev", "linear"]
+    rev = spec.model[1]
+    assert (rev.groups, rev.depth, rev.norm, rev.dropout) == (2, 1001, "layer", 0.1)
+    assert spec.graph == ir.Graph(nodes=132534, edges=39561252)
+    assert spec.plan.budget == 16 * 2**30
+    assert spec.train.optimizer == "adam" and spec.train.lr == 0.001
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "model: linear\n  >> rev\n  >> linear\n",
+        "model: linear\n>> rev\n>> linear\n",
+        "model:\n    linear >> rev >> linear",
+        "model: linear >>\n  rev >> linear",
+        "# header\n\nmodel: linear   # trailing\n  # inside\n  >> rev\n\n\n>> linear\n# footer\n",
+        "model: linear >> rev(\n    depth=2,\n) >> linear",
+        "\n\nmodel: linear >> rev >> linear\n\n\n",
+        "model: linear >> rev >> linear\r\n",
+        "linear\n>> rev\n>> linear",
+    ],
+)
+def test_layout_does_not_change_meaning(text):
+    assert gnnspec.parse(text) == gnnspec.parse("model: linear >> rev >> linear")
+
+
+def test_defaults_of_the_keys():
+    spec = gnnspec.parse("model: rev")
+    assert (spec.name, spec.in_, spec.out, spec.hidden, spec.dtype, spec.seed) == ("model", "auto", "auto", 64, "float32", 0)
+    assert spec.plan == ir.Auto(kind="auto") and spec.graph is None
+    assert spec.train == ir.Train(optimizer="adam", lr=0.01, weight_decay=0.0, epochs=200, patience=None, loss="ce")
+
+
+def test_name_defaults_to_the_file_stem(tmp_path):
+    path = tmp_path / "my_model.gnn"
+    path.write_text("model: rev\n")
+    assert gnnspec.load(path).name == "my_model"
+    path.write_text("name: other\nmodel: rev\n")
+    assert gnnspec.load(path).name == "other"
+
+
+def test_yaml_form_equals_gnn_form():
+    gnn = gnnspec.parse(
+        "name: m\nin: 8\nmodel: linear >> rev(depth=4, op=gat(heads=2)) >> linear\n"
+        "graph: nodes=100, edges=500\nplan: checkpoint(segments=2)\ntrain: lr=0.001, epochs=5"
+    )
+    yaml_text = """
+name: m
+in: 8
+model: linear >> rev(depth=4, op=gat(heads=2)) >> linear
+graph:
+  nodes: 100
+  edges: 500
+plan: checkpoint(segments=2)
+train: {lr: 1.0e-3, epochs: 5}
+"""
+    assert gnnspec.parse(yaml_text, form="yaml") == gnn
+    listed = "name: m\nin: 8\nmodel:\n  - linear\n  - rev(depth=4, op=gat(heads=2))\n  - linear\n" \
+             "graph: nodes=100, edges=500\nplan: checkpoint(segments=2)\ntrain: lr=0.001, epochs=5\n"
+    assert gnnspec.parse(listed, form="yaml") == gnn
+
+
+def test_yaml_string_errors_point_into_the_yaml_file():
+    text = "name: m\nmodel: linear >> rev(op=gatt) >> linear\n"
+    with pytest.raises(gnnspec.SpecError) as info:
+        gnnspec.parse(text, form="yaml")
+    assert (info.value.line, info.value.column) == (2, 25)
+    assert "did you mean `gat`" in info.value.hint
+    block = "name: m\nmodel: |\n  linear\n  >> rev(depth=0)\n"
+    with pytest.raises(gnnspec.SpecError) as info:
+        gnnspec.parse(block, form="yaml")
+    assert (info.value.line, info.value.column) == (4, 16)
+
+
+def test_spans_are_kept_but_do_not_take_part_in_equality():
+    a = gnnspec.parse("model: rev(depth=3)")
+    b = gnnspec.parse("\n\nmodel:     rev(\n   depth=3)")
+    assert a == b
+    assert a.model[0].span("depth").line == 1 and b.model[0].span("depth").line == 4
+    assert hash(a.model[0].spans) == hash(b.model[0].spans)
+
+
+def test_ir_is_frozen_and_uses_tuples():
+    spec = gnnspec.parse("linear >> mlp(dims=[4, 2])")
+    assert isinstance(spec.model, tuple) and isinstance(spec.model[1].dims, tuple)
+    with pytest.raises(Exception):
+        spec.hidden = 3  # type: ignore[misc]
+
+
+def test_ir_json_round_trip_and_kind_discriminator():
+    spec = gnnspec.parse("linear >> rev(depth=3, plan=reversible) >> deq(plan=implicit) >> sgc")
+    data = spec.model_dump(mode="json")
+    assert [s["kind"] for s in data["model"]] == ["linear", "rev", "deq", "sgc"]
+    assert data["in"] == "auto" and "spans" not in data["model"][0]
+    assert ir.Spec.model_validate(data) == spec
+    with pytest.raises(Exception):
+        ir.Spec.model_validate({"model": [{"depth": 3}]})  # `kind` is required
+
+
+def test_schema_describes_the_yaml_form():
+    import json
+
+    from gnnspec.schema import yaml_form_schema
+
+    schema = yaml_form_schema()
+    json.dumps(schema)
+    assert schema["required"] == ["model"]
+    assert {"model", "in", "out", "hidden", "graph", "plan", "train", "dtype", "seed", "name"} <= set(schema["properties"])
+    assert set(ir.STAGE_MODELS) <= {d["properties"]["kind"]["const"] for d in schema["$defs"].values() if "kind" in d.get("properties", {}) and "const" in d["properties"]["kind"]}
