@@ -39,16 +39,19 @@ def _running_stat_buffers(modules: Iterable[nn.Module]) -> list[Tensor]:
 def preserved_running_stats(*modules: nn.Module) -> Iterator[None]:
     """Run a recomputation without a second update of normalisation running statistics.
 
-    Costs one copy of each running buffer (O(channels)), independent of N, E and depth.
+    Costs one copy of each running buffer (O(channels)), independent of N, E and depth. Norms that
+    replace their buffers instead of updating them in place are not covered (PyG's InstanceNorm
+    with ``batch=``; gnnspec calls it without).
     """
     buffers = _running_stat_buffers(modules)
     saved = [b.detach().clone() for b in buffers]
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buf, value in zip(buffers, saved):
-                buf.copy_(value)
+        # Through `.data`, like batch norm's own update: the version counter stays as it is, so
+        # an autograd graph recorded inside the block (which saved the running buffers) stays valid.
+        for buf, value in zip(buffers, saved):
+            buf.data.copy_(value)
 
 
 class SharedDropout(nn.Module):

@@ -1,0 +1,118 @@
+"""The ``checkpoint(segments=k)`` plan: segment-wise activation recomputation of a stack.
+
+A stack of ``L`` steps ``state = step_i(state, *args)`` is cut into ``k`` contiguous segments of
+near-equal length (``k`` clamped to ``[1, L]``; the first ``L mod k`` segments get one extra step).
+Each segment runs under :func:`torch.utils.checkpoint.checkpoint` (non-reentrant), so the forward
+keeps only the ``k`` segment inputs and the backward recomputes one segment at a time: the peak
+holds ``k`` segment inputs plus one segment's activations, at the price of one extra forward of the
+stack (SPEC.md section 4).
+
+Contract (SPEC.md section 3): outputs and gradients equal those of running the steps plainly
+(the ``store`` plan) on the same seed, and module state changes exactly as in one plain forward:
+
+* dropout masks drawn inside a step are reproduced in the recomputation because the CPU and device
+  RNG states are saved before each segment and restored before it is recomputed
+  (``preserve_rng_state=True``); masks passed in ``args`` (:class:`SharedDropout`) are reused as is;
+* normalisation running statistics are updated once per step: torch's checkpoint alone runs a
+  batch norm's forward twice in training mode and so updates ``running_mean``/``running_var``
+  twice; here the recomputation runs inside :func:`preserved_running_stats` of that segment's
+  modules, which undoes the second update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from gnnspec.lower.recompute import preserved_running_stats
+
+State = Union[Tensor, tuple[Tensor, ...]]
+Step = Callable[..., State]
+
+__all__ = ["State", "run_segments", "segment_bounds"]
+
+
+def segment_bounds(num_steps: int, segments: int) -> list[tuple[int, int]]:
+    """Half-open ``(start, stop)`` index ranges of ``segments`` contiguous near-equal segments.
+
+    ``segments`` is clamped to ``[1, num_steps]``; segment lengths differ by at most one, the
+    longer ones first, so the longest segment has ``ceil(num_steps / segments)`` steps.
+    """
+    if num_steps <= 0:
+        return []
+    k = min(max(int(segments), 1), num_steps)
+    base, extra = divmod(num_steps, k)
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for i in range(k):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _run_plainly(steps: Sequence[Step], state: State, args: tuple[Any, ...]) -> State:
+    for step in steps:
+        state = step(state, *args)
+    return state
+
+
+def _checkpointed_segment(
+    steps: Sequence[Step], modules: Sequence[nn.Module], state: State, args: tuple[Any, ...]
+) -> State:
+    # checkpoint() takes a flat argument list, so a tuple state travels unpacked beside ``args``
+    # and is re-packed inside; the segment's output keeps the caller's state structure.
+    is_tuple = isinstance(state, tuple)
+    width = len(state) if is_tuple else 1
+    flat = (*state, *args) if is_tuple else (state, *args)
+
+    def segment(*inputs: Any) -> State:
+        inner: State = tuple(inputs[:width]) if is_tuple else inputs[0]
+        return _run_plainly(steps, inner, tuple(inputs[width:]))
+
+    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), preserved_running_stats(*modules)
+
+    return checkpoint(
+        segment, *flat, use_reentrant=False, preserve_rng_state=True, context_fn=contexts
+    )
+
+
+def run_segments(
+    steps: Sequence[Step],
+    state: State,
+    *args: Any,
+    segments: int,
+    modules: Sequence[nn.Module],
+) -> State:
+    """Run ``state = steps[i](state, *args)`` for every step, checkpointed in ``segments`` parts.
+
+    ``steps[i]`` is one whole block (norm, activation, dropout and conv together) and
+    ``modules[i]`` is the module that owns its parameters and buffers (the same module may appear
+    for several steps when weights are tied); ``len(modules) == len(steps)``. ``state`` is a
+    tensor or a tuple of tensors (e.g. ``(x, x0)`` for an initial-residual stack) and every step
+    returns the same structure. ``args`` are passed unchanged to every step (``edge_index`` or a
+    prepared graph, a shared dropout mask or ``None``); they receive no gradient.
+
+    In training mode with grad enabled, the result, every parameter gradient and the gradient of
+    ``state`` equal those of the plain loop, and running statistics are updated once per step.
+    When no module is in training mode or grad is disabled, there is no backward to save memory
+    for, and the steps run plainly.
+    """
+    if len(modules) != len(steps):
+        raise ValueError(
+            f"run_segments needs one module per step, got {len(steps)} steps and "
+            f"{len(modules)} modules"
+        )
+    if not steps:
+        return state
+    training = any(module.training for module in modules)
+    if not (training and torch.is_grad_enabled()):
+        return _run_plainly(steps, state, args)
+    for start, stop in segment_bounds(len(steps), segments):
+        state = _checkpointed_segment(steps[start:stop], modules[start:stop], state, args)
+    return state
