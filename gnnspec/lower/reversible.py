@@ -1,0 +1,199 @@
+"""Grouped reversible residual stack (RevGNN, Li et al., "Graph Neural Networks with 1000 Layers",
+ICML 2021), with a backward pass whose memory does not depend on depth."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gnnspec.lower.recompute import preserved_running_stats
+
+
+class ReversibleStack(nn.Module):
+    r"""``depth`` grouped reversible residual layers, run in sequence.
+
+    Layer ``l`` splits its input along the last dimension into ``C`` equal groups
+    ``x_0 .. x_{C-1}`` and computes, with ``f_i = blocks[l][i]``::
+
+        y_{-1} = x_1 + ... + x_{C-1}
+        y_i    = f_i(y_{i-1}, *args) + x_i        for i = 0 .. C-1
+        output = cat(y_0, .., y_{C-1})
+
+    which is torch-geometric's ``GroupAddRev``: with the same modules the output equals a stack of
+    ``GroupAddRev`` layers. The layer is invertible: ``x_i = y_i - f_i(y_{i-1})`` for
+    ``i = C-1 .. 0``, where ``y_{-1}`` is rebuilt from the recovered ``x_1 .. x_{C-1}``.
+
+    Contract for each ``f``: ``f(x_group, *args)`` returns a tensor of ``x_group``'s shape, does not
+    modify its inputs in place, and is deterministic given its inputs (randomness such as dropout
+    comes in through ``args``, e.g. a mask from ``SharedDropout.draw``). ``args`` are passed
+    unchanged to every ``f`` and receive no gradient. A module may appear in several layers (tied
+    weights); it is stored once, so ``parameters()`` and the state dict do not depend on depth.
+
+    The stack never frees, resizes or writes into a tensor its caller can see (its input, its
+    output, ``args``), unlike ``GroupAddRev``, which frees its input's storage.
+
+    ``reversible=False`` runs plain autograd (every layer's activations are saved).
+    ``reversible=True`` in training mode with grad enabled runs the whole stack as one autograd
+    function that saves only the stack's output and, in backward, reconstructs each layer's input
+    from its output while computing its gradients, recomputing every ``f`` once (about one extra
+    forward of the stack). Gradients equal the plain stack's up to rounding. In eval mode or under
+    ``torch.no_grad()`` both settings run the plain forward.
+    """
+
+    def __init__(self, blocks: Sequence[Sequence[nn.Module]], reversible: bool) -> None:
+        super().__init__()
+        layers = [list(layer) for layer in blocks]
+        if not layers:
+            raise ValueError("a reversible stack needs depth >= 1")
+        groups = len(layers[0])
+        if groups < 2 or any(len(layer) != groups for layer in layers):
+            raise ValueError(
+                f"every layer of a reversible stack needs the same number of groups >= 2, "
+                f"got {[len(layer) for layer in layers]}"
+            )
+        unique: list[nn.Module] = []
+        position: dict[int, int] = {}
+        for layer in layers:
+            for f in layer:
+                if id(f) not in position:
+                    position[id(f)] = len(unique)
+                    unique.append(f)
+        self.functions = nn.ModuleList(unique)
+        # layer -> group -> index into `functions`; plain data, so not part of the state dict.
+        self.table: tuple[tuple[int, ...], ...] = tuple(
+            tuple(position[id(f)] for f in layer) for layer in layers
+        )
+        self.reversible = reversible
+
+    @property
+    def depth(self) -> int:
+        return len(self.table)
+
+    @property
+    def groups(self) -> int:
+        return len(self.table[0])
+
+    def forward(self, x: Tensor, *args: Tensor) -> Tensor:
+        if x.size(-1) % self.groups != 0:
+            raise ValueError(
+                f"{x.size(-1)} channels cannot be split into {self.groups} equal groups"
+            )
+        if self.reversible and self.training and torch.is_grad_enabled():
+            if any(isinstance(a, Tensor) and a.requires_grad for a in args):
+                raise ValueError("arguments of a reversible stack receive no gradient; detach them")
+            params = [p for p in self.parameters() if p.requires_grad]
+            return _ReversibleStackFunction.apply(self, len(args), x, *args, *params)
+        for layer in self.table:
+            x = self._layer_forward(layer, x, args)
+        return x
+
+    def _layer_forward(self, layer: tuple[int, ...], x: Tensor, args: Sequence[Any]) -> Tensor:
+        xs = x.chunk(self.groups, dim=-1)
+        y = _sum(xs[1:])
+        ys = []
+        for i, index in enumerate(layer):
+            y = self.functions[index](y, *args) + xs[i]
+            ys.append(y)
+        return torch.cat(ys, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, groups={self.groups}, reversible={self.reversible}"
+
+
+def _sum(tensors: Sequence[Tensor]) -> Tensor:
+    # Left to right, so the forward and its reconstruction round identically.
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
+
+
+class _ReversibleStackFunction(torch.autograd.Function):
+    """The whole stack as one autograd node; everything a call needs lives in its ``ctx``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, stack: ReversibleStack, num_args: int, x: Tensor, *rest: Tensor
+    ) -> Tensor:
+        args, params = rest[:num_args], rest[num_args:]
+        device_type = x.device.type
+        ctx.stack = stack
+        ctx.autocast = (
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
+        ctx.param_index = {id(p): k for k, p in enumerate(params)}
+        with torch.no_grad():
+            for layer in stack.table:
+                x = stack._layer_forward(layer, x, args)
+        ctx.save_for_backward(x, *args)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        y, *args = ctx.saved_tensors
+        param_grads: list[Tensor | None] = [None] * len(ctx.param_index)
+        grad_y = grad_output
+        for layer in reversed(ctx.stack.table):
+            y, grad_y = _layer_backward(ctx, layer, y, grad_y, args, param_grads)
+        grad_x = grad_y if ctx.needs_input_grad[2] else None
+        return (None, None, grad_x, *([None] * len(args)), *param_grads)
+
+
+def _layer_backward(
+    ctx: Any,
+    layer: tuple[int, ...],
+    y: Tensor,
+    grad_y: Tensor,
+    args: Sequence[Any],
+    param_grads: list[Tensor | None],
+) -> tuple[Tensor, Tensor]:
+    """Return one layer's input and its gradient from the layer's output and output gradient,
+    adding the gradients of the layer's parameters into ``param_grads``.
+
+    Never writes into ``y``, ``grad_y`` or tensors derived from them: they may be the caller's.
+    """
+    stack: ReversibleStack = ctx.stack
+    device_type, autocast_enabled, autocast_dtype = ctx.autocast
+    groups = len(layer)
+    ys = y.chunk(groups, dim=-1)
+    grad_ys = grad_y.chunk(groups, dim=-1)
+    xs = list(ys)  # replaced group by group, last to first
+    grad_xs = list(grad_ys)
+    grad_from_next: Tensor | None = None  # d loss / d y_i through f_{i+1}
+    for i in reversed(range(groups)):
+        grad = grad_ys[i] if grad_from_next is None else grad_ys[i] + grad_from_next
+        f = stack.functions[layer[i]]
+        params = [p for p in f.parameters() if id(p) in ctx.param_index]
+        f_input = (ys[i - 1] if i > 0 else _sum(xs[1:])).detach().requires_grad_()
+        # autograd.grad runs before the running statistics are restored: batch norm saved them
+        # for backward, so the restore must not come between the recomputation and its backward.
+        with preserved_running_stats(f):
+            with torch.enable_grad(), torch.autocast(
+                device_type, dtype=autocast_dtype, enabled=autocast_enabled
+            ):
+                f_output = f(f_input, *args)
+            xs[i] = ys[i] - f_output.detach()
+            # y_i = f_output + x_i, so d loss / d f_output = d loss / d y_i, cast to f_output's
+            # dtype as the plain stack's add hands it on (bfloat16 under autocast).
+            grad_input, *grads = torch.autograd.grad(
+                f_output,
+                [f_input, *params],
+                grad.to(f_output.dtype),
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            del f_output
+        grad_xs[i] = grad
+        for p, g in zip(params, grads):
+            k = ctx.param_index[id(p)]
+            param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
+        if i > 0:
+            grad_from_next = grad_input
+        else:  # y_{-1} = x_1 + ... + x_{C-1}
+            for j in range(1, groups):
+                grad_xs[j] = grad_xs[j] + grad_input
+    return torch.cat(xs, dim=-1), torch.cat(grad_xs, dim=-1)

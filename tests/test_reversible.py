@@ -1,0 +1,275 @@
+"""ReversibleStack: the reversible plan computes the store plan's function, gradients and module
+state, recomputes each layer once, and leaves every tensor the caller can see intact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn import GATConv, GCNConv, SAGEConv
+from torch_geometric.nn.models import GroupAddRev
+from torch_geometric.nn.norm import BatchNorm
+
+from gnnspec.lower.recompute import SharedDropout
+from gnnspec.lower.reversible import ReversibleStack
+
+N, D, E, P = 20, 24, 80, 0.3
+RTOL, ATOL = 1e-6, 1e-12
+
+
+def _conv(kind: str, width: int) -> nn.Module:
+    if kind == "gcn":
+        return GCNConv(width, width)
+    if kind == "sage":
+        return SAGEConv(width, width)
+    return GATConv(width, width // 2, heads=2)
+
+
+class Block(nn.Module):
+    """The rev stage's group function: ``conv(drop(relu(norm(x))))`` with a shared mask."""
+
+    def __init__(self, kind: str, width: int) -> None:
+        super().__init__()
+        self.norm = BatchNorm(width)
+        self.conv = _conv(kind, width)
+
+    def forward(self, x: Tensor, edge_index: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.conv(SharedDropout.apply_mask(F.relu(self.norm(x)), mask), edge_index)
+
+
+def _blocks(depth: int, groups: int, kind: str = "gcn", tie: bool = False) -> list[list[nn.Module]]:
+    torch.manual_seed(0)
+    width = D // groups
+    if tie:
+        layer = [Block(kind, width) for _ in range(groups)]
+        return [layer] * depth
+    return [[Block(kind, width) for _ in range(groups)] for _ in range(depth)]
+
+
+def _pair(depth: int, groups: int, kind: str = "gcn", tie: bool = False):
+    store = ReversibleStack(_blocks(depth, groups, kind, tie), reversible=False).double()
+    rev = copy.deepcopy(store)
+    rev.reversible = True
+    return store, rev
+
+
+def _data(groups: int, seed: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    edge_index = torch.randint(0, N, (2, E), generator=gen)
+    torch.manual_seed(seed)
+    mask = SharedDropout(P).draw(x[:, : D // groups])
+    weight = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    return x, edge_index, mask, weight
+
+
+def _step(model: nn.Module, x: Tensor, *args: Tensor, weight: Tensor, calls: int = 1):
+    """Forward (``calls`` times, chained) and backward of ``sum(out * weight)``."""
+    x = x.clone().requires_grad_()
+    out = x
+    for _ in range(calls):
+        out = model(out, *args)
+    (out * weight).sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return out.detach(), x.grad, grads, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(a, b) -> None:
+    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["gcn", "sage", "gat"])
+@pytest.mark.parametrize("groups", [2, 3, 4])
+@pytest.mark.parametrize("depth", [1, 2, 3, 8])
+@pytest.mark.parametrize("tie", [False, True])
+def test_reversible_equals_store(depth: int, groups: int, kind: str, tie: bool) -> None:
+    store, rev = _pair(depth, groups, kind, tie)
+    x, edge_index, mask, weight = _data(groups)
+    expected = _step(store, x, edge_index, mask, weight=weight)
+    actual = _step(rev, x, edge_index, mask, weight=weight)
+    for e, a in zip(expected, actual):
+        _assert_same(a, e)
+    # the running statistics (and num_batches_tracked) were updated once per forward, not again
+    assert actual[3]["functions.0.norm.module.num_batches_tracked"].item() == (depth if tie else 1)
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_equals_pyg_group_add_rev(groups: int) -> None:
+    store, rev = _pair(3, groups)
+    layers = [[store.functions[i] for i in row] for row in store.table]
+    x, edge_index, mask, weight = _data(groups)
+    pyg_out = x.clone().requires_grad_()
+    out = pyg_out
+    for layer in layers:
+        out = GroupAddRev(nn.ModuleList(layer), disable=True)(out, edge_index, mask)
+    (out * weight).sum().backward()
+    expected_grads = {n: p.grad.clone() for n, p in store.named_parameters()}
+    store.zero_grad(set_to_none=True)
+
+    actual = _step(rev, x, edge_index, mask, weight=weight)
+    _assert_same(actual[0], out.detach())
+    _assert_same(actual[1], pyg_out.grad)
+    for name, grad in actual[2].items():
+        _assert_same(grad, expected_grads[name])
+
+
+class CallCounter(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width, dtype=torch.float64)
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("reversible, per_layer", [(False, 1), (True, 2)])
+def test_backward_recomputes_each_function_once(reversible: bool, per_layer: int) -> None:
+    depth, groups = 5, 3
+    fs = [CallCounter(D // groups) for _ in range(groups)]
+    stack = ReversibleStack([fs] * depth, reversible=reversible)
+    x = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    stack(x).sum().backward()
+    assert [f.calls for f in fs] == [per_layer * depth] * groups
+
+
+def test_tied_weights_are_stored_once() -> None:
+    shallow = ReversibleStack(_blocks(1, 2, tie=True), reversible=True)
+    deep = ReversibleStack(_blocks(16, 2, tie=True), reversible=True)
+    assert shallow.state_dict().keys() == deep.state_dict().keys()
+    assert sum(p.numel() for p in deep.parameters()) == sum(p.numel() for p in shallow.parameters())
+    untied = ReversibleStack(_blocks(3, 2), reversible=True)
+    assert len(list(untied.parameters())) == 3 * len(list(shallow.parameters()))
+
+
+def test_caller_tensors_are_never_freed_or_overwritten() -> None:
+    _, rev = _pair(4, 2)
+    x, edge_index, mask, weight = _data(2)
+    base = torch.cat([x, x], dim=-1).requires_grad_()
+    view = base[:, :D]  # a non-contiguous view: its storage is the caller's `base`
+    base_before = base.detach().clone()
+    storage_bytes = base.untyped_storage().nbytes()
+
+    out = rev(view, edge_index, mask)
+    out_view = out[:5]
+    out_before = out.detach().clone()
+    (out * weight).sum().backward()
+
+    assert base.untyped_storage().nbytes() == storage_bytes
+    assert torch.equal(base.detach(), base_before)
+    assert torch.equal(out.detach(), out_before)
+    assert torch.equal(out_view.detach(), out_before[:5])
+    assert torch.equal(edge_index, _data(2)[1]) and torch.equal(mask, _data(2)[2])
+    assert base.grad is not None and torch.count_nonzero(base.grad[:, D:]) == 0
+
+
+def test_eval_and_no_grad_run_the_plain_forward() -> None:
+    store, rev = _pair(3, 2)
+    x, edge_index, mask, _ = _data(2)
+    with torch.no_grad():
+        expected = store(x, edge_index, mask)
+        first, second = rev(x, edge_index, mask), rev(x, edge_index, mask)
+    assert torch.equal(first, second)
+    _assert_same(first, expected)
+
+    store.eval()
+    rev.eval()
+    store.load_state_dict(rev.state_dict())  # rev's running statistics saw one more forward
+    first, second = rev(x, edge_index), rev(x, edge_index)
+    assert torch.equal(first, second) and first.grad_fn is not None
+    _assert_same(first, store(x, edge_index))
+    assert x.untyped_storage().nbytes() == x.numel() * x.element_size()
+
+
+def test_input_without_grad() -> None:
+    store, rev = _pair(3, 3)
+    x, edge_index, mask, weight = _data(3)
+    for model in (store, rev):
+        (model(x, edge_index, mask) * weight).sum().backward()
+    assert x.grad is None
+    for (name, p), q in zip(store.named_parameters(), rev.parameters()):
+        _assert_same(q.grad, p.grad)
+
+
+def test_two_forwards_before_one_backward() -> None:
+    store, rev = _pair(3, 2, tie=True)
+    x, edge_index, mask, weight = _data(2)
+    expected = _step(store, x, edge_index, mask, weight=weight, calls=2)
+    actual = _step(rev, x, edge_index, mask, weight=weight, calls=2)
+    for e, a in zip(expected, actual):
+        _assert_same(a, e)
+
+    # two independent calls summed: each backward uses its own saved output
+    store.zero_grad()
+    rev.zero_grad()
+    for model in (store, rev):
+        (model(x, edge_index, mask) * weight + model(2 * x, edge_index, mask)).sum().backward()
+    for p, q in zip(store.parameters(), rev.parameters()):
+        _assert_same(q.grad, p.grad)
+
+
+class AutocastSpy(nn.Module):
+    """Records the autocast state it runs under."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.seen: list[tuple[bool, torch.dtype]] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return self.lin(x)
+
+
+def test_autocast_state_is_replayed_in_backward() -> None:
+    depth, groups = 3, 2
+    torch.manual_seed(0)
+    spies = [AutocastSpy(D // groups) for _ in range(groups)]
+    stack = ReversibleStack([spies] * depth, reversible=True)
+    x = torch.randn(N, D, requires_grad=True)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = stack(x)
+    out.float().pow(2).sum().backward()
+    assert not torch.is_autocast_enabled("cpu")
+    assert all(s.seen == [(True, torch.bfloat16)] * (2 * depth) for s in spies)
+    grads = [x.grad] + [p.grad for p in stack.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+    # forward without autocast, backward inside it: the recomputation follows the forward
+    for s in spies:
+        s.seen.clear()
+    out = stack(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out.sum().backward()
+        assert torch.is_autocast_enabled("cpu")
+    assert all(s.seen[depth:] == [(False, torch.bfloat16)] * depth for s in spies)
+
+
+def test_autocast_bfloat16_with_graph_conv() -> None:
+    stack = ReversibleStack(_blocks(4, 2, tie=True), reversible=True)
+    x, edge_index, mask, _ = _data(2)
+    x, mask = x.float().requires_grad_(), mask.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = stack(x, edge_index, mask).float().pow(2).mean()
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in stack.parameters())
+
+
+def test_invalid_stacks_are_rejected() -> None:
+    with pytest.raises(ValueError, match="groups"):
+        ReversibleStack([[nn.Identity()]], reversible=True)
+    with pytest.raises(ValueError, match="depth"):
+        ReversibleStack([], reversible=True)
+    stack = ReversibleStack([[nn.Identity(), nn.Identity(), nn.Identity()]], reversible=True)
+    with pytest.raises(ValueError, match="equal groups"):
+        stack(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="no gradient"):
+        _, rev = _pair(1, 2)
+        x, edge_index, _, _ = _data(2)
+        rev(x, edge_index, torch.ones(N, D // 2, dtype=torch.float64, requires_grad=True))
