@@ -15,10 +15,10 @@ import gnnspec.check as _check_module
 import gnnspec.format as _format_module
 from gnnspec.errors import SpecError
 from gnnspec.ir import Spec
-from gnnspec.syntax import YAML_SUFFIXES, parse_text, read_spec_file
+from gnnspec.syntax import YAML_SUFFIXES, parse_plan, parse_text, read_spec_file
 from gnnspec.syntax.comments import source_layout
 
-__all__ = ["Spec", "SpecError", "parse", "load", "format", "check"]
+__all__ = ["Spec", "SpecError", "parse", "load", "format", "check", "build", "register_op"]
 __version__ = "0.1.0"
 
 
@@ -59,3 +59,38 @@ def format(spec: Spec | str, *, filename: str = "<spec>", form: str | None = Non
     parsed = parse(spec, filename=filename, form=form)
     layout = source_layout(spec, form=form)
     return _format_module.format_spec(parsed, layout, style=form)
+
+
+def build(
+    spec: Spec | str,
+    in_channels: int | None = None,
+    out_channels: int | None = None,
+    plan=None,
+):
+    """The model of a spec (or spec text): an ``nn.Module`` called as ``model(x, edge_index)``.
+
+    ``in_channels``/``out_channels`` fill the spec's ``auto`` widths. ``plan`` (a plan or its text,
+    e.g. ``"reversible"`` or ``"checkpoint(segments=4)"``, or one per resolved stage) overrides the
+    spec's plans; every plan gives the same parameters, outputs and gradients. Parameters are in
+    the spec's ``dtype``.
+    """
+    import torch
+
+    from gnnspec.lower.model import build_model
+
+    if isinstance(spec, str):
+        spec = parse(spec)
+    if isinstance(plan, str):
+        plan = parse_plan(plan)
+    elif isinstance(plan, (list, tuple)):
+        plan = [parse_plan(p) if isinstance(p, str) else p for p in plan]
+    model = build_model(spec, in_channels, out_channels, plan)
+    return model.to(getattr(torch, spec.dtype))
+
+
+def register_op(name: str, factory, **options) -> None:
+    """Add a message-passing op: ``factory(channels, **args)`` returns a module called as
+    ``conv(x, edge_index)``; see :func:`gnnspec.ops.register_op` for ``params`` and ``heads``."""
+    from gnnspec.ops import register_op as _register
+
+    _register(name, factory, **options)

@@ -13,7 +13,7 @@ from pathlib import Path
 from gnnspec.errors import SpecError
 from gnnspec.ir import Spec
 from gnnspec.syntax.parser import parse_cst
-from gnnspec.syntax.to_ir import spec_from_entries, spec_from_expression
+from gnnspec.syntax.to_ir import convert_plan, spec_from_entries, spec_from_expression
 from gnnspec.syntax.yaml_front import entries_from_yaml
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -31,6 +31,14 @@ def parse_text(text: str, *, filename: str = "<spec>", form: str | None = None, 
         return spec_from_expression(cst, default_name=default_name)
     except SpecError as err:
         raise err.located(filename, text) from None
+
+
+def parse_plan(text: str):
+    """A plan written as in a spec, e.g. ``"checkpoint(segments=4)"``; `SpecError` otherwise."""
+    try:
+        return convert_plan(parse_cst(text, rule="value"))
+    except SpecError as err:
+        raise err.located("<plan>", text) from None
 
 
 def decode_spec_bytes(data: bytes, filename: str) -> str:

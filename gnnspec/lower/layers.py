@@ -1,0 +1,113 @@
+"""The single operations a stage is made of: normalisation, activation, one layer of each stack.
+
+Each stack layer is an ``nn.Module`` whose ``forward`` is the formula of SPEC.md section 2 for its
+stack kind; the stack modules (:mod:`gnnspec.lower.stages`) only sequence them under a plan.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn.norm import BatchNorm, GraphNorm, InstanceNorm
+
+from gnnspec import ir
+from gnnspec.lower.recompute import SharedDropout
+from gnnspec.ops import PreparedGraph, call_conv, make_conv, make_gcn2
+
+
+class NodeNorm(nn.Module):
+    """A normalisation called as ``norm(x)`` on ``[N, C]`` node features.
+
+    ``batch``: BatchNorm over nodes; ``layer``: LayerNorm per node (as DeeperGCN and RevGNN use
+    ``torch.nn.LayerNorm``); ``graph``: GraphNorm; ``instance``: InstanceNorm over the graph.
+    """
+
+    def __init__(self, kind: str, channels: int) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "batch":
+            self.norm = BatchNorm(channels)
+        elif kind == "layer":
+            self.norm = nn.LayerNorm(channels, elementwise_affine=True)
+        elif kind == "graph":
+            self.norm = GraphNorm(channels)
+        elif kind == "instance":
+            self.norm = InstanceNorm(channels, affine=True)
+        else:
+            raise ValueError(f"unknown norm {kind!r}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x)
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    return nn.Identity() if kind == "none" else NodeNorm(kind, channels)
+
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+    "prelu": nn.PReLU,
+    "tanh": nn.Tanh,
+    "none": nn.Identity,
+}
+
+
+def make_act(kind: str) -> nn.Module:
+    return _ACTIVATIONS[kind]()
+
+
+class ConvLayer(nn.Module):
+    """One layer of a stack: its convolution, normalisation and activation; ``dropout`` probability.
+
+    ``kind`` picks the formula (``conv``, ``norm``, ``act``, ``drop`` as named in SPEC.md):
+
+    * ``plain``: ``drop(act(norm(conv(x))))``
+    * ``res``:   ``drop(act(norm(conv(x)))) + x``
+    * ``res+``:  ``x + conv(drop(act(norm(x))))``
+    * ``dense``: ``cat(x, drop(act(norm(conv(x)))))``
+    * ``gcnii``: ``drop(act(norm(gcn2(x, x0))))`` with GCNII's initial residual and identity map
+    * ``rev``:   ``conv(mask * act(norm(x)))``, one group function ``f_i`` (mask shared, see
+      :class:`gnnspec.lower.recompute.SharedDropout`)
+    * ``deq``:   ``conv(mask * act(norm(z)))``, one application inside ``f(z, x)``
+    """
+
+    def __init__(self, kind: str, stage: ir.Stack, channels: int, in_channels: int | None = None, layer: int = 1):
+        super().__init__()
+        self.kind = kind
+        self.op_name = "gcn2" if kind == "gcnii" else stage.op.name
+        self.dropout = stage.dropout
+        pre = kind in ("res+", "rev", "deq")
+        norm_width = (in_channels or channels) if pre else channels
+        self.norm = make_norm(stage.norm, norm_width)
+        self.act = make_act(stage.act)
+        if kind == "gcnii":
+            self.theta = stage.theta
+            self.conv = make_gcn2(channels, stage.alpha, stage.theta, layer)
+        else:
+            self.conv = make_conv(stage.op, channels, in_channels=in_channels)
+
+    def _conv(self, x: Tensor, graph: PreparedGraph, x0: Tensor | None = None) -> Tensor:
+        return call_conv(self.conv, self.op_name, x, graph, x_0=x0)
+
+    def _drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+
+    def forward(self, x: Tensor, graph: PreparedGraph, extra: Tensor | None = None) -> Tensor:
+        kind = self.kind
+        if kind == "plain":
+            return self._drop(self.act(self.norm(self._conv(x, graph))))
+        if kind == "res":
+            return self._drop(self.act(self.norm(self._conv(x, graph)))) + x
+        if kind == "res+":
+            return x + self._conv(self._drop(self.act(self.norm(x))), graph)
+        if kind == "dense":
+            return torch.cat([x, self._drop(self.act(self.norm(self._conv(x, graph))))], dim=-1)
+        if kind == "gcnii":
+            return self.act(self.norm(self._conv(self._drop(x), graph, x0=extra)))
+        # rev / deq: the dropout mask comes from the stage, shared by its layers and recomputations
+        return self._conv(SharedDropout.apply_mask(self.act(self.norm(x)), extra), graph)
+

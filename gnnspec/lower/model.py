@@ -1,0 +1,97 @@
+"""IR + plans -> the model: ``GNNModel(x, edge_index) -> [N, out]`` (SPEC.md sections 2-4 and 7).
+
+``build_model`` resolves widths, picks each stage's plan and builds the stage modules in order, so
+the same spec and seed give the same parameters under every plan.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gnnspec import ir
+from gnnspec.check import PLAN_VALID_FOR
+from gnnspec.lower.stages import Stage, build_stage
+from gnnspec.lower.widths import ResolvedStage, resolve_widths
+from gnnspec.ops import GraphCache
+
+PlanLike = ir.Plan | str
+
+
+class GNNModel(nn.Module):
+    """The model of a spec: its stages in order, and a cache of the prepared graph.
+
+    ``forward(x, edge_index)`` prepares the graph once (self-loops, normalisation: see
+    :class:`gnnspec.ops.GraphCache`) and runs every stage on it.
+    """
+
+    def __init__(self, spec: ir.Spec, resolved: Sequence[ResolvedStage], stages: Sequence[Stage]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.resolved = tuple(resolved)
+        self.stages = nn.ModuleList(stages)
+        self.graph_cache = GraphCache()
+        self.forms = frozenset(set().union(*(s.graph_forms() for s in stages)) | {"raw"})
+
+    @property
+    def plans(self) -> tuple[str, ...]:
+        return tuple(stage.plan for stage in self.stages)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        graph = self.graph_cache.prepare(edge_index, num_nodes=x.size(0), dtype=x.dtype, forms=self.forms)
+        for stage in self.stages:
+            x = stage(x, graph)
+        return x
+
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: each stage's parameters with its ``weight_decay`` (default:
+        ``weight_decay``), stages with equal decay merged, in stage order."""
+        groups: dict[float, list[nn.Parameter]] = {}
+        seen: set[int] = set()
+        for stage in self.stages:
+            decay = weight_decay if stage.weight_decay is None else stage.weight_decay
+            for p in stage.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    groups.setdefault(decay, []).append(p)
+        return [{"params": params, "weight_decay": decay} for decay, params in groups.items()]
+
+
+def stage_plan(stage: ir.Stage, plan: ir.Plan) -> ir.Plan:
+    """``plan`` where it is valid for ``stage`` (SPEC.md section 4); ``store`` elsewhere.
+
+    ``auto`` without a planner decision runs ``store``."""
+    if plan.kind == "auto":
+        return ir.Store(kind="store")
+    valid = PLAN_VALID_FOR[plan.kind]
+    return plan if valid is None or stage.kind in valid else ir.Store(kind="store")
+
+
+def build_model(
+    spec: ir.Spec,
+    in_channels: int | None,
+    out_channels: int | None,
+    plan: ir.Plan | Sequence[ir.Plan] | None = None,
+) -> GNNModel:
+    """The model of ``spec``. ``plan``: one plan for every stage (where valid), one per resolved
+    stage, or None for the spec's plans (a stage's own ``plan=`` over the spec-level ``plan``)."""
+    resolved = resolve_widths(spec, in_channels, out_channels)
+    if plan is not None and not isinstance(plan, (list, tuple)):
+        plans = [stage_plan(r.stage, plan) for r in resolved]
+    elif plan is not None:
+        if len(plan) != len(resolved):
+            raise ValueError(f"got {len(plan)} plans for {len(resolved)} stages")
+        plans = [stage_plan(r.stage, p) for r, p in zip(resolved, plan)]
+    else:
+        plans = [stage_plan(r.stage, getattr(r.stage, "plan", None) or spec.plan) for r in resolved]
+    stages = [build_stage(r, _hidden(spec, r), p) for r, p in zip(resolved, plans)]
+    return GNNModel(spec, resolved, stages)
+
+
+def _hidden(spec: ir.Spec, resolved: ResolvedStage) -> int:
+    stage = resolved.stage
+    if isinstance(stage, ir.Stack) and stage.hidden is not None:
+        return stage.hidden
+    return spec.hidden

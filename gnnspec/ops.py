@@ -1,0 +1,576 @@
+"""The op registry: op name -> torch-geometric layer at width ``channels -> channels``.
+
+The lowering (``gnnspec.lower``) and the memory estimator read this one table; neither imports
+torch_geometric itself. Every built-in op is the torch-geometric layer of that name, never a
+reimplementation::
+
+    op           layer (c = channels)                                                graph form
+    gcn          GCNConv(c, c, normalize=False)                                      gcn_norm
+    sage         SAGEConv(c, c, aggr=aggr)                                           raw
+    gat          GATConv(c, c // heads, heads, concat=True, add_self_loops=False)    self_loops
+    gatv2        GATv2Conv(c, c // heads, heads, concat=True, add_self_loops=False)  self_loops
+    gen          GENConv(c, c, aggr=aggr, t=t, learn_t=learn_t)                      raw
+    gin          GINConv(Linear(c, c) -> ReLU -> Linear(c, c))                       raw
+    graphconv    GraphConv(c, c)                                                     raw
+    transformer  TransformerConv(c, c // heads, heads, concat=True)                  raw
+    egc          EGConv(c, c, ["symnorm"], num_heads=heads, num_bases=bases)         gcn_norm
+    cheb         ChebConv(c, c, K=k, normalization="sym"), as PreparedChebConv       cheb_norm
+
+Other constructor arguments keep torch-geometric's defaults; notably ``GENConv``'s MLP is
+``c -> 2c -> c`` with batch norm, and ``GINConv`` has ``eps = 0`` fixed (GIN-0).
+
+Weight-free and stage-specific convolutions used by the ``appnp``, ``sgc`` and ``gcnii`` stages are
+built here too (:func:`make_appnp`, :func:`make_sgc`, :func:`make_gcn2`); they take the
+``gcn_norm`` form.
+
+**Graph preparation.** Self-loops and normalisation coefficients depend only on the graph, so they
+are computed once per graph by a :class:`GraphCache`, not once per layer: the convolutions are
+built with ``normalize=False`` / ``add_self_loops=False`` where the layer allows it and called
+through :func:`call_conv` with the prepared tensors. A convolution built here therefore computes
+its documented function only when called through :func:`call_conv`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn import (
+    APPNP,
+    ChebConv,
+    EGConv,
+    GATConv,
+    GATv2Conv,
+    GCN2Conv,
+    GCNConv,
+    GENConv,
+    GINConv,
+    GraphConv,
+    SAGEConv,
+    TransformerConv,
+)
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
+from torch_geometric.utils import add_self_loops, remove_self_loops
+
+from gnnspec.ir import OP_SIGNATURES, Op, OpParam, OpSignature, register_op_signature
+
+__all__ = [
+    "GRAPH_FORMS",
+    "GraphCache",
+    "OpImpl",
+    "PreparedChebConv",
+    "PreparedGraph",
+    "call_conv",
+    "graph_form",
+    "make_appnp",
+    "make_conv",
+    "make_gcn2",
+    "make_sgc",
+    "op_impl",
+    "prepared_bytes",
+    "register_op",
+]
+
+# ---------------------------------------------------------------------------- prepared graphs
+
+GRAPH_FORMS: dict[str, str] = {
+    "raw": "the edge_index as given: conv(x, edge_index)",
+    "gcn_norm": (
+        "gcn_norm(edge_index): remaining self-loops added, edge weights D^-1/2 (A + I) D^-1/2 (degree "
+        "over targets): conv(x, edge_index, edge_weight)"
+    ),
+    "self_loops": (
+        "self-loops removed then one added per node, as GATConv(add_self_loops=True) does: "
+        "conv(x, edge_index)"
+    ),
+    "cheb_norm": (
+        "ChebConv's scaled Laplacian 2 L_sym / lambda_max - I (lambda_max = 2): "
+        "conv(x, edge_index, edge_weight)"
+    ),
+}
+"""The graph forms a convolution can take, each with its meaning and calling convention."""
+
+
+@dataclass(frozen=True)
+class PreparedGraph:
+    """One graph in every form its convolutions need (see :data:`GRAPH_FORMS`).
+
+    ``edge_index`` is the raw input; the other fields are ``None`` unless their form was prepared.
+    Nothing here requires grad.
+    """
+
+    edge_index: Tensor
+    num_nodes: int
+    gcn_edge_index: Tensor | None = None
+    gcn_edge_weight: Tensor | None = None
+    loop_edge_index: Tensor | None = None
+    cheb_edge_index: Tensor | None = None
+    cheb_edge_weight: Tensor | None = None
+
+    @property
+    def forms(self) -> frozenset[str]:
+        """The forms this graph holds."""
+        have = {"raw"}
+        if self.gcn_edge_index is not None:
+            have.add("gcn_norm")
+        if self.loop_edge_index is not None:
+            have.add("self_loops")
+        if self.cheb_edge_index is not None:
+            have.add("cheb_norm")
+        return frozenset(have)
+
+    def tensors(self, form: str) -> tuple[Tensor, ...]:
+        """The graph arguments a convolution of ``form`` is called with, after ``x``."""
+        if form not in GRAPH_FORMS:
+            raise ValueError(f"unknown graph form {form!r}; known: {', '.join(GRAPH_FORMS)}")
+        if form not in self.forms:
+            raise ValueError(
+                f"graph form {form!r} was not prepared; pass it in `forms` to GraphCache.prepare"
+            )
+        if form == "raw":
+            return (self.edge_index,)
+        if form == "gcn_norm":
+            return (self.gcn_edge_index, self.gcn_edge_weight)
+        if form == "self_loops":
+            return (self.loop_edge_index,)
+        return (self.cheb_edge_index, self.cheb_edge_weight)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held beyond the raw ``edge_index`` (the self-loops and coefficients)."""
+        extra = (
+            self.gcn_edge_index,
+            self.gcn_edge_weight,
+            self.loop_edge_index,
+            self.cheb_edge_index,
+            self.cheb_edge_weight,
+        )
+        return sum(t.numel() * t.element_size() for t in extra if t is not None)
+
+
+def prepared_bytes(
+    forms: Iterable[str], num_nodes: int, num_edges: int, value_bytes: int, index_bytes: int = 8
+) -> int:
+    """Analytic size of :attr:`PreparedGraph.nbytes` for a graph of ``num_edges`` edges.
+
+    Every prepared form has at most ``num_edges + num_nodes`` columns (the edges plus one self-loop
+    per node; fewer when the input already has self-loops): an index ``[2, E + N]`` and, for the
+    weighted forms, a weight ``[E + N]`` of the feature dtype. Exact for a graph without self-loops.
+    """
+    columns = num_edges + num_nodes
+    total = 0
+    for form in set(forms) - {"raw"}:
+        if form not in GRAPH_FORMS:
+            raise ValueError(f"unknown graph form {form!r}")
+        total += 2 * columns * index_bytes
+        if form in ("gcn_norm", "cheb_norm"):
+            total += columns * value_bytes
+    return total
+
+
+def _cheb_laplacian(edge_index: Tensor, num_nodes: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    # ChebConv's own normalisation, called unbound: it reads nothing of the instance.
+    return ChebConv.__norm__(
+        None, edge_index, num_nodes, None, "sym", lambda_max=None, dtype=dtype, batch=None
+    )
+
+
+class GraphCache:
+    """Prepares a graph's forms once and reuses them while the same ``edge_index`` comes back.
+
+    A model holds one ``GraphCache`` and calls :meth:`prepare` once per forward, before its layers;
+    every layer then reads the same :class:`PreparedGraph`. Without it, each of ``depth`` layers
+    would add self-loops and compute ``gcn_norm`` itself: ``depth`` times the work, and under a
+    checkpointed or reversible plan again during recomputation, with each copy a temporary of size
+    ``E + N``.
+
+    The cache key is the identity of ``edge_index`` (``data_ptr``, ``_version``, shape, strides,
+    dtype, device), ``num_nodes``, the feature dtype of the weights and whether inference mode is
+    on; the cache holds a reference to ``edge_index``, so its storage cannot be freed and reused by
+    another tensor while it is cached, and an in-place change bumps ``_version``. Only the latest
+    graph is kept: memory stays bounded by one graph's prepared tensors. Those tensors live across
+    training steps like the features and ``edge_index`` themselves, so the memory estimator counts
+    them as input data (SPEC section 5: "anything the model caches across steps counts as input
+    data"), once, not per layer; :func:`prepared_bytes` gives their size.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._graph: PreparedGraph | None = None
+
+    @property
+    def graph(self) -> PreparedGraph | None:
+        """The graph prepared last, if any."""
+        return self._graph
+
+    def clear(self) -> None:
+        """Forget the cached graph."""
+        self._key = None
+        self._graph = None
+
+    def prepare(
+        self,
+        edge_index: Tensor,
+        *,
+        num_nodes: int,
+        dtype: torch.dtype,
+        forms: Iterable[str] = ("raw",),
+    ) -> PreparedGraph:
+        """``edge_index`` (``[2, E]``, ``N = num_nodes``) in each of ``forms``, weights in ``dtype``.
+
+        Forms already prepared for the same key are reused; missing ones are added; a new key
+        replaces the cached graph.
+        """
+        forms = frozenset(forms)
+        unknown = forms - set(GRAPH_FORMS)
+        if unknown:
+            raise ValueError(f"unknown graph form {sorted(unknown)[0]!r}; known: {', '.join(GRAPH_FORMS)}")
+        key = self._key_of(edge_index, num_nodes, dtype)
+        graph = self._graph if key == self._key else None
+        if graph is None:
+            graph = PreparedGraph(edge_index=edge_index, num_nodes=int(num_nodes))
+        missing = forms - graph.forms
+        if missing:
+            graph = self._add_forms(graph, missing, dtype)
+        self._key, self._graph = key, graph
+        return graph
+
+    @staticmethod
+    def _key_of(edge_index: Tensor, num_nodes: int, dtype: torch.dtype) -> tuple:
+        # Inference tensors carry no version counter and cannot be saved for backward, so a graph
+        # prepared under inference mode is never reused outside it.
+        inference = edge_index.is_inference()
+        return (
+            edge_index.data_ptr(),
+            None if inference else edge_index._version,
+            tuple(edge_index.shape),
+            edge_index.stride(),
+            edge_index.dtype,
+            edge_index.device,
+            int(num_nodes),
+            dtype,
+            torch.is_inference_mode_enabled(),
+        )
+
+    @staticmethod
+    def _add_forms(graph: PreparedGraph, forms: frozenset[str], dtype: torch.dtype) -> PreparedGraph:
+        ei, n = graph.edge_index, graph.num_nodes
+        new: dict[str, Tensor] = {}
+        with torch.no_grad():
+            if "gcn_norm" in forms:
+                new["gcn_edge_index"], new["gcn_edge_weight"] = gcn_norm(
+                    ei, None, n, improved=False, add_self_loops=True, flow="source_to_target", dtype=dtype
+                )
+            if "self_loops" in forms:
+                loops, _ = remove_self_loops(ei)
+                new["loop_edge_index"], _ = add_self_loops(loops, num_nodes=n)
+            if "cheb_norm" in forms:
+                new["cheb_edge_index"], new["cheb_edge_weight"] = _cheb_laplacian(ei, n, dtype)
+        return replace(graph, **new)
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+class PreparedChebConv(ChebConv):
+    r"""``ChebConv`` whose scaled Laplacian is computed once by :class:`GraphCache`.
+
+    ``out = sum_{k<K} T_k(L_hat) x W_k + b`` with ``T_0 = I``, ``T_1 = L_hat``,
+    ``T_k = 2 L_hat T_{k-1} - T_{k-2}`` and ``L_hat = 2 L_sym / lambda_max - I``, as ``ChebConv``
+    with ``normalization="sym"``. ``ChebConv`` recomputes ``L_hat`` in every call; here the
+    ``edge_index``/``edge_weight`` passed in must already be ``L_hat`` (the ``cheb_norm`` form),
+    and the rest of ``ChebConv.forward`` runs unchanged. Parameters and state dict are
+    ``ChebConv``'s.
+    """
+
+    def __norm__(
+        self, edge_index, num_nodes, edge_weight, normalization, lambda_max=None, dtype=None, batch=None
+    ):
+        if edge_weight is None:
+            raise ValueError("PreparedChebConv takes the cheb_norm graph form; call it through call_conv")
+        return edge_index, edge_weight
+
+
+# Built-in factories: `make(channels, *, in_channels, **args)`, a conv [N, in_channels] -> [N, channels].
+
+
+def _make_gcn(channels: int, *, in_channels: int) -> nn.Module:
+    return GCNConv(in_channels, channels, normalize=False, cached=False)
+
+
+def _make_sage(channels: int, aggr: str, *, in_channels: int) -> nn.Module:
+    return SAGEConv(in_channels, channels, aggr=aggr)
+
+
+def _make_gat(channels: int, heads: int, *, in_channels: int) -> nn.Module:
+    return GATConv(in_channels, channels // heads, heads=heads, concat=True, add_self_loops=False)
+
+
+def _make_gatv2(channels: int, heads: int, *, in_channels: int) -> nn.Module:
+    return GATv2Conv(in_channels, channels // heads, heads=heads, concat=True, add_self_loops=False)
+
+
+def _make_gen(channels: int, aggr: str, t: float, learn_t: bool, *, in_channels: int) -> nn.Module:
+    # `t`/`learn_t` parameterise only the softmax aggregation; GENConv ignores them otherwise.
+    return GENConv(in_channels, channels, aggr=aggr, t=t, learn_t=learn_t)
+
+
+def _make_gin(channels: int, *, in_channels: int) -> nn.Module:
+    mlp = nn.Sequential(nn.Linear(in_channels, channels), nn.ReLU(), nn.Linear(channels, channels))
+    return GINConv(mlp)
+
+
+def _make_graphconv(channels: int, *, in_channels: int) -> nn.Module:
+    return GraphConv(in_channels, channels)
+
+
+def _make_transformer(channels: int, heads: int, *, in_channels: int) -> nn.Module:
+    return TransformerConv(in_channels, channels // heads, heads=heads, concat=True)
+
+
+def _make_egc(channels: int, heads: int, bases: int, *, in_channels: int) -> nn.Module:
+    return EGConv(
+        in_channels, channels, aggregators=["symnorm"], num_heads=heads, num_bases=bases, cached=False
+    )
+
+
+def _make_cheb(channels: int, k: int, *, in_channels: int) -> nn.Module:
+    return PreparedChebConv(in_channels, channels, K=k, normalization="sym")
+
+
+def make_gcn2(
+    channels: int, alpha: float, theta: float, layer: int, shared_weights: bool = True
+) -> nn.Module:
+    r"""``GCN2Conv`` for the ``gcnii`` stage (layer ``layer``, 1-based), taking the ``gcn_norm`` form.
+
+    ``out = ((1 - alpha) A_hat x + alpha x_0) ((1 - beta) I + beta W)`` with
+    ``beta = log(theta / layer + 1)`` and ``A_hat = D^-1/2 (A + I) D^-1/2``. Call it as
+    ``call_conv(conv, "gcn2", x, graph, x_0=x_0)``.
+    """
+    return GCN2Conv(
+        channels, alpha, theta=theta, layer=layer, shared_weights=shared_weights,
+        cached=False, add_self_loops=False, normalize=False,
+    )
+
+
+def make_appnp(k: int, alpha: float) -> nn.Module:
+    r"""``APPNP``: ``x^0 = x``, ``x^{t+1} = (1 - alpha) A_hat x^t + alpha x``, ``k`` steps; no weights.
+
+    ``A_hat = D^-1/2 (A + I) D^-1/2`` comes from the ``gcn_norm`` form; call it as
+    ``call_conv(conv, "appnp", x, graph)``.
+    """
+    return APPNP(K=k, alpha=alpha, cached=False, add_self_loops=False, normalize=False)
+
+
+def make_sgc(k: int) -> nn.Module:
+    r"""SGC's propagation without its linear layer: ``A_hat^k x``, ``A_hat = D^-1/2 (A + I) D^-1/2``.
+
+    This is ``APPNP`` with ``alpha = 0``: its recurrence ``x^{t+1} = (1 - alpha) A_hat x^t +
+    alpha x`` becomes ``x^{t+1} = A_hat x^t``. It equals ``SGConv``'s propagation (``SGConv`` with an
+    identity weight and no bias) and ``k`` dense products with ``A_hat``; ``tests/test_ops.py``
+    checks both. Call it as ``call_conv(conv, "sgc", x, graph)``.
+    """
+    return APPNP(K=k, alpha=0.0, cached=False, add_self_loops=False, normalize=False)
+
+
+# ---------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class OpImpl:
+    """How an op is built and called.
+
+    ``make(channels, **args)`` returns a convolution mapping ``[N, channels] -> [N, channels]``
+    (built-in ops, and user factories that accept it, also take ``in_channels=`` for
+    ``[N, in_channels] -> [N, channels]``); ``graph`` names the prepared form it takes (:data:`GRAPH_FORMS`). ``call(conv, x, graph)``, when
+    given, replaces the calling convention of the form, ``conv(x, *graph.tensors(form))``.
+    """
+
+    name: str
+    make: Callable[..., nn.Module]
+    graph: str = "raw"
+    call: Callable[[nn.Module, Tensor, PreparedGraph], Tensor] | None = field(default=None, compare=False)
+
+
+def _call_egc(conv: nn.Module, x: Tensor, graph: PreparedGraph) -> Tensor:
+    # EGConv's forward takes no edge weight: it uses the normalisation held in its cache slot when
+    # that slot is filled. The slot is emptied afterwards so the module holds no graph between
+    # calls and a direct call computes gcn_norm as usual.
+    edge_index, edge_weight = graph.tensors("gcn_norm")
+    conv._cached_edge_index = (edge_index, edge_weight)
+    try:
+        return conv(x, edge_index)
+    finally:
+        conv._cached_edge_index = None
+
+
+_IMPLS: dict[str, OpImpl] = {
+    impl.name: impl
+    for impl in (
+        OpImpl("gcn", _make_gcn, "gcn_norm"),
+        OpImpl("sage", _make_sage, "raw"),
+        OpImpl("gat", _make_gat, "self_loops"),
+        OpImpl("gatv2", _make_gatv2, "self_loops"),
+        OpImpl("gen", _make_gen, "raw"),
+        OpImpl("gin", _make_gin, "raw"),
+        OpImpl("graphconv", _make_graphconv, "raw"),
+        OpImpl("transformer", _make_transformer, "raw"),
+        OpImpl("egc", _make_egc, "gcn_norm", call=_call_egc),
+        OpImpl("cheb", _make_cheb, "cheb_norm"),
+    )
+}
+_BUILTIN_OPS = frozenset(_IMPLS)
+
+# Convolutions of the appnp, sgc and gcnii stages: not ops a spec can name, but called the same way.
+_STAGE_CONVS: dict[str, str] = {"gcn2": "gcn_norm", "appnp": "gcn_norm", "sgc": "gcn_norm"}
+
+
+def op_impl(name: str) -> OpImpl:
+    """The registered implementation of op ``name`` (built-in or from :func:`register_op`)."""
+    try:
+        return _IMPLS[name]
+    except KeyError:
+        raise KeyError(f"unknown op {name!r}; known: {', '.join(sorted(_IMPLS))}") from None
+
+
+def graph_form(name: str) -> str:
+    """The graph form that op or stage convolution ``name`` (``gcn2``, ``appnp``, ``sgc``) takes."""
+    if name in _STAGE_CONVS:
+        return _STAGE_CONVS[name]
+    return op_impl(name).graph
+
+
+def make_conv(op: Op, channels: int, *, in_channels: int | None = None) -> nn.Module:
+    """The convolution of ``op`` from width ``in_channels`` (default ``channels``) to ``channels``.
+
+    Weights are float32. ``op.args`` must be arguments of the op's signature (missing ones take
+    their defaults); an op with heads needs ``channels % heads == 0``. A user op can change the
+    width (``dense`` stacks) only if its factory takes an ``in_channels`` keyword. Call the result
+    through :func:`call_conv`.
+    """
+    impl = op_impl(op.name)
+    sig = OP_SIGNATURES.get(op.name)
+    if sig is None:
+        raise KeyError(f"op {op.name!r} has an implementation but no signature")
+    given = dict(op.args)
+    unknown = [k for k in given if sig.param(k) is None]
+    if unknown:
+        known = ", ".join(p.name for p in sig.params) or "none"
+        raise ValueError(f"op {op.name!r} has no argument {unknown[0]!r} (arguments: {known})")
+    args = {p.name: given.get(p.name, p.default) for p in sig.params}
+    if sig.heads is not None:
+        heads = int(args[sig.heads])
+        if heads < 1 or channels % heads:
+            raise ValueError(f"{heads} heads of op {op.name!r} do not divide the width {channels}")
+    in_channels = channels if in_channels is None else in_channels
+    if op.name in _BUILTIN_OPS:
+        return impl.make(channels, in_channels=in_channels, **args)
+    if in_channels == channels:
+        return impl.make(channels, **args)
+    if not _takes_keyword(impl.make, "in_channels"):
+        raise ValueError(
+            f"op {op.name!r} cannot map width {in_channels} to {channels}: its factory takes no "
+            "`in_channels` keyword"
+        )
+    return impl.make(channels, in_channels=in_channels, **args)
+
+
+def _takes_keyword(factory: Callable[..., object], name: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def call_conv(
+    conv: nn.Module, op_name: str, x: Tensor, graph: PreparedGraph, *, x_0: Tensor | None = None
+) -> Tensor:
+    """``conv`` (built for ``op_name``) applied to ``x [N, c]`` on ``graph``; returns ``[N, c]``.
+
+    ``graph`` must hold the op's form (:func:`graph_form`). ``x_0`` is the initial representation
+    that ``gcn2`` (GCNII) needs, and only it.
+    """
+    form = graph_form(op_name)
+    if op_name == "gcn2":
+        if x_0 is None:
+            raise ValueError("gcn2 needs x_0, the gcnii stage's input")
+        return conv(x, x_0, *graph.tensors(form))
+    if x_0 is not None:
+        raise ValueError(f"x_0 is only for gcn2, not {op_name!r}")
+    if op_name in _STAGE_CONVS:
+        return conv(x, *graph.tensors(form))
+    impl = op_impl(op_name)
+    if impl.call is not None:
+        return impl.call(conv, x, graph)
+    return conv(x, *graph.tensors(form))
+
+
+def _infer_param(name: str, value: object) -> OpParam:
+    if isinstance(value, OpParam):
+        if value.name != name:
+            raise ValueError(f"parameter {name!r} is given an OpParam named {value.name!r}")
+        return value
+    if isinstance(value, bool):
+        return OpParam(name, "bool", value)
+    if isinstance(value, int):
+        return OpParam(name, "int", value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"default of parameter {name!r} must be finite, got {value}")
+        return OpParam(name, "float", value)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, str) for v in value):
+        return OpParam(name, "enum", value[0], tuple(value))
+    raise TypeError(
+        f"default of parameter {name!r} must be a bool, int, float, a non-empty tuple of strings "
+        f"(an enumeration, the first its default) or an OpParam; got {value!r}"
+    )
+
+
+def register_op(
+    name: str,
+    factory: Callable[..., nn.Module],
+    *,
+    params: dict[str, object] | None = None,
+    heads: str | None = None,
+    graph: str = "raw",
+) -> None:
+    """Make ``name`` an op that specs can name: ``op=name(arg=value, ...)``.
+
+    ``factory(channels, **args)`` must return a module mapping ``[N, channels] -> [N, channels]``
+    (``factory(channels, in_channels=w, **args)``: ``[N, w] -> [N, channels]``, if it takes that
+    keyword; ``dense`` stacks need it),
+    called as ``conv(x, edge_index)`` for ``graph="raw"`` (or per :data:`GRAPH_FORMS` for another
+    form). ``params`` maps each argument to its default, whose type sets the argument's type:
+    ``bool``, ``int``, ``float``, or a tuple of strings for an enumeration (first is the default);
+    an :class:`~gnnspec.ir.OpParam` gives full control. ``heads`` names the int argument that splits
+    the width, so specs are checked for ``hidden % heads == 0``. Registering a user op's name again
+    replaces it; built-in names cannot be replaced.
+    """
+    if name in _BUILTIN_OPS or name in _STAGE_CONVS:
+        raise ValueError(f"{name!r} is a built-in op or convolution and cannot be replaced")
+    if not name.isidentifier():
+        raise ValueError(f"op name {name!r} must be an identifier")
+    if not callable(factory):
+        raise TypeError(f"factory for op {name!r} is not callable")
+    if graph not in GRAPH_FORMS:
+        raise ValueError(f"unknown graph form {graph!r}; known: {', '.join(GRAPH_FORMS)}")
+    op_params = tuple(_infer_param(k, v) for k, v in (params or {}).items())
+    signature = OpSignature(name, op_params, heads=heads, builtin=False)
+    if heads is not None:
+        head_param = signature.param(heads)
+        if head_param is None or head_param.type != "int":
+            raise ValueError(f"heads={heads!r} must name an int parameter of op {name!r}")
+        if head_param.minimum is None:
+            signature = OpSignature(
+                name,
+                tuple(replace(p, minimum=1) if p.name == heads else p for p in op_params),
+                heads=heads,
+                builtin=False,
+            )
+    register_op_signature(signature)
+    _IMPLS[name] = OpImpl(name, factory, graph)

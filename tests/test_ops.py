@@ -1,0 +1,375 @@
+"""The op registry: every op is its torch-geometric layer at width c -> c, fed a graph prepared once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch_geometric.nn.conv.appnp as pyg_appnp
+import torch_geometric.nn.conv.eg_conv as pyg_eg_conv
+import torch_geometric.nn.conv.gcn2_conv as pyg_gcn2_conv
+import torch_geometric.nn.conv.gcn_conv as pyg_gcn_conv
+from torch import Tensor
+from torch_geometric.nn import APPNP, ChebConv, EGConv, GATConv, GATv2Conv, GCN2Conv, GCNConv, SGConv
+from torch_geometric.utils import coalesce, remove_self_loops
+
+import gnnspec
+import gnnspec.ops as ops
+from gnnspec.ir import OP_SIGNATURES, Op
+from gnnspec.ops import (
+    GRAPH_FORMS,
+    GraphCache,
+    call_conv,
+    graph_form,
+    make_appnp,
+    make_conv,
+    make_gcn2,
+    make_sgc,
+    op_impl,
+    prepared_bytes,
+    register_op,
+)
+
+N, E = 12, 40
+BUILTIN = ["gcn", "sage", "gat", "gatv2", "gen", "gin", "graphconv", "transformer", "egc", "cheb"]
+
+
+def _op(name: str, **args) -> Op:
+    sig = OP_SIGNATURES[name]
+    return Op(name=name, args=tuple((p.name, args.get(p.name, p.default)) for p in sig.params))
+
+
+def _graph(seed: int = 0, channels: int = 8, loops: bool = True) -> tuple[Tensor, Tensor]:
+    """Random directed graph in float64; with ``loops`` it keeps a few self-loops and duplicates."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, channels, generator=gen, dtype=torch.float64)
+    edge_index = torch.randint(0, N, (2, E), generator=gen)
+    if not loops:
+        edge_index, _ = remove_self_loops(coalesce(edge_index, num_nodes=N))
+    return x, edge_index
+
+
+def _prepare(edge_index: Tensor, cache: GraphCache | None = None, forms=tuple(GRAPH_FORMS)):
+    cache = cache or GraphCache()
+    return cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=forms)
+
+
+@pytest.fixture
+def user_ops():
+    """Removes the ops a test registers from both registries."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        OP_SIGNATURES.pop(name, None)
+        ops._IMPLS.pop(name, None)
+
+
+# ---------------------------------------------------------------------------- built-in ops
+
+VARIANTS = [_op(name) for name in BUILTIN] + [
+    _op("sage", aggr="max"),
+    _op("gen", learn_t=True),
+    _op("gen", aggr="powermean"),
+    _op("gat", heads=2),
+    _op("cheb", k=3),
+]
+
+
+@pytest.mark.parametrize("channels", [8, 16, 32])
+@pytest.mark.parametrize("op", VARIANTS, ids=lambda op: f"{op.name}{dict(op.args)}")
+def test_every_op_maps_width_to_width_and_trains_every_parameter(op: Op, channels: int):
+    torch.manual_seed(0)
+    x, edge_index = _graph(channels=channels)
+    conv = make_conv(op, channels).double()
+    graph = _prepare(edge_index, forms=[graph_form(op.name)])
+    out = call_conv(conv, op.name, x, graph)
+    assert out.shape == (N, channels)
+    assert out.dtype == torch.float64
+    (out * torch.randn_like(out)).sum().backward()
+    params = dict(conv.named_parameters())
+    assert params
+    for name, param in params.items():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_op_can_change_the_width_for_dense_stacks(name: str):
+    x, edge_index = _graph(channels=12)
+    conv = make_conv(_op(name), 8, in_channels=12).double()
+    out = call_conv(conv, name, x, _prepare(edge_index, forms=[graph_form(name)]))
+    assert out.shape == (N, 8)
+
+
+def test_each_op_is_its_torch_geometric_layer():
+    layers = {
+        "gcn": "GCNConv", "sage": "SAGEConv", "gat": "GATConv", "gatv2": "GATv2Conv",
+        "gen": "GENConv", "gin": "GINConv", "graphconv": "GraphConv",
+        "transformer": "TransformerConv", "egc": "EGConv", "cheb": "ChebConv",
+    }
+    for name, layer in layers.items():
+        conv = make_conv(_op(name), 16)
+        assert layer in [cls.__name__ for cls in type(conv).__mro__], name
+        assert type(conv).__module__.startswith(("torch_geometric", "gnnspec.ops"))
+
+
+def test_gin_mlp_is_linear_relu_linear_at_width():
+    mlp = make_conv(_op("gin"), 16).nn
+    assert [type(m).__name__ for m in mlp] == ["Linear", "ReLU", "Linear"]
+    assert [tuple(m.weight.shape) for m in (mlp[0], mlp[2])] == [(16, 16), (16, 16)]
+
+
+@pytest.mark.parametrize(
+    "name, shapes",
+    [
+        ("gat", {"lin.weight": (8, 8), "att_src": (1, 2, 4), "att_dst": (1, 2, 4), "bias": (8,)}),
+        ("gatv2", {"lin_l.weight": (8, 8), "lin_r.weight": (8, 8), "att": (1, 2, 4), "bias": (8,)}),
+        ("transformer", {f"lin_{k}.weight": (8, 8) for k in ("query", "key", "value", "skip")}),
+        ("egc", {"bases_lin.weight": (4 * 4, 8), "comb_lin.weight": (2 * 4, 8), "bias": (8,)}),
+    ],
+)
+def test_heads_split_the_width(name: str, shapes: dict[str, tuple[int, ...]]):
+    conv = make_conv(_op(name, heads=2), 8)
+    params = {k: tuple(p.shape) for k, p in conv.named_parameters()}
+    assert {k: params[k] for k in shapes} == shapes
+    assert getattr(conv, "heads", getattr(conv, "num_heads", None)) == 2
+
+
+def test_heads_that_do_not_divide_the_width_are_an_error():
+    with pytest.raises(ValueError, match="3 heads of op 'gat' do not divide the width 8"):
+        make_conv(_op("gat", heads=3), 8)
+
+
+# ---------------------------------------------------------------------------- prepared graphs
+
+
+def _same_weights(ours, stock):
+    stock.load_state_dict(ours.state_dict())
+    return stock.double()
+
+
+@pytest.mark.parametrize(
+    "op, stock",
+    [
+        (_op("gcn"), lambda c: GCNConv(c, c, normalize=True)),
+        (_op("gat", heads=2), lambda c: GATConv(c, c // 2, heads=2)),
+        (_op("gatv2", heads=2), lambda c: GATv2Conv(c, c // 2, heads=2)),
+        (_op("egc", heads=2, bases=3), lambda c: EGConv(c, c, num_heads=2, num_bases=3)),
+        (_op("cheb", k=3), lambda c: ChebConv(c, c, K=3)),
+    ],
+    ids=lambda v: v.name if isinstance(v, Op) else "",
+)
+def test_prepared_graph_gives_the_stock_layer_on_the_raw_graph(op: Op, stock):
+    torch.manual_seed(0)
+    x, edge_index = _graph(channels=8)  # with self-loops and duplicate edges
+    conv = make_conv(op, 8).double()
+    reference = _same_weights(conv, stock(8))
+    out = call_conv(conv, op.name, x, _prepare(edge_index, forms=[graph_form(op.name)]))
+    torch.testing.assert_close(out, reference(x, edge_index), rtol=0, atol=1e-10)
+
+
+def test_stage_convs_give_the_stock_layers_on_the_raw_graph():
+    torch.manual_seed(0)
+    x, edge_index = _graph(channels=8)
+    x_0 = torch.randn_like(x)
+    graph = _prepare(edge_index, forms=["gcn_norm"])
+    gcn2 = make_gcn2(8, alpha=0.1, theta=0.5, layer=3).double()
+    stock = _same_weights(gcn2, GCN2Conv(8, alpha=0.1, theta=0.5, layer=3))
+    out = call_conv(gcn2, "gcn2", x, graph, x_0=x_0)
+    torch.testing.assert_close(out, stock(x, x_0, edge_index), rtol=0, atol=1e-10)
+    appnp = make_appnp(k=5, alpha=0.2)
+    out = call_conv(appnp, "appnp", x, graph)
+    torch.testing.assert_close(out, APPNP(K=5, alpha=0.2)(x, edge_index), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="gcn2 needs x_0"):
+        call_conv(gcn2, "gcn2", x, graph)
+
+
+def _dense_gcn_adjacency(edge_index: Tensor) -> Tensor:
+    """D^-1/2 (A + I) D^-1/2 with A[target, source] = 1, built without torch_geometric."""
+    adj = torch.zeros(N, N, dtype=torch.float64)
+    adj[edge_index[1], edge_index[0]] = 1.0
+    adj += torch.eye(N, dtype=torch.float64)
+    d = adj.sum(dim=1).rsqrt()
+    return d[:, None] * adj * d[None, :]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_sgc_is_the_kth_power_of_the_normalised_adjacency(k: int):
+    x, edge_index = _graph(channels=8, loops=False)  # directed, no duplicates
+    out = call_conv(make_sgc(k), "sgc", x, _prepare(edge_index, forms=["gcn_norm"]))
+    assert not list(make_sgc(k).parameters())
+    dense = torch.linalg.matrix_power(_dense_gcn_adjacency(edge_index), k) @ x
+    torch.testing.assert_close(out, dense, rtol=0, atol=1e-12)
+    sgconv = SGConv(8, 8, K=k, bias=False).double()
+    with torch.no_grad():
+        sgconv.lin.weight.copy_(torch.eye(8))
+    torch.testing.assert_close(out, sgconv(x, edge_index), rtol=0, atol=1e-12)
+
+
+def _count_gcn_norm(monkeypatch) -> list[int]:
+    """Counts GraphCache's gcn_norm calls and fails if any layer computes gcn_norm itself."""
+    calls = [0]
+    real = ops.gcn_norm
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a layer computed gcn_norm itself")
+
+    monkeypatch.setattr(ops, "gcn_norm", counting)
+    for module in (pyg_gcn_conv, pyg_eg_conv, pyg_gcn2_conv, pyg_appnp):
+        monkeypatch.setattr(module, "gcn_norm", forbidden)
+    return calls
+
+
+def test_cache_computes_gcn_norm_once_per_graph(monkeypatch):
+    calls = _count_gcn_norm(monkeypatch)
+    x, edge_index = _graph(channels=8)
+    layers = [("gcn", make_conv(_op("gcn"), 8)) for _ in range(3)]
+    layers += [("egc", make_conv(_op("egc", heads=2), 8))]
+    layers += [("appnp", make_appnp(3, 0.1)), ("sgc", make_sgc(2))]
+    layers = [(name, conv.double()) for name, conv in layers]
+    gcn2 = make_gcn2(8, 0.1, 0.5, 1).double()
+    cache = GraphCache()
+
+    def forward(edge_index: Tensor) -> Tensor:
+        forms = {graph_form(name) for name, _ in layers}
+        graph = cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=forms)
+        h = x
+        for name, conv in layers:
+            h = call_conv(conv, name, h, graph)
+        return call_conv(gcn2, "gcn2", h, graph, x_0=x)
+
+    with pytest.raises(AssertionError, match="computed gcn_norm itself"):
+        GCNConv(8, 8).double()(x, edge_index)  # the stock layer would, so the patch is in effect
+    first = forward(edge_index)
+    forward(edge_index).sum().backward()
+    assert calls[0] == 1
+
+    other = edge_index.flip(0).contiguous()
+    forward(other)
+    assert calls[0] == 2 and cache.graph.edge_index is other  # only the latest graph is kept
+    torch.testing.assert_close(forward(edge_index), first)
+    assert calls[0] == 3
+
+    edge_index[0, 0] = (edge_index[0, 0] + 1) % N  # same storage, new contents
+    forward(edge_index)
+    assert calls[0] == 4
+
+
+def test_cache_adds_missing_forms_and_keeps_prepared_ones(monkeypatch):
+    calls = _count_gcn_norm(monkeypatch)
+    _, edge_index = _graph()
+    cache = GraphCache()
+    first = cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=["gcn_norm"])
+    second = cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=["self_loops", "cheb_norm"])
+    assert calls[0] == 1
+    assert second.forms == {"raw", "gcn_norm", "self_loops", "cheb_norm"}
+    assert second.gcn_edge_weight is first.gcn_edge_weight
+    cache.prepare(edge_index, num_nodes=N, dtype=torch.float32, forms=["gcn_norm"])
+    assert calls[0] == 2  # weights in another dtype
+    with pytest.raises(ValueError, match="graph form 'gcn_norm' was not prepared"):
+        raw = GraphCache().prepare(edge_index, num_nodes=N, dtype=torch.float32)
+        call_conv(make_conv(_op("gcn"), 8), "gcn", torch.zeros(N, 8), raw)
+
+
+def test_graph_prepared_in_inference_mode_is_not_reused_for_training():
+    x, edge_index = _graph(channels=8)
+    conv = make_conv(_op("gcn"), 8).double()
+    cache = GraphCache()
+    with torch.inference_mode():
+        cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=["gcn_norm"])
+    graph = cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=["gcn_norm"])
+    call_conv(conv, "gcn", x, graph).sum().backward()
+    assert conv.lin.weight.grad is not None
+
+
+def test_prepared_bytes_matches_the_prepared_tensors():
+    _, edge_index = _graph(loops=False)
+    graph = _prepare(edge_index)
+    assert graph.nbytes == prepared_bytes(GRAPH_FORMS, N, edge_index.size(1), value_bytes=8)
+    assert prepared_bytes(["raw"], N, edge_index.size(1), value_bytes=8) == 0
+
+
+# ---------------------------------------------------------------------------- user ops
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, channels: int, scale: float = 1.0, mode: str = "sum") -> None:
+        super().__init__()
+        self.scale, self.mode = scale, mode
+        self.lin = torch.nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        out = torch.zeros_like(x).index_add_(0, edge_index[1], x[edge_index[0]])
+        return self.scale * self.lin(out)
+
+
+def test_register_op_makes_specs_name_it_and_make_conv_build_it(user_ops):
+    user_ops.append("myop")
+    register_op("myop", Scale, params={"scale": 1.0, "mode": ("sum", "mean")})
+    spec = gnnspec.parse("plain(op=myop(scale=2.0), depth=2)")
+    op = spec.model[0].op
+    assert op.args == (("scale", 2.0), ("mode", "sum"))
+    sig = OP_SIGNATURES["myop"]
+    assert [(p.type, p.default, p.choices) for p in sig.params] == [
+        ("float", 1.0, ()),
+        ("enum", "sum", ("sum", "mean")),
+    ]
+    assert not sig.builtin and op_impl("myop").graph == "raw"
+    conv = make_conv(op, 8).double()
+    assert isinstance(conv, Scale) and conv.scale == 2.0
+    x, edge_index = _graph(channels=8)
+    assert call_conv(conv, "myop", x, _prepare(edge_index, forms=["raw"])).shape == (N, 8)
+    assert "op=myop(scale=2.0)" in gnnspec.format(spec)
+
+
+def test_user_op_changes_the_width_only_if_its_factory_takes_in_channels(user_ops):
+    user_ops.extend(["fixed", "widening"])
+    register_op("fixed", Scale)
+
+    def widening(channels: int, in_channels: int | None = None) -> torch.nn.Module:
+        return torch.nn.Linear(in_channels or channels, channels)
+
+    register_op("widening", widening)
+    assert make_conv(Op(name="widening"), 8, in_channels=12).weight.shape == (8, 12)
+    assert isinstance(make_conv(Op(name="fixed"), 8, in_channels=8), Scale)
+    with pytest.raises(ValueError, match="cannot map width 12 to 8"):
+        make_conv(Op(name="fixed"), 8, in_channels=12)
+
+
+def test_unknown_argument_of_a_user_op_is_an_error(user_ops):
+    user_ops.append("myop")
+    register_op("myop", Scale, params={"scale": 1.0})
+    with pytest.raises(gnnspec.SpecError, match="op `myop` has no argument `scal`"):
+        gnnspec.parse("plain(op=myop(scal=2.0), depth=2)")
+    with pytest.raises(ValueError, match="op 'myop' has no argument 'scal'"):
+        make_conv(Op(name="myop", args=(("scal", 2.0),)), 8)
+
+
+def test_register_op_with_heads_is_checked_against_the_width(user_ops):
+    user_ops.append("headed")
+    def factory(channels: int, heads: int) -> GATConv:
+        return GATConv(channels, channels // heads, heads=heads)
+
+    register_op("headed", factory, params={"heads": 2}, heads="heads")
+    assert OP_SIGNATURES["headed"].param("heads").minimum == 1
+    with pytest.raises(gnnspec.SpecError, match="3 attention heads do not divide"):
+        gnnspec.parse("plain(op=headed(heads=3), depth=2, hidden=8)")
+    with pytest.raises(ValueError, match="must name an int parameter"):
+        register_op("headed", Scale, params={"scale": 1.0}, heads="scale")
+
+
+def test_register_op_rejects_builtin_names_and_untyped_defaults(user_ops):
+    user_ops.append("strop")
+    with pytest.raises(ValueError, match="built-in"):
+        register_op("gcn", Scale)
+    with pytest.raises(ValueError, match="built-in"):
+        register_op("sgc", Scale)
+    with pytest.raises(TypeError, match="tuple of strings"):
+        register_op("strop", Scale, params={"mode": "sum"})
+    with pytest.raises(ValueError, match="unknown graph form"):
+        register_op("strop", Scale, graph="dense")
+    assert "strop" not in OP_SIGNATURES
