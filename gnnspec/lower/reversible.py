@@ -75,7 +75,7 @@ class ReversibleStack(nn.Module):
     def groups(self) -> int:
         return len(self.table[0])
 
-    def forward(self, x: Tensor, *args: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *args: Any) -> Tensor:
         if x.size(-1) % self.groups != 0:
             raise ValueError(
                 f"{x.size(-1)} channels cannot be split into {self.groups} equal groups"
@@ -129,12 +129,18 @@ class _ReversibleStackFunction(torch.autograd.Function):
         with torch.no_grad():
             for layer in stack.table:
                 x = stack._layer_forward(layer, x, args)
-        ctx.save_for_backward(x, *args)
+        # Tensors go through save_for_backward; other arguments (a prepared graph) stay on ctx.
+        ctx.tensor_positions = [k for k, a in enumerate(args) if isinstance(a, Tensor)]
+        ctx.other_args = [None if isinstance(a, Tensor) else a for a in args]
+        ctx.save_for_backward(x, *(args[k] for k in ctx.tensor_positions))
         return x
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        y, *args = ctx.saved_tensors
+        y, *saved = ctx.saved_tensors
+        args = list(ctx.other_args)
+        for k, tensor in zip(ctx.tensor_positions, saved):
+            args[k] = tensor
         param_grads: list[Tensor | None] = [None] * len(ctx.param_index)
         grad_y = grad_output
         for layer in reversed(ctx.stack.table):
