@@ -1,0 +1,271 @@
+"""Lowering: every stage and plan builds a model whose outputs and gradients equal `store`'s
+(SPEC.md sections 2-4), in float64 with dropout and batch norm on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gnnspec
+from gnnspec.lower.widths import resolve_widths
+from gnnspec.memory.measure import measure_step_peak
+
+N, IN, OUT, HIDDEN = 40, 6, 3, 8
+PLANS = {
+    "plain": ["checkpoint(segments=2)", "checkpoint(segments=1)"],
+    "res": ["checkpoint(segments=2)"],
+    "res+": ["checkpoint(segments=3)"],
+    "dense": ["checkpoint(segments=2)"],
+    "gcnii": ["checkpoint(segments=2)"],
+    "rev": ["reversible", "checkpoint(segments=2)"],
+    "deq": ["implicit", "unroll", "checkpoint"],
+}
+OPS = ["gcn", "sage", "gat(heads=2)", "gen", "gin"]
+
+
+def graph(seed: int = 0, n: int = N, e: int = 160):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, IN, generator=g, dtype=torch.float64)
+    edge_index = torch.randint(0, n, (2, e), generator=g)
+    y = torch.randint(0, OUT, (n,), generator=g)
+    return x, edge_index, y
+
+
+def stack_text(kind: str, op: str, *, norm: str = "batch", dropout: float = 0.2, tie: bool = False, depth: int = 3) -> str:
+    extra = ", max_iter=300, tol=1e-12" if kind == "deq" else ""
+    depth_arg = "" if kind == "deq" else f", depth={depth}"
+    op_arg = "" if kind == "gcnii" else f"op={op}, "
+    tie_arg = ", tie=true" if tie else ""
+    return f"hidden: {HIDDEN}\nmodel: linear >> {kind}({op_arg}norm={norm}, dropout={dropout}{depth_arg}{tie_arg}{extra}) >> linear"
+
+
+def build(text: str, plan: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = gnnspec.build(text, IN, OUT, plan=plan).double()
+    if "deq(" in text:  # a contraction, so the fixed point exists and every solver finds it
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".solver." in name and p.dim() > 1:
+                    p.mul_(0.3 / max(1.0, torch.linalg.matrix_norm(p, 2).item()))
+    return model
+
+
+def train_step(model, x, edge_index, y, seed: int = 1):
+    """One training step; returns the output, the parameter gradients and the state after the step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    torch.manual_seed(seed)
+    out = model(x, edge_index)
+    loss = torch.nn.functional.cross_entropy(out, y)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    optimizer.step()
+    return out.detach(), grads, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_step(text: str, plan: str):
+    x, edge_index, y = graph()
+    x_before = x.clone()
+    ref_out, ref_grads, ref_state = train_step(build(text, "store"), x, edge_index, y)
+    out, grads, state = train_step(build(text, plan), x, edge_index, y)
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-9)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-9, msg=name)
+    assert state.keys() == ref_state.keys()
+    for name in ref_state:  # parameters after the step and running statistics of every norm
+        torch.testing.assert_close(state[name], ref_state[name], rtol=1e-6, atol=1e-9, msg=name)
+    assert torch.equal(x, x_before)
+
+
+@pytest.mark.parametrize("kind", list(PLANS))
+@pytest.mark.parametrize("op", OPS)
+def test_every_plan_equals_store(kind, op):
+    if kind == "gcnii" and op != "gcn":
+        pytest.skip("gcnii has its own convolution")
+    norm = "none" if kind == "deq" else "batch"
+    text = stack_text(kind, op, norm=norm)
+    for plan in PLANS[kind]:
+        assert_same_step(text, plan)
+
+
+@pytest.mark.parametrize("kind", [k for k in PLANS if k != "dense"])
+def test_every_plan_equals_store_with_tied_weights(kind):
+    text = stack_text(kind, "gcn", norm="none" if kind == "deq" else "batch", tie=True)
+    for plan in PLANS[kind]:
+        assert_same_step(text, plan)
+
+
+@pytest.mark.parametrize("plan", ["implicit", "unroll"])
+def test_deq_updates_batch_norm_statistics_once(plan):
+    text = stack_text("deq", "gcn", norm="batch", dropout=0.0)
+    x, edge_index, y = graph()
+    model = build(text, plan)
+    train_step(model, x, edge_index, y)
+    tracked = [v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(t) == 1 for t in tracked)
+
+
+@pytest.mark.parametrize("kind, jk", [("plain", "cat"), ("plain", "max"), ("res", "last"), ("gcnii", "cat")])
+def test_jumping_knowledge_under_checkpoint(kind, jk):
+    op = "" if kind == "gcnii" else "op=sage, "
+    text = f"hidden: {HIDDEN}\nmodel: {kind}({op}depth=4, jk={jk}, dropout=0.3, norm=batch) >> linear"
+    assert_same_step(text, "checkpoint(segments=2)")
+
+
+def test_tie_makes_parameter_count_independent_of_depth():
+    def count(depth, kind):
+        op = "" if kind == "gcnii" else "op=gat(heads=2), "
+        model = gnnspec.build(f"hidden: {HIDDEN}\nmodel: {kind}({op}depth={depth}, tie=true, norm=batch)", IN, OUT)
+        return sum(p.numel() for p in model.parameters()), len(model.state_dict())
+
+    for kind in ("plain", "res", "res+", "rev", "gcnii"):
+        assert count(2, kind) == count(17, kind)
+    untied = gnnspec.build(f"hidden: {HIDDEN}\nmodel: res(op=gcn, depth=17)", IN, OUT)
+    assert sum(p.numel() for p in untied.parameters()) > count(17, "res")[0]
+
+
+@pytest.mark.parametrize("kind", list(PLANS))
+def test_state_dict_and_initial_weights_are_the_same_under_every_plan(kind):
+    text = stack_text(kind, "gcn")
+    reference = build(text, "store").state_dict()
+    for plan in PLANS[kind]:
+        state = build(text, plan).state_dict()
+        assert list(state) == list(reference)
+        assert all(torch.equal(state[k], reference[k]) for k in reference)
+        build(text, plan).load_state_dict(reference)
+
+
+@pytest.mark.parametrize("kind", list(PLANS))
+def test_eval_no_grad_and_repeated_calls(kind):
+    text = stack_text(kind, "gcn", norm="none" if kind == "deq" else "batch")
+    x, edge_index, y = graph()
+    for plan in ["store", *PLANS[kind]]:
+        model = build(text, plan)
+        train_step(model, x, edge_index, y)
+        model.eval()
+        first = model(x, edge_index)
+        second = model(x, edge_index)
+        with torch.no_grad():
+            third = model(x, edge_index)
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        torch.testing.assert_close(first.detach(), third, rtol=1e-9, atol=1e-12)
+        first.sum().backward()  # eval mode with grad still differentiates
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", ["rev", "res+", "deq"])
+def test_stage_input_and_output_are_readable_after_backward(kind):
+    text = stack_text(kind, "gcn", norm="none" if kind == "deq" else "batch")
+    x, edge_index, y = graph()
+    plan = {"rev": "reversible", "res+": "checkpoint(segments=2)", "deq": "implicit"}[kind]
+    model = build(text, plan)
+    seen = {}
+
+    def keep(module, inputs, output):
+        seen["input"], seen["output"] = inputs[0], output
+        seen["input_copy"], seen["output_copy"] = inputs[0].detach().clone(), output.detach().clone()
+
+    model.stages[1].register_forward_hook(keep)
+    out = model(x, edge_index)
+    view = seen["input"][:, :2]
+    torch.nn.functional.cross_entropy(out, y).backward()
+    assert seen["input"].untyped_storage().nbytes() > 0 and seen["output"].untyped_storage().nbytes() > 0
+    torch.testing.assert_close(seen["input"].detach(), seen["input_copy"], rtol=0, atol=0)
+    torch.testing.assert_close(seen["output"].detach(), seen["output_copy"], rtol=0, atol=0)
+    assert float(view.sum()) == float(seen["input_copy"][:, :2].sum())
+
+
+@pytest.mark.parametrize("kind", list(PLANS))
+def test_bfloat16_autocast_runs_every_plan(kind):
+    text = stack_text(kind, "gcn", norm="layer", dropout=0.1)
+    x, edge_index, y = graph()
+    x = x.float()
+    for plan in ["store", *PLANS[kind]]:
+        torch.manual_seed(0)
+        model = gnnspec.build(text, IN, OUT, plan=plan)
+        before = torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, edge_index)
+            loss = torch.nn.functional.cross_entropy(out.float(), y)
+        loss.backward()
+        assert torch.is_autocast_enabled("cpu") == before
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_widths_insert_projections_and_take_data_widths():
+    spec = gnnspec.parse("hidden: 32\nmodel: rev(depth=2) >> dense(op=gcn, depth=2, hidden=16) >> mlp(dims=[10, 5])")
+    resolved = resolve_widths(spec, 7, 3)
+    assert [(r.stage.kind, r.in_width, r.out_width, r.inserted) for r in resolved] == [
+        ("linear", 7, 32, True), ("rev", 32, 32, False),
+        ("linear", 32, 16, True), ("dense", 16, 48, False),
+        ("mlp", 48, 5, False), ("linear", 5, 3, True),
+    ]
+    with pytest.raises(gnnspec.SpecError, match="`in` is `auto`"):
+        resolve_widths(spec, None, 3)
+    fixed = gnnspec.parse("in: 5\nmodel: rev")
+    with pytest.raises(gnnspec.SpecError, match="says `in: 5` but the data has 7"):
+        resolve_widths(fixed, 7, 3)
+
+
+def test_linear_in_last_place_maps_to_out():
+    model = gnnspec.build("hidden: 16\nmodel: rev >> linear", 5, 4)
+    assert [s.kind for s in model.stages] == ["linear", "rev", "linear"]
+    x, edge_index, _ = graph()
+    assert model(x.float()[:, :5], edge_index).shape == (N, 4)
+
+
+def test_weight_decay_becomes_parameter_groups():
+    model = gnnspec.build("hidden: 8\nmodel: linear >> gcnii(depth=3, weight_decay=0.01) >> linear", IN, OUT)
+    groups = {g["weight_decay"]: sum(p.numel() for p in g["params"]) for g in model.parameter_groups(5e-4)}
+    conv_params = sum(p.numel() for p in model.stages[1].parameters())
+    assert groups[0.01] == conv_params
+    assert groups[5e-4] == sum(p.numel() for p in model.parameters()) - conv_params
+
+
+def test_spec_dtype_sets_parameter_dtype():
+    model = gnnspec.build("dtype: float64\nmodel: rev(depth=2)", 4, 2)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+
+
+def test_plan_text_errors_are_spec_errors():
+    with pytest.raises(gnnspec.SpecError, match="unknown plan `reversable`"):
+        gnnspec.build("rev", 4, 2, plan="reversable")
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def step_peak(text: str, plan: str, n: int = 1000, e: int = 5000, **kw) -> int:
+    x, edge_index, _ = graph(n=n, e=e)
+    x = x.float()
+    y = torch.randint(0, OUT, (n,))
+    torch.manual_seed(0)
+    model = gnnspec.build(text, IN, OUT, plan=plan)
+    return measure_step_peak(model, x, edge_index, y, torch.optim.Adam(model.parameters()))
+
+
+def test_reversible_peak_is_flat_in_depth():
+    text = "hidden: 32\nmodel: rev(op=gcn, depth={}, tie=true, norm=layer, dropout=0.1)"
+    shallow = step_peak(text.format(4), "reversible")
+    deep = step_peak(text.format(64), "reversible")
+    assert deep <= shallow * 1.05
+    assert step_peak(text.format(64), "store") > 4 * deep
+
+
+def test_implicit_peak_is_independent_of_iterations():
+    text = "hidden: 32\nmodel: deq(op=gcn, max_iter={}, tol=1e-30, solver=fixed_point)"
+    few = step_peak(text.format(5), "implicit")
+    many = step_peak(text.format(40), "implicit")
+    assert many == few
+    assert step_peak(text.format(40), "unroll") > 2 * many
+
+
+@pytest.mark.parametrize("depth", [16, 36])
+def test_checkpoint_peak_is_below_store(depth):
+    text = f"hidden: 32\nmodel: res+(op=sage, depth={depth}, norm=batch, dropout=0.1)"
+    segments = round(math.sqrt(depth))
+    assert step_peak(text, f"checkpoint(segments={segments})") < 0.6 * step_peak(text, "store")
