@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import gnnspec
 from gnnspec.errors import SpecError
+from gnnspec.format import format_node
 from gnnspec.ir import ir_json
 from gnnspec.schema import yaml_form_schema
 from gnnspec.syntax import YAML_SUFFIXES, read_spec_file
@@ -55,6 +56,15 @@ def _read(args: argparse.Namespace, path: str | None) -> tuple[str, str]:
 def _load(args: argparse.Namespace, path: str | None) -> gnnspec.Spec:
     text, shown = _read(args, path)
     return gnnspec.parse(text, filename=shown, name=None if path in (None, "-") else Path(path).stem)
+
+
+def _load_located(args: argparse.Namespace) -> tuple[gnnspec.Spec, str, str]:
+    """The one spec of a command that builds or estimates, with its text and display name (errors
+    raised later, e.g. by width resolution, are located in that file)."""
+    (path,) = _spec_inputs(args)
+    text, shown = _read(args, path)
+    spec = gnnspec.parse(text, filename=shown, name=None if path in (None, "-") else Path(path).stem)
+    return spec, text, shown
 
 
 # ---------------------------------------------------------------------------- commands
@@ -99,6 +109,55 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     return status
 
 
+def _channels(args: argparse.Namespace, spec: gnnspec.Spec) -> tuple[int | None, int | None]:
+    """``in``/``out`` widths from the command line, else from the spec's `graph` features/classes."""
+    graph = spec.graph
+    in_channels = args.in_channels if args.in_channels is not None else (graph.features if graph else None)
+    out_channels = args.out_channels if args.out_channels is not None else (graph.classes if graph else None)
+    return in_channels, out_channels
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import torch
+
+    spec, text, shown = _load_located(args)
+    in_channels, out_channels = _channels(args, spec)
+    try:
+        model = gnnspec.build(spec, in_channels, out_channels, plan=args.plan)
+    except SpecError as err:
+        raise (err if err.filename == "<plan>" else err.located(shown, text)) from None
+    summary = model.summary(args.plan or format_node(spec.plan))
+    if args.save:
+        target = Path(args.save)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".tmp") as handle:
+            torch.save(model.state_dict(), handle)
+        os.replace(handle.name, target)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_compile_table(summary, saved=args.save)
+    return EXIT_OK
+
+
+def _print_compile_table(summary: dict, saved: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['name']}: {summary['parameters']:,} parameters, plan {summary['plan']}")
+    for column in ("#", "stage", "plan", "depth", "width", "parameters"):
+        table.add_column(column, justify="right" if column in ("#", "depth", "parameters") else "left")
+    for index, stage in enumerate(summary["stages"]):
+        kind = f"{stage['kind']} (inserted)" if stage["inserted"] else stage["kind"]
+        table.add_row(
+            str(index), kind, stage["plan"], str(stage["depth"]), f"{stage['in']} -> {stage['out']}", f"{stage['parameters']:,}"
+        )
+    console = Console()
+    console.print(table)
+    if saved:
+        console.print(f"state dict written to {saved}")
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(yaml_form_schema(), indent=2))
     return EXIT_OK
@@ -126,6 +185,16 @@ def _add_spec_arguments(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument("--expr", metavar="TEXT", help="a spec given as a bare expression instead of a file")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="gnnspec", description="Deep GNNs from a one-line spec, planned to fit memory.")
     parser.add_argument("--version", action="version", version=f"gnnspec {gnnspec.__version__}")
@@ -143,6 +212,15 @@ def build_parser() -> ArgumentParser:
     mode.add_argument("--check", action="store_true", help="exit 1 and show a diff if a file is not canonical")
     mode.add_argument("--write", action="store_true", help="rewrite files in place")
     fmt.set_defaults(run=cmd_fmt)
+
+    compile_ = commands.add_parser("compile", help="resolve widths and plans; print the stages and parameters")
+    _add_spec_arguments(compile_, many=False)
+    compile_.add_argument("--in", dest="in_channels", type=_positive_int, metavar="N", help="input feature width")
+    compile_.add_argument("--out", dest="out_channels", type=_positive_int, metavar="N", help="output width")
+    compile_.add_argument("--plan", metavar="PLAN", help="plan for every stage, e.g. reversible or checkpoint(segments=4)")
+    compile_.add_argument("--save", metavar="FILE", help="write the initial state dict (torch.save)")
+    compile_.add_argument("--json", action="store_true", help="print JSON (SPEC.md section 6)")
+    compile_.set_defaults(run=cmd_compile)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the YAML form")
     schema.set_defaults(run=cmd_schema)

@@ -109,3 +109,34 @@ def test_console_script_is_installed_and_never_shows_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "binary data" in result.stderr and "is a directory" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_compile_json_lists_inserted_stages_and_parameters(capsys, tmp_path):
+    code, out, _ = run(capsys, "compile", "--json", "--expr", "rev(depth=3, op=gat)", "--in", "5", "--out", "2", "--plan", "reversible")
+    assert code == 0
+    data = json.loads(out)
+    assert data["plan"] == "reversible"
+    assert [(s["kind"], s["plan"], s["depth"]) for s in data["stages"]] == [
+        ("linear", "store", 1), ("rev", "reversible", 3), ("linear", "store", 1)
+    ]
+    assert data["parameters"] == sum(s["parameters"] for s in data["stages"])
+    assert data["stages"][0]["parameters"] == 5 * 64 + 64
+
+
+def test_compile_table_and_save(capsys, tmp_path):
+    import torch
+
+    target = tmp_path / "out" / "model.pt"
+    code, out, _ = run(capsys, "compile", "--expr", "res+(depth=2)", "--in", "3", "--out", "2", "--save", str(target))
+    assert code == 0 and "res+" in out and "inserted" in out
+    state = torch.load(target, weights_only=True)
+    assert any(key.startswith("stages.1.") for key in state)
+
+
+def test_compile_errors_exit_2(capsys):
+    code, _, err = run(capsys, "compile", "--expr", "rev")
+    assert code == 2 and "<expr>:1:1: `in` is `auto` and no data gives it" in err
+    code, _, err = run(capsys, "compile", "--expr", "rev", "--in", "0")
+    assert code == 2 and "positive integer" in err
+    code, _, err = run(capsys, "compile", "--expr", "rev", "--in", "3", "--out", "2", "--plan", "reversable")
+    assert code == 2 and "did you mean `reversible`" in err

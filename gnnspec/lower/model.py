@@ -45,6 +45,24 @@ class GNNModel(nn.Module):
             x = stage(x, graph)
         return x
 
+    def summary(self, plan: str) -> dict[str, Any]:
+        """What ``gnnspec compile --json`` prints: name, parameter count, plan, and per resolved stage
+        its kind, plan, depth (1 for single operations) and parameter count (shared ones once)."""
+        stages = []
+        for resolved, stage in zip(self.resolved, self.stages):
+            stages.append(
+                {
+                    "kind": stage.kind,
+                    "plan": stage.plan,
+                    "depth": getattr(resolved.stage, "depth", 1),
+                    "parameters": _count(stage.parameters()),
+                    "in": resolved.in_width,
+                    "out": resolved.out_width,
+                    "inserted": resolved.inserted,
+                }
+            )
+        return {"name": self.spec.name, "parameters": _count(self.parameters()), "plan": plan, "stages": stages}
+
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups: each stage's parameters with its ``weight_decay`` (default:
         ``weight_decay``), stages with equal decay merged, in stage order."""
@@ -57,6 +75,10 @@ class GNNModel(nn.Module):
                     seen.add(id(p))
                     groups.setdefault(decay, []).append(p)
         return [{"params": params, "weight_decay": decay} for decay, params in groups.items()]
+
+
+def _count(parameters) -> int:
+    return sum(p.numel() for p in {id(p): p for p in parameters}.values())
 
 
 def stage_plan(stage: ir.Stage, plan: ir.Plan) -> ir.Plan:

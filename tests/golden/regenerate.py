@@ -1,8 +1,12 @@
 """Regenerate the golden files of the spec corpus: `python tests/golden/regenerate.py`.
 
-For every file in specs/ it writes `tests/golden/<file>.ir.json`, the output of
-`gnnspec check --json <file>` (the same code path a user runs). Review the diff before committing:
-a changed golden file means a spec now means something else.
+For every file in specs/ it writes, from the same commands a user runs:
+
+* `tests/golden/<file>.ir.json`: `gnnspec check --json <file>` (the IR);
+* `tests/golden/<file>.compile.json`: `gnnspec compile --json <file>` (resolved stages, plans and
+  parameter counts, widths from the spec's `graph: features=, classes=`).
+
+Review the diff before committing: a changed golden file means a spec now means something else.
 """
 
 from __future__ import annotations
@@ -20,26 +24,31 @@ def corpus() -> list[Path]:
     return sorted(p for p in (ROOT / "specs").iterdir() if p.suffix in (".gnn", ".yaml", ".yml"))
 
 
-def golden_path(spec: Path) -> Path:
-    return GOLDEN / f"{spec.name}.ir.json"
+# golden kind -> the command whose output it records
+COMMANDS = {"ir": ["check", "--json"], "compile": ["compile", "--json"]}
 
 
-def ir_output(spec: Path) -> str:
-    """What `gnnspec check --json SPEC` prints."""
+def golden_path(spec: Path, kind: str = "ir") -> Path:
+    return GOLDEN / f"{spec.name}.{kind}.json"
+
+
+def command_output(spec: Path, kind: str = "ir") -> str:
+    """What `gnnspec <command> --json SPEC` prints."""
     from gnnspec.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["check", "--json", str(spec)])
+        code = main([*COMMANDS[kind], str(spec)])
     if code != 0:
-        raise SystemExit(f"{spec} does not check (exit {code})")
+        raise SystemExit(f"`gnnspec {' '.join(COMMANDS[kind])} {spec}` failed (exit {code})")
     return out.getvalue()
 
 
 def main() -> int:
     for spec in corpus():
-        golden_path(spec).write_text(ir_output(spec), encoding="utf-8")
-        print(f"wrote {golden_path(spec).relative_to(ROOT)}")
+        for kind in COMMANDS:
+            golden_path(spec, kind).write_text(command_output(spec, kind), encoding="utf-8")
+            print(f"wrote {golden_path(spec, kind).relative_to(ROOT)}")
     return 0
 
 
