@@ -70,14 +70,18 @@ class ConvLayer(nn.Module):
     * ``res+``:  ``x + conv(drop(act(norm(x))))``
     * ``dense``: ``cat(x, drop(act(norm(conv(x)))))``
     * ``gcnii``: ``drop(act(norm(gcn2(x, x0))))`` with GCNII's initial residual and identity map
-    * ``rev``:   ``conv(mask * act(norm(x)))``, one group function ``f_i`` (mask shared, see
+    * ``rev``:   ``conv(mask_i * act(norm(x)))``, group function ``f_i``; ``mask_i`` is group ``i``'s
+      slice of the stage's ``[N, hidden]`` mask, shared by every layer (RevGNN's shared dropout, see
       :class:`gnnspec.lower.recompute.SharedDropout`)
     * ``deq``:   ``conv(mask * act(norm(z)))``, one application inside ``f(z, x)``
     """
 
-    def __init__(self, kind: str, stage: ir.Stack, channels: int, in_channels: int | None = None, layer: int = 1):
+    def __init__(
+        self, kind: str, stage: ir.Stack, channels: int, in_channels: int | None = None, layer: int = 1, group: int = 0
+    ):
         super().__init__()
         self.kind = kind
+        self.group = group
         self.op_name = "gcn2" if kind == "gcnii" else stage.op.name
         self.dropout = stage.dropout
         pre = kind in ("res+", "rev", "deq")
@@ -109,5 +113,8 @@ class ConvLayer(nn.Module):
         if kind == "gcnii":
             return self.act(self.norm(self._conv(self._drop(x), graph, x0=extra)))
         # rev / deq: the dropout mask comes from the stage, shared by its layers and recomputations
+        if extra is not None and kind == "rev":
+            width = x.shape[-1]
+            extra = extra[:, self.group * width : (self.group + 1) * width]
         return self._conv(SharedDropout.apply_mask(self.act(self.norm(x)), extra), graph)
 

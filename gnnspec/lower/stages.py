@@ -149,8 +149,8 @@ class LayerStack(Stage):
 class RevStack(Stage):
     """``rev``: grouped reversible residual stack (RevGNN) over ``groups`` channel groups.
 
-    One dropout mask ``[N, hidden/groups]`` is drawn per forward and shared by every group function
-    of every layer (RevGNN's shared dropout), and reused by any recomputation.
+    One dropout mask ``[N, hidden]`` is drawn per forward; group ``i`` of every layer uses its
+    ``i``-th channel slice (RevGNN's shared dropout), and recomputations reuse it.
     """
 
     def __init__(self, resolved: ResolvedStage, hidden: int, plan: ir.Plan) -> None:
@@ -160,7 +160,7 @@ class RevStack(Stage):
         self.op_name = stage.op.name
         self.segments = _segments(plan if isinstance(plan, ir.Checkpoint) else None, stage.depth)
         self.dropout = SharedDropout(stage.dropout)
-        build = lambda: [ConvLayer("rev", stage, width) for _ in range(stage.groups)]  # noqa: E731
+        build = lambda: [ConvLayer("rev", stage, width, group=i) for i in range(stage.groups)]  # noqa: E731
         first = build()
         blocks = [first if stage.tie else (first if i == 0 else build()) for i in range(stage.depth)]
         self.stack = ReversibleStack(blocks, reversible=plan.kind == "reversible")
@@ -169,8 +169,7 @@ class RevStack(Stage):
         return {graph_form(self.op_name)}
 
     def forward(self, x: Tensor, graph: PreparedGraph) -> Tensor:
-        width = x.shape[-1] // self.stack.groups
-        mask = self.dropout.draw(x[:, :width])
+        mask = self.dropout.draw(x)
         if self.plan != "checkpoint":
             return self.stack(x, graph, mask)
         stack = self.stack
