@@ -56,9 +56,10 @@ def positive_widths(spec: ir.Spec) -> Iterator[SpecError]:
             if isinstance(value, int) and value < 1:
                 yield _error(stage.span(name), f"`{name}` must be positive, got {value}")
         if isinstance(stage, ir.Mlp):
-            for value in stage.dims:
+            for index, value in enumerate(stage.dims):
                 if value < 1:
-                    yield _error(stage.span("dims"), f"widths in `dims` must be positive, got {value}")
+                    span = stage.spans.exact(f"dims.{index}") or stage.span("dims")
+                    yield _error(span, f"widths in `dims` must be positive, got {value}")
 
 
 def depth_at_least_one(spec: ir.Spec) -> Iterator[SpecError]:
@@ -92,7 +93,7 @@ def rev_groups(spec: ir.Spec) -> Iterator[SpecError]:
             )
         elif hidden % stage.groups:
             yield _error(
-                stage.span("groups") or stage.span("hidden"),
+                stage.spans.exact("groups") or stage.spans.exact("hidden") or spec.spans.exact("hidden") or stage.span(),
                 f"`hidden` ({hidden}) is not divisible by `groups` ({stage.groups})",
                 f"each group is hidden/groups channels wide; try groups={_divisor_near(hidden, stage.groups)}",
             )
@@ -192,10 +193,11 @@ def plans_fit_stages(spec: ir.Spec) -> Iterator[SpecError]:
     plan = spec.plan
     valid = PLAN_VALID_FOR.get(plan.kind)
     if valid is not None and not any(s.kind in valid for s in spec.model):
+        usable = ["store", "auto"] + (["checkpoint"] if any(isinstance(s, ir.Stack) for s in spec.model) else [])
         yield _error(
             spec.span("plan"),
             f"plan `{plan.kind}` applies to {', '.join(f'`{k}`' for k in valid)} stages; this model has none",
-            "use `store`, `checkpoint` or `auto`",
+            "use " + " or ".join(f"`{k}`" for k in usable),
         )
 
 

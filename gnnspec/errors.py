@@ -50,14 +50,15 @@ class SpecError(Exception):
     def source_line(self) -> str | None:
         if self.source is None:
             return None
-        lines = self.source.splitlines()
-        return lines[self.line - 1] if 0 < self.line <= len(lines) else ""
+        # Positions count "\n" only, so lines are split on it alone (not on form feeds or U+2028).
+        lines = self.source.split("\n")
+        return lines[self.line - 1].rstrip("\r") if 0 < self.line <= len(lines) else ""
 
     def render(self) -> str:
         parts = [f"{self.filename}:{self.line}:{self.column}: {self.message}"]
         line = self.source_line
         if line is not None:
-            shown = line.expandtabs(1)
+            shown = "".join(c if c.isprintable() else " " for c in line.expandtabs(1))
             width = 1
             if self.end_column is not None and self.end_column > self.column:
                 width = min(self.end_column, len(shown) + 1) - self.column
@@ -72,10 +73,15 @@ class SpecError(Exception):
 
 
 def nearest(name: str, known: Iterable[str]) -> str | None:
-    """The known name closest to ``name`` (difflib ratio >= 0.6, or same letters ignoring case/_)."""
+    """The known name closest to ``name``: the same name ignoring case, ``_``, ``-`` and ``+`` spelled
+    ``plus`` (``res_plus`` -> ``res+``), else the closest by difflib ratio (>= 0.6)."""
     known = list(known)
-    folded = {k.lower().replace("_", "").replace("-", ""): k for k in known}
-    key = name.lower().replace("_", "").replace("-", "")
+
+    def fold(text: str) -> str:
+        return text.lower().replace("+", "plus").replace("_", "").replace("-", "")
+
+    folded = {fold(k): k for k in known}
+    key = fold(name)
     if key in folded:
         return folded[key]
     matches = difflib.get_close_matches(name, known, n=1, cutoff=0.6)

@@ -45,7 +45,26 @@ def format_scalar(value: Any) -> str:
     text = str(value)
     if _IDENTIFIER.match(text) and text not in ("true", "false"):
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return quote_string(text)
+
+
+def quote_string(text: str) -> str:
+    r"""A string literal the grammar reads back as ``text``: ``\\``, ``\"``, ``\n``, ``\t``,
+    ``\r`` and ``\uXXXX`` for other characters that are not printable."""
+    out = []
+    for char in text:
+        if char in '\\"':
+            out.append("\\" + char)
+        elif char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif not char.isprintable():
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
 def _call(name: str, args: list[str]) -> str:
@@ -188,8 +207,6 @@ def _yaml_entry(key: str, value: Any) -> str:
         }
         payload: Any = data
     elif isinstance(value, int) and not isinstance(value, bool):
-        payload = value
-    elif key == "name":
         payload = value
     elif key == "model":
         payload = " >> ".join(format_node(stage) for stage in value)

@@ -42,7 +42,12 @@ class Spans:
         self._by_field = dict(by_field or {})
 
     def get(self, name: str = "") -> Span | None:
+        """The span of ``name``'s value, else of the whole node."""
         return self._by_field.get(name) or self._by_field.get("")
+
+    def exact(self, name: str) -> Span | None:
+        """The span of ``name``'s value if it was written, else None."""
+        return self._by_field.get(name)
 
     def items(self):
         return self._by_field.items()

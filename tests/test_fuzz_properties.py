@@ -19,7 +19,7 @@ import string
 import typing
 
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import gnnspec
@@ -399,11 +399,6 @@ def gnn_text(draw) -> str:
 YAML_WORDS = {"yes", "no", "on", "off", "null", "y", "n", "true", "false", "~"}
 
 
-def yaml_safe_name(name: str) -> bool:
-    """A name the YAML formatter can write bare today (see test_yaml_format_quotes_names)."""
-    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)) and name.lower() not in KEYWORDS | YAML_WORDS
-
-
 def _yaml_plain_ok(value: str) -> bool:
     return not re.search(r"^[\[\]{}>|*&!%@`'\"#,?:-]|: | #|\s$|^\s", value) and "\n" not in value
 
@@ -414,9 +409,7 @@ def yaml_text(draw) -> str:
     entries = draw(entry_values())
     keys = draw(st.permutations(list(entries)))
     lines = []
-    if keys[0] in ("name", "in", "out", "hidden", "model", "graph") and draw(st.booleans()):
-        # (a comment before a key that the formatter puts after a block mapping moves: known bug,
-        # test_yaml_format_keeps_comment_after_block_mapping)
+    if draw(st.booleans()):
         lines.append(draw(enum(COMMENTS)))
     for key in keys:
         tokens = entries[key]
@@ -438,8 +431,6 @@ def yaml_text(draw) -> str:
             continue
         if key == "name":
             value = tokens[0]
-            if not yaml_safe_name(value.strip('"')):
-                continue  # known bug: the YAML formatter does not quote such names (test_yaml_format_quotes_names)
             if value.startswith('"'):
                 lines.append(f"{key}: '" + value.replace("'", "''") + "'")  # a YAML string holding a quoted name
                 continue
@@ -508,7 +499,6 @@ def test_yaml_round_trip(text):
 def test_gnn_and_yaml_forms_agree(text):
     """A spec written out in the YAML style by the formatter reads back as the same spec."""
     spec = gnnspec.parse(text)
-    assume(yaml_safe_name(spec.name))  # known bug: test_yaml_format_quotes_names
     as_yaml = format_spec(spec, style="yaml")
     assert gnnspec.parse(as_yaml, form="yaml") == spec, f"--- YAML:\n{as_yaml}"
 
@@ -599,30 +589,22 @@ def test_random_text(text):
 @FUZZ
 @given(mutated(gnn_text()))
 def test_error_shows_the_line_it_points_at(text):
-    """The caret display quotes the line the position is on (lines end at \\n only)."""
-    assume(not _OTHER_BREAKS.search(text))  # known bug: test_errors.py::*-shifts-the-quoted-line
+    """The caret display quotes the line the position is on (lines end at \\n only; characters a
+    terminal would not show are shown as spaces)."""
     try:
         gnnspec.parse(text)
     except gnnspec.SpecError as err:
         lines = text.split("\n")
         if err.line <= len(lines):
-            shown = lines[err.line - 1].rstrip("\r")
-            assert "\n  " + shown.expandtabs(1) + "\n" in str(err) + "\n", str(err)
+            shown = lines[err.line - 1].rstrip("\r").expandtabs(1)
+            shown = "".join(c if c.isprintable() else " " for c in shown)
+            assert "\n  " + shown + "\n" in str(err) + "\n", str(err)
 
 
-# ------------------------------------------------------------------------------------ known bugs
-# Each is a counterexample the properties above found; the generators steer around them so the
-# properties keep guarding everything else. Fixing one turns its test into an XPASS (a failure
-# under strict=True) until the mark is removed here and the generator's exclusion is lifted.
+# ------------------------------------------------------------------------------------ regressions
+# Counterexamples the properties above found once, kept as plain tests.
 
 
-def bug(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
-@bug("the YAML formatter writes `name` as a bare YAML string, but the YAML reader parses string "
-     "values with the expression grammar, so a name that is not a plain identifier (spaces, `-`, "
-     "`:`, `#`, a leading digit, empty) or is a keyword (`auto`, `none`, `true`) does not read back")
 @pytest.mark.parametrize("name", ["my model", "a-b", "x:y", "", "03", "auto", "none", "true"])
 def test_yaml_format_quotes_names(name):
     source = "name: '" + format_scalar_for_test(name).replace("'", "''") + "'\nmodel: linear\n"
@@ -636,24 +618,17 @@ def format_scalar_for_test(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-@bug("a name holding a line break (written `\"a\\nb\"`) is formatted with a raw line break inside "
-     "the quotes, which does not parse: format_scalar escapes only `\\` and `\"`")
 def test_format_escapes_line_breaks_in_names():
     spec = gnnspec.parse('name: "a\\nb"\nmodel: linear')
     assert spec.name == "a\nb"
     assert gnnspec.parse(gnnspec.format(spec)) == spec
 
 
-@bug("formatting YAML text drops end-of-line comments (`model: linear  # why`); only whole-line "
-     "comments are kept (syntax/comments.py scans YAML for standalone comments only)")
 def test_yaml_format_keeps_trailing_comments():
     formatted = gnnspec.format("model: linear  # the model\nseed: 3  # lucky\n", form="yaml")
     assert "# the model" in formatted and "# lucky" in formatted, formatted
 
 
-@bug("formatting YAML moves a comment that precedes a key following a block mapping (`graph:` or "
-     "`train:` written as an indented mapping) above that mapping: the mapping's span ends at the "
-     "start of the next key, so the comment is counted inside it; formatting is not idempotent")
 def test_yaml_format_keeps_comment_after_block_mapping():
     text = "model: linear\ngraph:\n  nodes: 1\n  edges: 2\n# about the seed\nseed: 1\n"
     formatted = gnnspec.format(text, form="yaml")

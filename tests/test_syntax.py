@@ -207,3 +207,7 @@ def test_schema_describes_the_yaml_form():
     assert schema["required"] == ["model"]
     assert {"model", "in", "out", "hidden", "graph", "plan", "train", "dtype", "seed", "name"} <= set(schema["properties"])
     assert set(ir.STAGE_MODELS) <= {d["properties"]["kind"]["const"] for d in schema["$defs"].values() if "kind" in d.get("properties", {}) and "const" in d["properties"]["kind"]}
+
+
+def test_a_leading_byte_order_mark_is_not_part_of_the_text():
+    assert gnnspec.parse("\ufeffmodel: linear") == gnnspec.parse("model: linear")

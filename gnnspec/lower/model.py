@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from gnnspec import ir

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Sequence
-
 import torch
 from torch import Tensor, nn
 

@@ -24,6 +24,8 @@ def parse_text(text: str, *, filename: str = "<spec>", form: str | None = None, 
     if form is None:
         form = "yaml" if filename.endswith(YAML_SUFFIXES) else "gnn"
     default_name = name or "model"
+    if text.startswith("\ufeff"):  # a byte order mark is not part of the text
+        text = text[1:]
     try:
         cst = entries_from_yaml(text) if form == "yaml" else parse_cst(text)
         if isinstance(cst, tuple):

@@ -7,16 +7,18 @@ comment can be attached to the entry it belongs to (:func:`gnnspec.format.attach
 
 from __future__ import annotations
 
+import yaml
+
 from gnnspec.format import Layout, SourceComment, SourceEntry, attach_comments
 from gnnspec.syntax.cst import Entry
 from gnnspec.syntax.parser import parse_cst
 from gnnspec.syntax.yaml_front import entries_from_yaml
 
 
-def scan_comments(text: str, *, yaml: bool = False) -> list[SourceComment]:
-    """Every comment of ``text`` in order (for YAML, only standalone ones: YAML owns the rest)."""
+def scan_comments(text: str) -> list[SourceComment]:
+    """Every comment of a `.gnn` text in order: ``#`` outside a string literal."""
     found = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         quote, escaped = None, False
         for i, ch in enumerate(line):
             if quote:
@@ -26,18 +28,41 @@ def scan_comments(text: str, *, yaml: bool = False) -> list[SourceComment]:
                     escaped = True
                 elif ch == quote:
                     quote = None
-            elif ch in "\"'" and not yaml:
+            elif ch in "\"'":
                 quote = ch
             elif ch == "#":
-                standalone = not line[:i].strip()
-                if standalone or not yaml:
-                    found.append(SourceComment(number, line[i:].rstrip(), standalone))
+                found.append(SourceComment(number, line[i:].rstrip(), not line[:i].strip()))
                 break
     return found
 
 
+def scan_yaml_comments(text: str) -> list[SourceComment]:
+    """Every comment of a YAML text: ``#`` at a line's start or after a blank, outside every scalar."""
+    scalars = []
+    stack = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.ScalarNode):
+            scalars.append((node.start_mark.index, node.end_mark.index))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(n for pair in node.value for n in pair)
+    found = []
+    offset = 0
+    for number, line in enumerate(text.split("\n"), start=1):
+        for i, ch in enumerate(line):
+            if ch == "#" and (i == 0 or line[i - 1] in " \t"):
+                index = offset + i
+                if not any(start <= index < end for start, end in scalars):
+                    found.append(SourceComment(number, line[i:].rstrip(), not line[:i].strip()))
+                    break
+        offset += len(line) + 1
+    return found
+
+
 def blank_lines(text: str) -> set[int]:
-    return {n for n, line in enumerate(text.splitlines(), start=1) if not line.strip()}
+    return {n for n, line in enumerate(text.split("\n"), start=1) if not line.strip()}
 
 
 def gnn_entries(text: str) -> list[SourceEntry]:
@@ -52,21 +77,27 @@ def yaml_entries(text: str) -> list[SourceEntry]:
     """Key and line range of each top-level entry of a YAML spec."""
     cst = entries_from_yaml(text)
     if isinstance(cst, tuple):
-        return [SourceEntry(e.key, e.key_span.line, e.span.end_line) for e in cst]
+        # A block node ends where the next token starts: column 1 of a later line.
+        return [
+            SourceEntry(e.key, e.key_span.line, e.span.end_line - (e.span.end_column == 1 and e.span.end_line > e.span.line))
+            for e in cst
+        ]
     return [SourceEntry("model", cst.span.line, cst.span.end_line)]
 
 
 def source_layout(text: str, *, form: str) -> Layout:
     """The comments and blank lines of a spec text, attached to its entries."""
-    yaml = form == "yaml"
-    entries = yaml_entries(text) if yaml else gnn_entries(text)
-    return attach_comments(scan_comments(text, yaml=yaml), [_trimmed(e, text) for e in entries], blank_lines(text))
+    if form == "yaml":
+        entries, comments = yaml_entries(text), scan_yaml_comments(text)
+    else:
+        entries, comments = gnn_entries(text), scan_comments(text)
+    return attach_comments(comments, [_trimmed(e, text) for e in entries], blank_lines(text))
 
 
 def _trimmed(entry: SourceEntry, text: str) -> SourceEntry:
     """The entry without the blank and comment-only lines its node's span may end with
     (a YAML block node ends where the next token starts)."""
-    lines = text.splitlines()
+    lines = text.split("\n")
     end = min(entry.end_line, len(lines))
     while end > entry.start_line and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
         end -= 1

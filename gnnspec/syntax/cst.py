@@ -166,13 +166,19 @@ class ToCST(Transformer):
 
 
 def _unquote(text: str) -> str:
+    r"""The value of a string literal: ``\n``, ``\t``, ``\r``, ``\uXXXX``; any other escaped
+    character stands for itself."""
     body = text[1:-1]
     out, i = [], 0
     while i < len(body):
         ch = body[i]
         if ch == "\\" and i + 1 < len(body):
             nxt = body[i + 1]
-            out.append({"n": "\n", "t": "\t"}.get(nxt, nxt))
+            if nxt == "u" and len(body) >= i + 6 and all(c in "0123456789abcdefABCDEF" for c in body[i + 2 : i + 6]):
+                out.append(chr(int(body[i + 2 : i + 6], 16)))
+                i += 6
+                continue
+            out.append({"n": "\n", "t": "\t", "r": "\r"}.get(nxt, nxt))
             i += 2
         else:
             out.append(ch)

@@ -62,9 +62,11 @@ def lark_parser() -> Lark:
     )
 
 
-def parse_cst(text: str, *, rule: str = "start") -> tuple[Entry, ...] | Node:
-    """Entries of a ``.gnn`` file or the node of a bare expression (``rule="value"``: one value,
-    as a YAML string holds). Raises `SpecError`."""
+MAX_NESTING = 64
+
+
+def check_text(text: str) -> None:
+    """Reject what no surface form accepts: oversized text and NUL bytes (binary files)."""
     if len(text) > _MAX_TEXT:
         raise SpecError(f"spec is too long ({len(text)} characters; at most {_MAX_TEXT})")
     if "\x00" in text:
@@ -75,16 +77,44 @@ def parse_cst(text: str, *, rule: str = "start") -> tuple[Entry, ...] | Node:
             column=column,
             hint="a spec is text: a .gnn, .yaml or .yml file",
         )
+
+
+def parse_cst(text: str, *, rule: str = "start") -> tuple[Entry, ...] | Node:
+    """Entries of a ``.gnn`` file or the node of a bare expression (``rule="value"``: one value,
+    as a YAML string holds). Raises `SpecError`."""
+    check_text(text)
     if not _has_content(text):
         raise SpecError(
             "empty spec",
             hint="write `model: <pipeline>` or a bare expression such as `rev(depth=8, op=gcn)`",
         )
+    _check_nesting(text)
     try:
         tree = lark_parser().parse(text, start=rule)
     except UnexpectedInput as err:
         raise _spec_error(err, text) from None
     return ToCST().transform(tree)
+
+
+def _check_nesting(text: str) -> None:
+    """Brackets nested deeper than :data:`MAX_NESTING` (no spec needs that; the tree transform
+    would run out of stack)."""
+    depth = 0
+    for index, char in enumerate(text):
+        if char in "([":
+            depth += 1
+            if depth > MAX_NESTING:
+                line, column = _position_of(text, index)
+                raise SpecError(
+                    f"brackets nested more than {MAX_NESTING} levels deep", line=line, column=column
+                )
+        elif char in ")]":
+            depth = max(depth - 1, 0)
+
+
+def shown_char(char: str) -> str:
+    """A character as a message shows it: itself if visible, else its code point (``U+001B``)."""
+    return char if char.isprintable() and char != "\ufeff" else f"U+{ord(char):04X}"
 
 
 def _has_content(text: str) -> bool:
@@ -124,8 +154,9 @@ def _describe_token(token) -> str:
     return f"`{token}`"
 
 
-def _hint(unexpected: str, expected: set[str]) -> str | None:
-    if unexpected == "_COLON" and "_EQUALS" in expected | {"_EQUALS"} and "_RPAR" in expected:
+def _hint(unexpected: str, expected: set[str], line_text: str, column: int, after: str) -> str | None:
+    starts_line = not line_text[: column - 1].strip()
+    if unexpected == "_COLON" and "_RPAR" in expected:
         return "arguments are written `name=value`"
     if unexpected == "_COLON":
         return "`key: value` entries start at column 0, one per line; arguments are written `name=value`"
@@ -133,8 +164,24 @@ def _hint(unexpected: str, expected: set[str]) -> str | None:
         return "every `(` needs a matching `)`; a value continues on lines that are indented or start with `>>`"
     if unexpected in ("$END", "_SEP") and "_RSQB" in expected:
         return "every `[` needs a matching `]`"
+    if unexpected in ("_LPAR", "$END", "_SEP", "_CHAIN") and "_COLON" in expected:
+        return (
+            "a line at column 0 starts a new `key: value` entry; "
+            "a value continues on lines that are indented or start with `>>`"
+        )
+    if unexpected == "NAME" and after[:1].isdigit():
+        return "sizes are a number and a unit: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (as written here)"
+    if unexpected == "NAME" and starts_line and column > 1 and line_text[column - 1 :].split(":", 1)[0].strip().isidentifier():
+        return "`key: value` entries start at column 0; an indented line continues the value above"
+    if unexpected in ("NAME", "INT", "FLOAT", "SIZE", "STRING") and "_COMMA" in expected and "_RPAR" in expected:
+        return "arguments are separated by commas: `rev(depth=4, op=gcn)`"
     if unexpected in ("NAME", "_LPAR") and "_CHAIN" in expected:
         return "stages are joined by `>>`; a key is followed by `:`"
+    if unexpected == "_EQUALS" and "_COLON" in expected:
+        return (
+            "a key is followed by `:`, as in `hidden: 64`; "
+            "`name=value` arguments go inside a call's parentheses, e.g. `rev(depth=4)`"
+        )
     if unexpected == "_EQUALS":
         return "`name=value` arguments go inside a call's parentheses, e.g. `rev(depth=4)`"
     if unexpected == "_COMMA" and "_SEP" in expected:
@@ -148,7 +195,7 @@ def _spec_error(err: UnexpectedInput, text: str) -> SpecError:
         if char in "\r\n":
             return _line_break_error(err, text)
         expected = set(err.allowed or ())
-        message = f"unexpected character `{char}`"
+        message = f"unexpected character `{shown_char(char)}`"
         if expected:
             message += f"; expected {_expected_words(expected)}"
         hint = None
@@ -158,6 +205,10 @@ def _spec_error(err: UnexpectedInput, text: str) -> SpecError:
             hint = "names are letters, digits and `_`; `>>` joins stages"
         elif char in "'\"":
             hint = "a string ends on the line where it starts"
+        elif char == "\ufeff":
+            hint = "a byte order mark belongs only at the very start of a file"
+        elif not char.isprintable():
+            hint = "remove the invisible control character"
         return SpecError(message, line=err.line, column=err.column, hint=hint)
     if isinstance(err, UnexpectedToken):
         token = err.token
@@ -165,15 +216,19 @@ def _spec_error(err: UnexpectedInput, text: str) -> SpecError:
         if token.type == "$END":
             line, column = _end_position(text)
             end = None
+            before = ""
         else:
             line, column = token.line, token.column
             end = token.end_column if token.end_line == token.line else None
+            before = text[: token.start_pos][-1:]
+        lines = text.split("\n")
+        line_text = lines[line - 1] if 0 < line <= len(lines) else ""
         return SpecError(
             f"unexpected {_describe_token(token)}; expected {_expected_words(expected)}",
             line=line,
             column=column,
             end_column=end,
-            hint=_hint(token.type, expected),
+            hint=_hint(token.type, expected, line_text, column, before),
         )
     if isinstance(err, UnexpectedEOF):
         line, column = _end_position(text)

@@ -36,16 +36,17 @@ def error_at(span: Span | None, message: str, hint: str | None = None) -> SpecEr
     return SpecError(message, line=span.line, column=span.column, end_column=end, hint=hint)
 
 
-def node_text(node: Node) -> str:
+def describe(node: Node) -> str:
+    """A node as a message names it: its text in backticks, or what it is."""
     if isinstance(node, Atom):
-        return node.text
+        return f"`{node.text}`"
     if isinstance(node, Call):
-        return f"{node.name}(...)"
+        return f"`{node.name}(...)`"
     if isinstance(node, ListNode):
-        return "[...]"
+        return "a list"
     if isinstance(node, Pipeline):
         return "a pipeline"
-    return "an argument list"
+    return "a `name=value` list"
 
 
 # ---------------------------------------------------------------------------- field types
@@ -132,21 +133,23 @@ def convert_value(node: Node, kind: dict[str, Any], label: str) -> Any:
                 raise error_at(span, f"`{node.text}` is not a whole number of bytes")
             return value
     if wanted == "ints" and isinstance(node, ListNode):
-        items = []
+        items: list[int] = []
         for item in node.items:
             if not (isinstance(item, Atom) and item.type == "int"):
-                raise error_at(item.span, f"`{label}` must be {_TYPE_WORDS['ints']}, got `{node_text(item)}`")
+                raise error_at(item.span, f"`{label}` must be {_TYPE_WORDS['ints']}, got {describe(item)}")
             items.append(item.value)
         return tuple(items)
     expected = _TYPE_WORDS.get(wanted, "one of " + ", ".join(map(str, kind["choices"])))
     if kind["choices"] and wanted != "enum":
         expected += " or " + " / ".join(f"`{c}`" for c in kind["choices"])
-    if kind["none"]:
+    if kind.get("auto_none"):
+        expected += " or `auto`"
+    elif kind["none"]:
         expected += " or `none`"
     hint = None
     if wanted == "int" and isinstance(node, Atom) and node.type == "float":
         hint = f"`{label}` counts something: write a whole number"
-    raise error_at(span, f"`{label}` must be {expected}, got `{node_text(node)}`", hint)
+    raise error_at(span, f"`{label}` must be {expected}, got {describe(node)}", hint)
 
 
 def convert_arguments(
@@ -166,6 +169,12 @@ def convert_arguments(
                     f"`{owner}` takes no positional argument",
                     "write `name=value`; valid: " + ", ".join(fields),
                 )
+            if positional in values:
+                raise error_at(
+                    arg.span,
+                    f"`{owner}` takes one positional argument",
+                    f"write `{owner}({describe(args[0].value).strip('`')})`",
+                )
             name = positional
         if name not in fields:
             hint = _NO_JK.get(owner) if name == "jk" else None
@@ -181,8 +190,11 @@ def convert_arguments(
                 f"argument `{name}` given twice",
                 f"it was first given at line {first.line}, column {first.column}",
             )
-        values[name] = convert_value(arg.value, _field_kind(model, name), name)
+        label = owner if arg.name is None else name
+        values[name] = convert_value(arg.value, _field_kind(model, name), label)
         spans[name] = arg.value.span
+        if isinstance(arg.value, ListNode):
+            spans.update({f"{name}.{i}": item.span for i, item in enumerate(arg.value.items)})
     return values, spans
 
 
@@ -194,7 +206,7 @@ def _callee(node: Node, what: str) -> tuple[str, tuple[Arg, ...], Span, Span]:
         return node.name, node.args, node.span, node.name_span
     if isinstance(node, Atom) and node.type in ("name", "auto", "none"):
         return node.text, (), node.span, node.span
-    raise error_at(node.span, f"expected {what}, got `{node_text(node)}`")
+    raise error_at(node.span, f"expected {what}, got {describe(node)}")
 
 
 def convert_op(node: Node) -> ir.Op:
@@ -213,7 +225,12 @@ def convert_op(node: Node) -> ir.Op:
             hint = did_you_mean(arg.name, known) if known else f"`{name}` takes no arguments"
             raise error_at(arg.name_span, f"op `{name}` has no argument `{arg.name}`", hint)
         if arg.name in given:
-            raise error_at(arg.name_span, f"argument `{arg.name}` given twice")
+            first = spans[arg.name]
+            raise error_at(
+                arg.name_span,
+                f"argument `{arg.name}` given twice",
+                f"it was first given at line {first.line}, column {first.column}",
+            )
         kind = {"type": "enum" if param.type == "enum" else param.type, "none": False, "choices": param.choices}
         given[arg.name] = convert_value(arg.value, kind, arg.name)
         spans[arg.name] = arg.value.span

@@ -16,7 +16,7 @@ import yaml
 from gnnspec.errors import SpecError
 from gnnspec.ir import Span
 from gnnspec.syntax.cst import Arg, Atom, Entry, Kwargs, ListNode, Node, Pipeline
-from gnnspec.syntax.parser import parse_cst
+from gnnspec.syntax.parser import check_text, parse_cst
 
 _TAG = "tag:yaml.org,2002:"
 # What YAML may put between two characters of a scalar's value: folding, quotes, block headers.
@@ -25,17 +25,11 @@ _SKIPPABLE = " \t\r\n\"'|>-+"
 
 def entries_from_yaml(text: str) -> tuple[Entry, ...] | Node:
     """The CST of a YAML spec (entries, or one node when the document is a bare string)."""
+    check_text(text)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        problem = err.problem or err.context or "invalid YAML"
-        raise SpecError(
-            f"invalid YAML: {problem}",
-            line=mark.line + 1 if mark else 1,
-            column=mark.column + 1 if mark else 1,
-            hint="the YAML form is a mapping such as `model: linear >> rev(depth=8)`",
-        ) from None
+        raise _yaml_error(err) from None
     except yaml.YAMLError as err:
         raise SpecError(f"invalid YAML: {err}") from None
     if root is None:
@@ -61,6 +55,25 @@ def entries_from_yaml(text: str) -> tuple[Entry, ...] | Node:
     return tuple(entries)
 
 
+def _yaml_error(err: yaml.MarkedYAMLError) -> SpecError:
+    problem = err.problem or err.context or "invalid YAML"
+    mark = err.problem_mark or err.context_mark
+    hint = "the YAML form is a mapping such as `model: linear >> rev(depth=8)`"
+    if "end of stream" in problem and err.context and err.context_mark:
+        # An unclosed quote or bracket: where it opened says more than where the text ended.
+        problem = f"{err.context.removeprefix('while scanning ')} that is never closed"
+        mark = err.context_mark
+        hint = "close the quote or bracket on the same value"
+    elif "'\\t'" in problem:
+        hint = "YAML indents with spaces, not tabs"
+    return SpecError(
+        f"invalid YAML: {problem}",
+        line=mark.line + 1 if mark else 1,
+        column=mark.column + 1 if mark else 1,
+        hint=hint,
+    )
+
+
 def _span(node: yaml.Node) -> Span:
     start, end = node.start_mark, node.end_mark
     return Span(start.line + 1, start.column + 1, end.line + 1, end.column + 1)
@@ -73,29 +86,47 @@ def _value(node: yaml.Node, text: str, key: str | None = None) -> Node:
         for k, v in node.value:
             if not isinstance(k, yaml.ScalarNode):
                 raise SpecError("setting names are plain names", line=span.line, column=span.column)
-            args.append(Arg(str(k.value), _value(v, text), _span(v), _span(k)))
+            args.append(Arg(str(k.value), _value(v, text, key=str(k.value)), _span(v), _span(k)))
         return Kwargs(tuple(args), span)
     if isinstance(node, yaml.SequenceNode):
         items = tuple(_value(item, text) for item in node.value)
+        if key == "model" and not items:
+            raise SpecError("`model` needs at least one stage", line=span.line, column=span.column,
+                            hint="e.g. `model: linear >> rev(depth=8) >> linear`")
         if key == "model":
             flat = tuple(s for item in items for s in (item.items if isinstance(item, Pipeline) else (item,)))
             return flat[0] if len(flat) == 1 else Pipeline(flat, span)
         return ListNode(items, span)
     tag = node.tag[len(_TAG):] if node.tag.startswith(_TAG) else node.tag
-    if tag == "int":
-        return Atom("int", yaml.safe_load(node.value) if node.value else 0, node.value, span)
-    if tag == "float":
-        return Atom("float", float(yaml.safe_load(node.value)), node.value, span)
-    if tag == "bool":
-        return Atom("bool", yaml.safe_load(node.value), node.value, span)
-    if tag == "null":
+    if tag == "null" or (tag == "str" and not node.value.strip()):
         raise SpecError(
             f"`{key or 'value'}` has no value",
             line=span.line,
             column=span.column,
             hint="give it a value or leave the key out",
         )
-    return _parse_scalar(node, text)
+    if tag == "str":
+        return _parse_scalar(node, text)
+    value = _construct(node, tag, span, key or "value")
+    kind = {bool: "bool", int: "int", float: "float"}[type(value)]
+    return Atom(kind, value, node.value, span)
+
+
+def _construct(node: yaml.ScalarNode, tag: str, span: Span, label: str) -> bool | int | float:
+    """The value of a YAML scalar tagged (or resolved as) bool, int or float."""
+    if tag not in ("bool", "int", "float"):
+        raise SpecError(f"unsupported YAML tag `{node.tag}`", line=span.line, column=span.column,
+                        hint="values are plain YAML scalars, mappings or lists")
+    try:
+        value = yaml.SafeLoader("").construct_object(node)
+    except (ValueError, TypeError, IndexError, yaml.YAMLError):  # whatever PyYAML raises on bad text
+        value = None
+    if type(value) is not {"bool": bool, "int": int, "float": float}[tag]:
+        words = {"bool": "`true` or `false`", "int": "an integer", "float": "a number"}[tag]
+        raise SpecError(
+            f"`{label}` must be {words}, got `{node.value}` (YAML tag `!!{tag}`)", line=span.line, column=span.column
+        )
+    return value
 
 
 def _parse_scalar(node: yaml.ScalarNode, text: str) -> Node:
