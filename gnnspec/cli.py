@@ -118,8 +118,6 @@ def _channels(args: argparse.Namespace, spec: gnnspec.Spec) -> tuple[int | None,
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    import torch
-
     spec, text, shown = _load_located(args)
     in_channels, out_channels = _channels(args, spec)
     try:
@@ -128,11 +126,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise (err if err.filename == "<plan>" else err.located(shown, text)) from None
     summary = model.summary(args.plan or format_node(spec.plan))
     if args.save:
-        target = Path(args.save)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".tmp") as handle:
-            torch.save(model.state_dict(), handle)
-        os.replace(handle.name, target)
+        _save_state(model, Path(args.save))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -156,6 +150,88 @@ def _print_compile_table(summary: dict, saved: str | None) -> None:
     console.print(table)
     if saved:
         console.print(f"state dict written to {saved}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from gnnspec.data import check_widths, load_data
+    from gnnspec.train import train
+
+    spec, text, shown = _load_located(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    data = load_data(args.data, data_root=args.data_root, seed=args.seed if args.seed is not None else spec.seed)
+    try:
+        check_widths(spec.in_, spec.out, data, spans=spec.spans)
+    except SpecError as err:
+        raise err.located(shown, text) from None
+    progress = None if args.json else _TrainProgress(spec.name, data.name, args.epochs or spec.train.epochs)
+    with progress or _nothing():
+        model, result = train(
+            spec, data, epochs=args.epochs, seed=args.seed, device=args.device,
+            plan=args.plan, on_epoch=progress.update if progress else None,
+        )
+    if args.save:
+        _save_state(model, Path(args.save))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_train_summary(result, args.save)
+    return EXIT_OK
+
+
+class _TrainProgress:
+    """A rich progress bar: epoch, loss, validation and test accuracy, seconds."""
+
+    def __init__(self, spec: str, data: str, epochs: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn(f"{spec} on {data}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(), transient=False, stderr=True,
+        )
+        self.task = self.progress.add_task("train", total=epochs, status="")
+
+    def update(self, report) -> None:
+        status = f"loss {report.loss:.4f}  val {report.val_acc:.3f}  test {report.test_acc:.3f}"
+        self.progress.update(self.task, completed=report.epoch, status=status)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _print_train_summary(result, saved: str | None) -> None:
+    from rich.console import Console
+
+    peak = "n/a" if result.peak_bytes is None else f"{result.peak_bytes / 2**20:.1f} MiB"
+    Console().print(
+        f"{result.spec} on {result.data}: test accuracy {result.test_acc:.4f} at epoch {result.best_epoch} "
+        f"(validation {result.val_acc:.4f}); {result.epochs} epochs in {result.seconds:.1f} s; "
+        f"plan {result.plan}; step peak {peak}" + (f"; model saved to {saved}" if saved else "")
+    )
+
+
+def _save_state(model, target: Path) -> None:
+    """``torch.save`` of the state dict, written atomically."""
+    import torch
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".tmp") as handle:
+        torch.save(model.state_dict(), handle)
+    os.replace(handle.name, target)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -221,6 +297,18 @@ def build_parser() -> ArgumentParser:
     compile_.add_argument("--save", metavar="FILE", help="write the initial state dict (torch.save)")
     compile_.add_argument("--json", action="store_true", help="print JSON (SPEC.md section 6)")
     compile_.set_defaults(run=cmd_compile)
+
+    train_ = commands.add_parser("train", help="train a spec on a graph; report test accuracy at the best validation epoch")
+    _add_spec_arguments(train_, many=False)
+    train_.add_argument("--data", required=True, metavar="DATA", help="cora, citeseer, pubmed, sbm(...), rmat(...) or a .pt file")
+    train_.add_argument("--data-root", metavar="DIR", help="folder holding Cora/raw/ind.cora.* etc. (default $GNNSPEC_DATA)")
+    train_.add_argument("--epochs", type=_positive_int, metavar="N", help="override the spec's train.epochs")
+    train_.add_argument("--seed", type=int, metavar="N", help="override the spec's seed")
+    train_.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    train_.add_argument("--plan", metavar="PLAN", help="plan for every stage, e.g. reversible")
+    train_.add_argument("--save", metavar="FILE", help="write the trained state dict (torch.save)")
+    train_.add_argument("--json", action="store_true", help="print JSON (SPEC.md section 6), no progress bar")
+    train_.set_defaults(run=cmd_train)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the YAML form")
     schema.set_defaults(run=cmd_schema)

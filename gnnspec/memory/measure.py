@@ -210,17 +210,24 @@ def measure_step_peak(
     # The last step's gradients are freed first thing in the step, before anything is allocated,
     # so freeing them before the measurement starts cannot change the peak.
     optimizer.zero_grad(set_to_none=True)
-    gc.collect()
+    return peak_of_step(step, model, optimizer, x, edge_index, y)
 
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-        torch.cuda.reset_peak_memory_stats(x.device)
+
+def peak_of_step(step: Callable[[], None], *roots: Any) -> int:
+    """Peak live tensor bytes while ``step()`` runs once, counting every tensor reachable from
+    ``roots`` at the start (:func:`step_state_tensors`). CUDA when any root tensor is on CUDA
+    (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``), else CPU storage."""
+    gc.collect()
+    cuda = next((r.device for r in roots if isinstance(r, Tensor) and r.is_cuda), None)
+    if cuda is not None:
+        torch.cuda.synchronize(cuda)
+        torch.cuda.reset_peak_memory_stats(cuda)
         step()
-        torch.cuda.synchronize(x.device)
-        return torch.cuda.max_memory_allocated(x.device)
+        torch.cuda.synchronize(cuda)
+        return torch.cuda.max_memory_allocated(cuda)
 
     tracker = LiveStorageTracker()
-    tracker.track_existing(step_state_tensors(model, optimizer, x, edge_index, y))
+    tracker.track_existing(step_state_tensors(*roots))
     with tracker:
         step()
     return tracker.peak_bytes
