@@ -185,11 +185,12 @@ class _TrainProgress:
     """A rich progress bar: epoch, loss, validation and test accuracy, seconds."""
 
     def __init__(self, spec: str, data: str, epochs: int) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(
             TextColumn(f"{spec} on {data}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(), transient=False, stderr=True,
+            TimeElapsedColumn(), transient=False, console=Console(stderr=True),
         )
         self.task = self.progress.add_task("train", total=epochs, status="")
 
