@@ -269,3 +269,19 @@ def test_checkpoint_peak_is_below_store(depth):
     text = f"hidden: 32\nmodel: res+(op=sage, depth={depth}, norm=batch, dropout=0.1)"
     segments = round(math.sqrt(depth))
     assert step_peak(text, f"checkpoint(segments={segments})") < 0.6 * step_peak(text, "store")
+
+
+def test_reversible_refuses_an_output_modified_in_place_and_a_second_backward():
+    x, edge_index, y = graph()
+    model = build(stack_text("rev", "gcn"), "reversible")
+    stack = model.stages[1]
+    h = model.stages[0](x, model.graph_cache.prepare(edge_index, num_nodes=N, dtype=x.dtype, forms=model.forms))
+    graph_ = model.graph_cache.graph
+    out = stack(h, graph_)
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+    out = stack(h, graph_)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward once per forward"):
+        out.sum().backward()

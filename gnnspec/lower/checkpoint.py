@@ -3,7 +3,8 @@
 A stack of ``L`` steps ``state = step_i(state, *args)`` is cut into ``k`` contiguous segments of
 near-equal length (``k`` clamped to ``[1, L]``; the first ``L mod k`` segments get one extra step).
 Each segment runs under :func:`torch.utils.checkpoint.checkpoint` (non-reentrant), so the forward
-keeps only the ``k`` segment inputs and the backward recomputes one segment at a time: the peak
+keeps only the ``k`` segment inputs (the last segment runs plainly: its activations are needed as soon
+as backward starts) and the backward recomputes one segment at a time: the peak
 holds ``k`` segment inputs plus one segment's activations, at the price of one extra forward of the
 stack (SPEC.md section 4).
 
@@ -113,6 +114,10 @@ def run_segments(
     training = any(module.training for module in modules)
     if not (training and torch.is_grad_enabled()):
         return _run_plainly(steps, state, args)
-    for start, stop in segment_bounds(len(steps), segments):
+    bounds = segment_bounds(len(steps), segments)
+    for start, stop in bounds[:-1]:
         state = _checkpointed_segment(steps[start:stop], modules[start:stop], state, args)
-    return state
+    # The last segment's activations are needed as soon as backward starts: recomputing them
+    # would cost a forward of the segment and save nothing (as checkpoint_sequential does).
+    start, stop = bounds[-1]
+    return _run_plainly(steps[start:stop], state, args)

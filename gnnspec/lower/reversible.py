@@ -111,7 +111,13 @@ def _sum(tensors: Sequence[Tensor]) -> Tensor:
 
 
 class _ReversibleStackFunction(torch.autograd.Function):
-    """The whole stack as one autograd node; everything a call needs lives in its ``ctx``."""
+    """The whole stack as one autograd node; everything a call needs lives in its ``ctx``.
+
+    The output is kept on ``ctx`` (a detached alias, not ``save_for_backward``) and dropped as soon
+    as backward starts, so the only full-width tensors alive in backward are the current layer's
+    groups and their gradients. An in-place change of the output between forward and backward is
+    detected through its version counter, as ``save_for_backward`` would.
+    """
 
     @staticmethod
     def forward(
@@ -132,46 +138,60 @@ class _ReversibleStackFunction(torch.autograd.Function):
         # Tensors go through save_for_backward; other arguments (a prepared graph) stay on ctx.
         ctx.tensor_positions = [k for k, a in enumerate(args) if isinstance(a, Tensor)]
         ctx.other_args = [None if isinstance(a, Tensor) else a for a in args]
-        ctx.save_for_backward(x, *(args[k] for k in ctx.tensor_positions))
+        ctx.save_for_backward(*(args[k] for k in ctx.tensor_positions))
+        ctx.output = [x.detach()]
+        ctx.output_version = x._version
         return x
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        y, *saved = ctx.saved_tensors
+        if not ctx.output:
+            raise RuntimeError(
+                "a reversible stack runs backward once per forward (retain_graph is not supported)"
+            )
+        y = ctx.output.pop()
+        if y._version != ctx.output_version:
+            raise RuntimeError(
+                "the output of a reversible stack was modified in place before backward; "
+                "its input cannot be reconstructed (clone it before modifying it)"
+            )
         args = list(ctx.other_args)
-        for k, tensor in zip(ctx.tensor_positions, saved):
+        for k, tensor in zip(ctx.tensor_positions, ctx.saved_tensors):
             args[k] = tensor
         param_grads: list[Tensor | None] = [None] * len(ctx.param_index)
-        grad_y = grad_output
+        groups = ctx.stack.groups
+        ys, grad_ys = list(y.chunk(groups, dim=-1)), list(grad_output.chunk(groups, dim=-1))
+        del y
         for layer in reversed(ctx.stack.table):
-            y, grad_y = _layer_backward(ctx, layer, y, grad_y, args, param_grads)
-        grad_x = grad_y if ctx.needs_input_grad[2] else None
+            ys, grad_ys = _layer_backward(ctx, layer, ys, grad_ys, args, param_grads)
+        grad_x = torch.cat(grad_ys, dim=-1) if ctx.needs_input_grad[2] else None
         return (None, None, grad_x, *([None] * len(args)), *param_grads)
 
 
 def _layer_backward(
     ctx: Any,
     layer: tuple[int, ...],
-    y: Tensor,
-    grad_y: Tensor,
+    ys: list[Tensor],
+    grad_ys: list[Tensor],
     args: Sequence[Any],
     param_grads: list[Tensor | None],
-) -> tuple[Tensor, Tensor]:
-    """Return one layer's input and its gradient from the layer's output and output gradient,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One layer's input groups and their gradients from its output groups and their gradients,
     adding the gradients of the layer's parameters into ``param_grads``.
 
-    Never writes into ``y``, ``grad_y`` or tensors derived from them: they may be the caller's.
+    Group lists are carried between layers instead of concatenated tensors, and each piece is
+    dropped from the lists once used, so no full-width copy is made per layer. Never writes into
+    the given tensors: they may be the caller's.
     """
     stack: ReversibleStack = ctx.stack
     device_type, autocast_enabled, autocast_dtype = ctx.autocast
     groups = len(layer)
-    ys = y.chunk(groups, dim=-1)
-    grad_ys = grad_y.chunk(groups, dim=-1)
-    xs = list(ys)  # replaced group by group, last to first
-    grad_xs = list(grad_ys)
+    xs: list[Tensor | None] = [None] * groups
+    grad_xs: list[Tensor | None] = [None] * groups
     grad_from_next: Tensor | None = None  # d loss / d y_i through f_{i+1}
     for i in reversed(range(groups)):
         grad = grad_ys[i] if grad_from_next is None else grad_ys[i] + grad_from_next
+        grad_ys[i] = grad_from_next = None
         f = stack.functions[layer[i]]
         params = [p for p in f.parameters() if id(p) in ctx.param_index]
         f_input = (ys[i - 1] if i > 0 else _sum(xs[1:])).detach().requires_grad_()
@@ -183,6 +203,7 @@ def _layer_backward(
             ):
                 f_output = f(f_input, *args)
             xs[i] = ys[i] - f_output.detach()
+            ys[i] = None
             # y_i = f_output + x_i, so d loss / d f_output = d loss / d y_i, cast to f_output's
             # dtype as the plain stack's add hands it on (bfloat16 under autocast).
             grad_input, *grads = torch.autograd.grad(
@@ -192,8 +213,9 @@ def _layer_backward(
                 allow_unused=True,
                 materialize_grads=True,
             )
-            del f_output
+            del f_output, f_input
         grad_xs[i] = grad
+        del grad
         for p, g in zip(params, grads):
             k = ctx.param_index[id(p)]
             param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
@@ -202,4 +224,4 @@ def _layer_backward(
         else:  # y_{-1} = x_1 + ... + x_{C-1}
             for j in range(1, groups):
                 grad_xs[j] = grad_xs[j] + grad_input
-    return torch.cat(xs, dim=-1), torch.cat(grad_xs, dim=-1)
+    return xs, grad_xs
