@@ -60,6 +60,7 @@ def test_per_stage_weight_decay_reaches_the_optimizer():
     assert decays == [5e-4, 0.01]
 
 
+@pytest.mark.skipif(not (SHARED / "Cora" / "raw").is_dir(), reason="the shared Cora files are not beside this checkout")
 def test_train_json_on_cora_from_the_shared_data(capsys):
     code, out, _ = run(
         capsys, "train", "specs/gcn_cora.gnn", "--data", "cora", "--data-root", str(SHARED), "--epochs", "60", "--json"
