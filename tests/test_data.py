@@ -22,7 +22,10 @@ import gnnspec
 from gnnspec import SpecError
 from gnnspec.data import GraphData, check_widths, load_data, random_split
 
-PLANETOID_SOURCE = Path(os.environ.get("GNNSPEC_TEST_PLANETOID", "/work/shared/data/planetoid"))
+_BESIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "planetoid"
+PLANETOID_SOURCE = Path(
+    os.environ.get("GNNSPEC_TEST_PLANETOID", _BESIDE if _BESIDE.is_dir() else "/work/shared/data/planetoid")
+)
 CORA_FILES = [f"ind.cora.{p}" for p in ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")]
 needs_cora = pytest.mark.skipif(
     not all((PLANETOID_SOURCE / "Cora" / "raw" / f).is_file() for f in CORA_FILES),
