@@ -1,0 +1,167 @@
+"""The calibrated table (``coefficients.json``) and its pieces as numeric programs.
+
+Each entry of the table (written by :mod:`gnnspec.memory.calibrate`) is a unit or skeleton: for
+each variant (``g``, ``ga``, ``n``, ``na``, ``o``) its forward and backward events, every
+allocation's size a polynomial in the shape variables (``N``, ``E``, ``I``, ``O``, ``H``, ``C``,
+``D``, ``W``) and the element size ``s``; plus the sizes of its parameters and buffers.
+:func:`instantiate` evaluates one variant at a shape into a :class:`~gnnspec.memory.timeline.Program`
+with fresh storage ids. Evaluated templates are cached, so a stack of identical layers evaluates
+each polynomial once.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+from gnnspec.memory.timeline import Program, new_sid
+
+from pathlib import Path
+
+TABLE_PATH = Path(__file__).with_name("coefficients.json")
+
+
+class MissingCalibration(KeyError):
+    """The table has no entry for a piece (a user op, or a variant never recorded)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@lru_cache(maxsize=1)
+def table() -> dict[str, Any]:
+    with open(TABLE_PATH, encoding="utf-8") as handle:
+        data = json.load(handle)
+    return {key: _compile_entry(entry) for key, entry in data["pieces"].items()} | {
+        "__meta__": data.get("meta", {}), "__optimizers__": data["optimizers"]}
+
+
+def optimizer_table() -> dict[str, Any]:
+    return table()["__optimizers__"]
+
+
+def _compile_form(form: dict[str, Any]) -> tuple[tuple[float, tuple[str, ...]], ...]:
+    return tuple((coef, tuple(m.split("*")) if m else ()) for m, coef in form.items())
+
+
+def _compile_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    out = {"vars": tuple(entry["vars"]), "variants": {}}
+    for variant, prog in entry["variants"].items():
+        compiled = {"holes": {int(k): v for k, v in prog.get("holes", {}).items()},
+                    "aliases": dict(prog.get("aliases", {}))}
+        for phase in ("fwd", "bwd"):
+            events = []
+            for ev in prog[phase]:
+                if ev[0] == "a":
+                    events.append(("a", ev[1], _compile_form(ev[2]), ev[3] if len(ev) > 3 else None))
+                elif ev[0] in ("z", "d"):
+                    events.append((ev[0], ev[1], _compile_form(ev[2])))
+                elif ev[0] == "r":
+                    events.append(("r", ev[1]))
+                else:
+                    events.append((ev[0], ev[1]))
+            compiled[phase] = events
+        out["variants"][variant] = compiled
+    out["params"] = [_compile_form(f) for f in entry.get("params", [])]
+    out["buffers"] = [_compile_form(f) for f in entry.get("buffers", [])]
+    return out
+
+
+def op_key(name: str, args: dict[str, Any]) -> str:
+    """The table key of an op's unit: its name and the arguments that change its memory (heads
+    are a shape variable; float arguments change values, not shapes)."""
+    from gnnspec.ir import OP_SIGNATURES
+
+    sig = OP_SIGNATURES[name]
+    parts = []
+    for p in sig.params:
+        if p.name == sig.heads or p.type == "float":
+            continue
+        parts.append(f"{p.name}={str(args.get(p.name, p.default)).lower()}")
+    return f"op:{name}" + (f"({','.join(parts)})" if parts else "")
+
+
+def evaluate(form, shape: dict[str, int]) -> int:
+    total = 0.0
+    for coef, mono in form:
+        term = coef
+        for v in mono:
+            term *= shape[v]
+        total += term
+    return int(round(total))
+
+
+def entry(key: str) -> dict[str, Any]:
+    try:
+        return table()[key]
+    except KeyError:
+        raise MissingCalibration(
+            f"no calibrated memory program for {key!r}; run `python -m gnnspec.memory.calibrate` "
+            "(user ops: gnnspec.memory.calibrate.calibrate_op)"
+        ) from None
+
+
+def has_variant(key: str, variant: str) -> bool:
+    return variant in entry(key)["variants"]
+
+
+def param_bytes(key: str, shape: dict[str, int]) -> list[int]:
+    """Bytes of each parameter of the piece at ``shape``."""
+    return [evaluate(f, shape) for f in entry(key)["params"]]
+
+
+def buffer_bytes(key: str, shape: dict[str, int]) -> list[int]:
+    return [evaluate(f, shape) for f in entry(key)["buffers"]]
+
+
+@lru_cache(maxsize=4096)
+def _template(key: str, variant: str, shape_items: tuple) -> tuple:
+    e = entry(key)
+    if variant not in e["variants"]:
+        raise MissingCalibration(f"piece {key!r} has no variant {variant!r}")
+    prog = e["variants"][variant]
+    shape = dict(shape_items)
+    phases = []
+    for phase in ("fwd", "bwd"):
+        events = []
+        for ev in prog[phase]:
+            if ev[0] == "a":
+                events.append(("a", ev[1], evaluate(ev[2], shape), ev[3]))
+            elif ev[0] == "z":
+                events.append(("d", evaluate(ev[2], shape), "temporaries"))
+            elif ev[0] == "d":
+                events.append(("d", evaluate(ev[2], shape), "gradients"))
+            else:
+                events.append(ev)
+        phases.append(tuple(events))
+    return phases[0], phases[1], prog["holes"], prog["aliases"]
+
+
+def instantiate(key: str, variant: str, shape: dict[str, int]) -> tuple[Program, dict[int, dict[str, int]]]:
+    """One variant of a piece at ``shape``: the program (fresh storage ids; every named storage a
+    role) and, for a skeleton, the storage ids of each hole's ``X``, ``Y``, ``GY``, ``GX``."""
+    vars_ = entry(key)["vars"]
+    fwd_t, bwd_t, holes_t, aliases = _template(key, variant, tuple((v, shape[v]) for v in vars_) + (("s", shape["s"]),))
+    names: dict[Any, int] = {}
+
+    def sid(name: Any) -> int:
+        if name not in names:
+            names[name] = new_sid()
+        return names[name]
+
+    def conv(events):
+        out = []
+        for ev in events:
+            if ev[0] in ("a", "r"):
+                out.append((ev[0], sid(ev[1]), *ev[2:]))
+            else:
+                out.append(ev)
+        return out
+
+    fwd, bwd = conv(fwd_t), conv(bwd_t)
+    holes = {k: {r: sid(n) for r, n in h.items()} for k, h in holes_t.items()}
+    roles = {n: i for n, i in names.items() if isinstance(n, str)}
+    for alias, target in aliases.items():
+        roles[alias] = sid(target)
+    return Program(fwd, bwd, roles), holes

@@ -1,0 +1,321 @@
+"""Per-stage plan choice under a memory budget (SPEC.md section 4, ``auto``).
+
+For each stack the candidates are the plans valid for it (``store``, ``checkpoint``,
+``reversible`` for ``rev``, ``implicit``/``unroll`` for ``deq``); other stages run ``store``. Every
+combination (or, beyond :data:`MAX_COMBINATIONS`, every uniform one) is estimated with
+:mod:`gnnspec.memory.estimate`, and the planner picks the assignment with the least estimated
+relative time whose peak fits the budget, the smaller peak breaking ties. A ``checkpoint`` stage
+gets the fewest segments that make the assignment fit (fewest segments: the largest segments, so
+the fewest segment inputs kept).
+
+Relative time (a model, not a measurement): a training step is a forward and a backward of about
+two forwards, so ``store`` costs 3 forwards of a stage; ``checkpoint`` and ``reversible`` add one
+forward of the stage (4); ``deq`` costs its iterations: ``unroll`` 3 per iteration, ``implicit``
+one per forward iteration plus a vector-Jacobian product (2) per backward iteration.
+
+``auto`` without a budget uses the free memory of the CUDA device when there is one, else picks
+``store``. When nothing fits, :class:`NoFit` says what the leanest plan needs and what would make
+it fit.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+from gnnspec import ir
+
+MAX_COMBINATIONS = 64
+
+
+class NoFit(Exception):
+    """No plan assignment fits the budget (the command line exits 3 with this message)."""
+
+    def __init__(self, budget_bytes: int, leanest: Any, suggestions: list[str], spec_name: str = "model") -> None:
+        from gnnspec.memory.estimate import format_bytes
+
+        self.budget_bytes = budget_bytes
+        self.leanest = leanest  # the PlanEstimate with the smallest peak
+        self.needed_bytes = int(leanest.peak_bytes)
+        self.suggestions = suggestions
+        self.estimate = None  # the Estimate, when raised by estimate_with_planner
+        lines = [
+            f"nothing fits the budget of {format_bytes(budget_bytes)}: the leanest plan "
+            f"({leanest.name}) needs {format_bytes(leanest.peak_bytes)} "
+            f"({format_bytes(leanest.peak_bytes - budget_bytes)} more)"
+        ]
+        if suggestions:
+            lines.append("what would make it fit:")
+            lines += [f"  - {s}" for s in suggestions]
+        super().__init__("\n".join(lines))
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+def _candidates(model, stage) -> list[ir.Plan]:
+    kinds = stage.valid_plans()
+    out: list[ir.Plan] = []
+    for k in kinds:
+        if k == "store":
+            out.append(ir.Unroll(kind="unroll") if stage.kind == "deq" else ir.Store(kind="store"))
+        elif k == "checkpoint":
+            out.append(ir.Checkpoint(kind="checkpoint", segments=stage.default_segments()))
+        elif k == "unroll":
+            continue  # `store` already is unroll for deq
+        else:
+            out.append(ir.PLAN_MODELS[k](kind=k))
+    return out
+
+
+def candidate_assignments(model, fixed=None) -> list[list[ir.Plan]]:
+    """The plan assignments to estimate: ``fixed`` (a plan or one per stage) if given; else, per
+    stage, its own ``plan=``, the spec's plan, or (``auto``) every valid plan."""
+    if fixed is not None:
+        return [model.assignment(fixed)]
+    per_stage: list[list[ir.Plan]] = []
+    for st in model.stages:
+        own = getattr(st.stage, "plan", None)
+        chosen = own if own is not None else model.spec.plan
+        if chosen.kind != "auto":
+            per_stage.append([model.stage_plan(st, chosen)])
+        elif st.is_stack:
+            per_stage.append(_candidates(model, st))
+        else:
+            per_stage.append([ir.Store(kind="store")])
+    total = 1
+    for c in per_stage:
+        total *= len(c)
+    if total <= MAX_COMBINATIONS:
+        combos = [list(c) for c in itertools.product(*per_stage)]
+    else:
+        kinds = sorted({p.kind for c in per_stage for p in c})
+        combos = []
+        for k in kinds:
+            combos.append([next((p for p in c if p.kind == k), c[0]) for c in per_stage])
+    # store first: the baseline of relative time, and the first choice when it fits
+    combos.sort(key=lambda a: sum(p.kind != "store" and p.kind != "unroll" for p in a))
+    return combos
+
+
+def choose(estimates: list, budget_bytes: int | None, model) -> Any:
+    """The estimate to run: with a budget, the fastest that fits (each checkpoint assignment
+    re-planned, in ``estimates``, with the fewest segments that fit); without, the fastest
+    (all-``store``, or the fixed assignment). None when nothing fits."""
+    if not estimates:
+        return None
+    if budget_bytes is None:
+        return estimates[0] if len(estimates) == 1 else min(estimates, key=lambda e: (e.relative_time, e.peak_bytes))
+    # a checkpoint assignment runs with the fewest segments that fit (or, when no count fits,
+    # the count with the lowest peak): it replaces the default count in the list
+    for i, e in enumerate(list(estimates)):
+        if not any(s.startswith("checkpoint") for s in e.stages):
+            continue
+        found = _fewest_segments(model, e, budget_bytes)
+        if found is None or found.stages == e.stages:
+            continue
+        if any(x.stages == found.stages for x in estimates):
+            estimates.remove(e)
+        else:
+            estimates[estimates.index(e)] = found
+    fitting = [e for e in estimates if e.fits]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda e: (round(e.relative_time, 6), e.peak_bytes))
+
+
+def _plans_of(model, stages_text: Sequence[str]) -> list[ir.Plan]:
+    from gnnspec.syntax import parse_plan
+
+    return [model.stage_plan(st, parse_plan(t)) for st, t in zip(model.stages, stages_text)]
+
+
+def _fewest_segments(model, estimate, budget_bytes: int):
+    """The assignment with each checkpoint stage at the fewest segments that fit (stages searched
+    one after the other, the others at their current counts); None if no count fits."""
+    from gnnspec.memory.estimate import plan_estimate
+
+    plans = _plans_of(model, estimate.stages)
+    for i, (st, p) in enumerate(zip(model.stages, plans)):
+        if p.kind != "checkpoint":
+            continue
+        steps = st.steps()
+
+        def peak_at(k: int) -> int:
+            trial = list(plans)
+            trial[i] = ir.Checkpoint(kind="checkpoint", segments=k)
+            return model.estimate(trial)[0]
+
+        # the peak falls with k up to about sqrt(depth) segments, then rises: find the low point
+        # on a geometric grid, then the fewest segments left of it that fit (bisection)
+        cache: dict[int, int] = {}
+
+        def at(k: int) -> int:
+            if k not in cache:
+                cache[k] = peak_at(k)
+            return cache[k]
+
+        grid = sorted({1, steps, max(1, round(steps ** 0.5))} | {2**j for j in range(1, 32) if 2**j < steps})
+        best = min(grid, key=at)
+        if at(best) > budget_bytes:
+            plans[i] = ir.Checkpoint(kind="checkpoint", segments=best)
+            continue
+        lower = [k for k in grid if k < best and at(k) > budget_bytes]
+        lo, hi = (max(lower) + 1 if lower else 1), best
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if at(mid) <= budget_bytes:
+                hi = mid
+            else:
+                lo = mid + 1
+        plans[i] = ir.Checkpoint(kind="checkpoint", segments=lo)
+    return plan_estimate(model, plans, budget_bytes)
+
+
+# ---------------------------------------------------------------------------- the public entry
+
+
+def default_budget() -> int | None:
+    """Free memory of the current CUDA device, or None without one."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info()
+            return int(free)
+    except Exception:  # pragma: no cover - no usable CUDA
+        return None
+    return None
+
+
+def plan_spec(spec: ir.Spec | str, *, nodes: int, edges: int, budget: int | str | None = None,
+              in_channels: int | None = None, out_channels: int | None = None, dtype: str | None = None,
+              optimizer: str | None = None, device: str | None = None) -> list[ir.Plan]:
+    """The plan per resolved stage that ``build(plan="auto")`` runs: the fastest assignment whose
+    estimated peak fits ``budget`` (default: the spec's ``auto(budget=...)``, else free CUDA
+    memory, else every stack ``store``). Raises :class:`NoFit` when nothing fits."""
+    est = estimate_with_planner(spec, nodes=nodes, edges=edges, budget=budget, in_channels=in_channels,
+                                out_channels=out_channels, dtype=dtype, optimizer=optimizer, device=device)
+    return est.chosen_assignment
+
+
+def estimate_with_planner(spec, *, nodes, edges, budget=None, plan=None, in_channels=None, out_channels=None,
+                          dtype=None, optimizer=None, device=None):
+    """:func:`gnnspec.memory.estimate.estimate_spec` with ``auto``'s default budget, raising
+    :class:`NoFit` when a budget is set and nothing fits."""
+    from gnnspec.memory.estimate import estimate_spec, parse_size
+
+    if isinstance(spec, str):
+        import gnnspec
+
+        spec = gnnspec.parse(spec)
+    budget_bytes = parse_size(budget)
+    if budget_bytes is None and isinstance(spec.plan, ir.Auto) and spec.plan.budget is not None:
+        budget_bytes = spec.plan.budget
+    if budget_bytes is None and plan is None:
+        budget_bytes = default_budget()
+        if device is None and budget_bytes is not None:
+            device = "cuda"
+    est = estimate_spec(spec, nodes=nodes, edges=edges, in_channels=in_channels, out_channels=out_channels,
+                        budget=budget_bytes, plan=plan, dtype=dtype, optimizer=optimizer, device=device or "cpu")
+    if budget_bytes is not None and est.chosen is None:
+        err = no_fit(spec, est, nodes=nodes, edges=edges, in_channels=in_channels, out_channels=out_channels,
+                     dtype=dtype, optimizer=optimizer, device=device or "cpu")
+        err.estimate = est  # the table of every plan, for the command line to print
+        raise err
+    return est
+
+
+def no_fit(spec: ir.Spec, est, *, nodes: int, edges: int, in_channels=None, out_channels=None, dtype=None,
+           optimizer=None, device="cpu") -> NoFit:
+    """The :class:`NoFit` for an estimate where nothing fits, with what would make it fit."""
+    from gnnspec.memory.estimate import estimate_spec, format_bytes
+
+    budget = est.budget_bytes
+    leanest = min(est.plans, key=lambda p: p.peak_bytes)
+
+    def fits(candidate: ir.Spec, **kw) -> Any:
+        try:
+            e = estimate_spec(candidate, nodes=kw.get("nodes", nodes), edges=kw.get("edges", edges),
+                              in_channels=in_channels, out_channels=out_channels, budget=budget,
+                              dtype=kw.get("dtype", dtype), optimizer=optimizer, device=device)
+        except Exception:
+            return None
+        return e.chosen_plan
+
+    suggestions: list[str] = []
+    # fewer channels: the largest hidden width (a multiple of 8, keeping groups and heads valid) that fits
+    stacks = [s for s in spec.model if isinstance(s, ir.Stack)]
+    if stacks:
+        hidden = spec.hidden
+        step = 8
+        for s in stacks:
+            div = getattr(s, "groups", 1) * (s.op.heads or 1)
+            step = max(step, div)
+        best = None
+        lo, hi = 1, hidden // step - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            cand = _with_hidden(spec, mid * step)
+            if cand is not None and fits(cand):
+                best, lo = mid * step, mid + 1
+            else:
+                hi = mid - 1
+        if best:
+            suggestions.append(f"fewer channels: hidden {hidden} -> {best}")
+    # more groups for reversible stacks
+    revs = [i for i, s in enumerate(spec.model) if isinstance(s, ir.Rev)]
+    if revs:
+        for groups in (3, 4, 8, 16):
+            cand = _with_groups(spec, revs, groups)
+            if cand is None:
+                continue
+            p = fits(cand)
+            if p is not None:
+                suggestions.append(f"more groups: rev(groups={groups}) ({p.name}, {format_bytes(p.peak_bytes)})")
+                break
+    if (dtype or spec.dtype) in ("float32", "float64"):
+        p = fits(spec, dtype="bfloat16")
+        if p is not None:
+            suggestions.append(f"dtype bfloat16 ({p.name}, {format_bytes(p.peak_bytes)})")
+    # a smaller graph, nodes and edges scaled together
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        n, e = max(1, int(nodes * mid)), max(1, int(edges * mid))
+        if fits(spec, nodes=n, edges=e):
+            best, lo = (n, e), mid
+        else:
+            hi = mid
+    if best:
+        suggestions.append(f"a smaller graph: at most {best[0]:,} nodes and {best[1]:,} edges (same density)")
+    return NoFit(budget, leanest, suggestions, spec.name)
+
+
+def _with_hidden(spec: ir.Spec, hidden: int) -> ir.Spec | None:
+    model = []
+    for s in spec.model:
+        if isinstance(s, ir.Stack) and s.hidden is not None:
+            s = s.model_copy(update={"hidden": max(1, s.hidden * hidden // spec.hidden)})
+        model.append(s)
+    try:
+        cand = spec.model_copy(update={"hidden": hidden, "model": tuple(model)})
+        import gnnspec
+
+        return gnnspec.check(cand)
+    except Exception:
+        return None
+
+
+def _with_groups(spec: ir.Spec, indices: list[int], groups: int) -> ir.Spec | None:
+    model = list(spec.model)
+    for i in indices:
+        model[i] = model[i].model_copy(update={"groups": groups})
+    try:
+        cand = spec.model_copy(update={"model": tuple(model)})
+        import gnnspec
+
+        return gnnspec.check(cand)
+    except Exception:
+        return None

@@ -1,0 +1,215 @@
+"""The analytic memory estimate: agreement with measurement and with the dry run, shape of its
+answers, monotonicity, and the JSON of ``estimate-mem --json``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import gnnspec
+from gnnspec import ir
+from gnnspec.memory.dry_run import dry_run
+from gnnspec.memory.estimate import BREAKDOWN_KEYS, estimate_spec, format_bytes, parse_size
+from gnnspec.memory.measure import measure_step_peak
+
+SPECS = sorted(Path(__file__).resolve().parent.parent.joinpath("specs").glob("*.gnn"))
+
+
+def _graph(nodes: int, edges: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(0, nodes, (edges,), generator=g)
+    dst = (src + torch.randint(1, nodes, (edges,), generator=g)) % nodes  # no self-loops
+    return torch.stack([src, dst])
+
+
+def _measured(expr: str, nodes: int, edges: int, fin: int, fout: int, plan: str) -> int:
+    torch.manual_seed(0)
+    model = gnnspec.build(expr, fin, fout, plan=plan)
+    x = torch.randn(nodes, fin)
+    y = torch.randint(0, fout, (nodes,))
+    opt = torch.optim.Adam(model.parameters())
+    return measure_step_peak(model, x, _graph(nodes, edges), y, opt)
+
+
+# One configuration per stack and plan, small enough to measure in a fraction of a second.
+GRID = [
+    ("plain(op=gcn, depth=3, norm=batch, dropout=0.5, hidden=32)", 900, 6000, 20, 7, "store"),
+    ("res(op=sage, depth=3, norm=layer, hidden=24)", 800, 5000, 16, 5, "store"),
+    ("res+(op=gen(learn_t=true), depth=4, norm=layer, dropout=0.1, hidden=16)", 600, 4000, 8, 6, "checkpoint(segments=2)"),
+    ("res+(op=gat(heads=2), depth=3, norm=batch, hidden=16)", 700, 4200, 12, 4, "store"),
+    ("plain(op=gin, depth=2, jk=max, hidden=32)", 700, 4000, 12, 4, "store"),
+    ("rev(op=gcn, depth=5, norm=batch, dropout=0.3, hidden=32)", 800, 6000, 16, 4, "reversible"),
+    ("rev(op=gen, depth=4, groups=4, norm=layer, dropout=0.1, hidden=32)", 600, 5000, 8, 4, "store"),
+    ("rev(op=sage, depth=6, norm=layer, hidden=32)", 700, 5000, 16, 4, "checkpoint(segments=3)"),
+    ("gcnii(depth=6, dropout=0.2, hidden=32)", 800, 5000, 16, 4, "store"),
+    ("deq(op=gcn, norm=layer, dropout=0.1, max_iter=5, tol=1e-30, hidden=16)", 700, 4000, 16, 4, "implicit"),
+    ("deq(op=sage, max_iter=4, tol=1e-30, hidden=16)", 700, 4000, 16, 4, "unroll"),
+    ("dense(op=sage(aggr=max), depth=3, norm=batch, hidden=16) >> linear", 600, 4000, 12, 4, "store"),
+]
+
+
+@pytest.mark.parametrize("expr, nodes, edges, fin, fout, plan", GRID)
+def test_estimate_matches_measured_peak(expr, nodes, edges, fin, fout, plan) -> None:
+    torch.set_num_threads(1)
+    est = estimate_spec(expr, nodes=nodes, edges=edges, in_channels=fin, out_channels=fout, plan=plan)
+    measured = _measured(expr, nodes, edges, fin, fout, plan)
+    predicted = est.plans[0].peak_bytes
+    assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
+
+
+def _reduced(spec: ir.Spec, depth: int = 6) -> ir.Spec:
+    """The spec with every stack at most ``depth`` deep: the dry run costs Python time per layer."""
+    model = tuple(s.model_copy(update={"depth": min(s.depth, depth)}) if isinstance(s, ir.Stack) and not isinstance(s, ir.Deq)
+                  else s.model_copy(update={"max_iter": min(s.max_iter, 8)}) if isinstance(s, ir.Deq) else s
+                  for s in spec.model)
+    return spec.model_copy(update={"model": model})
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
+def test_dry_run_agrees_with_estimate_on_the_corpus(path: Path) -> None:
+    """At the spec's `graph:` size, every stack reduced to 6 layers (and DEQ solves to 8
+    iterations): the dry run's cost is Python time per layer, not size. Each stack is checked
+    under its plans."""
+    spec = _reduced(gnnspec.load(path))
+    graph = spec.graph
+    plans = ["store"] + [p for p in ("checkpoint(segments=2)", "reversible", "implicit")
+                         if any(s.kind in {"checkpoint(segments=2)": ir.STACK_KINDS, "reversible": ("rev",),
+                                           "implicit": ("deq",)}[p] for s in spec.model)]
+    for plan in plans:
+        est = estimate_spec(spec, nodes=graph.nodes, edges=graph.edges, plan=plan)
+        dry = dry_run(spec, graph.nodes, graph.edges, plan)
+        predicted = est.plans[0].peak_bytes
+        assert abs(predicted - dry.peak_bytes) <= 0.05 * dry.peak_bytes, (plan, predicted, dry.peak_bytes)
+
+
+def test_dry_run_at_full_depth_for_a_deep_reversible_spec() -> None:
+    spec = gnnspec.load(Path(__file__).resolve().parent.parent / "specs" / "revgcn_deep.gnn")
+    g = spec.graph
+    for plan in ("reversible", "checkpoint(segments=5)"):
+        est = estimate_spec(spec, nodes=g.nodes, edges=g.edges, plan=plan).plans[0].peak_bytes
+        dry = dry_run(spec, g.nodes, g.edges, plan).peak_bytes
+        assert abs(est - dry) <= 0.05 * dry
+
+
+# ---------------------------------------------------------------------------- properties
+
+
+def _peak(expr: str, plan: str = "store", nodes: int = 5000, edges: int = 40000, fin: int = 16, fout: int = 8) -> int:
+    return estimate_spec(expr, nodes=nodes, edges=edges, in_channels=fin, out_channels=fout, plan=plan).plans[0].peak_bytes
+
+
+@pytest.mark.parametrize("stack", ["plain(op=gcn", "res+(op=gen", "rev(op=gat(heads=2)", "gcnii(", "res(op=sage"])
+def test_store_is_monotone_in_nodes_edges_width_and_depth(stack: str) -> None:
+    def expr(depth=4, hidden=32):
+        return f"{stack}, depth={depth}, norm=layer, dropout=0.1, hidden={hidden})".replace("(, ", "(")
+
+    assert _peak(expr(), nodes=4000) < _peak(expr(), nodes=6000) < _peak(expr(), nodes=9000)
+    assert _peak(expr(), edges=30000) < _peak(expr(), edges=50000) < _peak(expr(), edges=90000)
+    assert _peak(expr(hidden=16)) < _peak(expr(hidden=32)) < _peak(expr(hidden=64))
+    assert _peak(expr(depth=2)) < _peak(expr(depth=4)) < _peak(expr(depth=16)) < _peak(expr(depth=64))
+
+
+def test_reversible_is_flat_in_depth() -> None:
+    """Past parameters, gradients and optimizer state (which grow with depth), the reversible peak
+    does not depend on depth."""
+    rest = []
+    for depth in (4, 16, 64, 256, 1001):
+        p = estimate_spec(f"rev(op=gen, depth={depth}, norm=layer, dropout=0.1)", nodes=10000, edges=100000,
+                          in_channels=8, out_channels=16, plan="reversible").plans[0]
+        b = p.breakdown
+        rest.append(p.peak_bytes - b["parameters"] - b["gradients"] - b["optimizer"])
+    assert max(rest) - min(rest) <= 0.001 * min(rest)
+    store = [_peak(f"rev(op=gen, depth={d}, norm=layer)", nodes=10000, edges=100000) for d in (4, 16)]
+    assert store[1] > 3 * store[0] * 0.9
+
+
+def test_checkpoint_sits_between_reversible_and_store() -> None:
+    expr = "rev(op=gcn, depth=64, norm=layer)"
+    assert _peak(expr, "reversible") < _peak(expr, "checkpoint(segments=8)") < _peak(expr, "store")
+
+
+def test_dtype_scales_the_float_tensors() -> None:
+    f32 = estimate_spec("res+(op=gcn, depth=8)", nodes=5000, edges=40000, in_channels=16, out_channels=8, plan="store")
+    f64 = estimate_spec("res+(op=gcn, depth=8)", nodes=5000, edges=40000, in_channels=16, out_channels=8,
+                        plan="store", dtype="float64")
+    assert 1.5 < f64.plans[0].peak_bytes / f32.plans[0].peak_bytes < 2.0  # indices stay int64
+
+
+def test_estimate_is_fast_at_revgnn_deep_sizes() -> None:
+    spec = gnnspec.load(Path(__file__).resolve().parent.parent / "specs" / "revgnn_deep.gnn")
+    estimate_spec(spec, nodes=1000, edges=5000, plan="store")  # table loaded, imports done
+    start = time.perf_counter()
+    est = estimate_spec(spec, nodes=132534, edges=79122504, plan="reversible")
+    assert time.perf_counter() - start < 0.05
+    assert est.plans[0].peak_bytes > 0
+    start = time.perf_counter()
+    estimate_spec(spec, nodes=132534, edges=79122504, budget="80GiB")  # every plan, segment search
+    assert time.perf_counter() - start < 1.0
+
+
+# ---------------------------------------------------------------------------- the answer
+
+
+def test_json_is_the_estimate_mem_schema() -> None:
+    spec = gnnspec.load(Path(__file__).resolve().parent.parent / "specs" / "revgcn_deep.gnn")
+    est = estimate_spec(spec, nodes=169343, edges=1166243, budget="4GiB")
+    data = json.loads(json.dumps(est.to_json()))
+    assert set(data) == {"spec", "graph", "dtype", "budget_bytes", "plans", "chosen"}
+    assert data["spec"] == "revgcn_deep"
+    assert data["graph"] == {"nodes": 169343, "edges": 1166243}
+    assert data["dtype"] == "float32" and data["budget_bytes"] == 4 * 2**30
+    names = [p["name"] for p in data["plans"]]
+    assert "store" in names and "reversible" in names and any(n.startswith("checkpoint") for n in names)
+    assert data["chosen"] in names
+    for p in data["plans"]:
+        assert set(p) == {"name", "stages", "peak_bytes", "fits", "relative_time", "breakdown"}
+        assert set(p["breakdown"]) == set(BREAKDOWN_KEYS)
+        assert isinstance(p["peak_bytes"], int) and isinstance(p["fits"], bool)
+        assert len(p["stages"]) == 6  # linear, rev, norm, act, dropout, linear
+        assert sum(p["breakdown"].values()) == p["peak_bytes"]
+        assert p["fits"] == (p["peak_bytes"] <= data["budget_bytes"])
+    store = next(p for p in data["plans"] if p["name"] == "store")
+    assert store["relative_time"] == 1.0
+
+
+def test_rich_table_marks_the_chosen_plan() -> None:
+    from rich.console import Console
+
+    est = estimate_spec("rev(op=gcn, depth=28, norm=batch, dropout=0.5)", nodes=169343, edges=1166243,
+                        in_channels=128, out_channels=40, budget="3GiB")
+    console = Console(record=True, width=160)
+    console.print(est)
+    text = console.export_text()
+    chosen_row = next(line for line in text.splitlines() if line.strip().startswith("*") or "│ *" in line)
+    assert est.chosen in chosen_row
+    assert "reversible" in text and "store" in text
+
+
+def test_sizes_parse_and_print() -> None:
+    assert parse_size("16GiB") == 16 * 2**30
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size(1234) == 1234
+    assert format_bytes(3 * 2**30) == "3.00 GiB"
+
+
+def test_inputs_count_features_edges_labels_and_prepared_graph() -> None:
+    from gnnspec.ops import prepared_bytes
+
+    est = estimate_spec("plain(op=gcn, depth=1, hidden=8)", nodes=1000, edges=7000, in_channels=8, out_channels=8,
+                        plan="store")
+    expected = 1000 * 8 * 4 + 2 * 7000 * 8 + 1000 * 8 + prepared_bytes({"raw", "gcn_norm"}, 1000, 7000, 4)
+    assert est.plans[0].breakdown["inputs"] == expected
+
+
+def test_optimizer_state_follows_the_optimizer() -> None:
+    spec = "plain(op=gcn, depth=4, hidden=64)"
+    kw = dict(nodes=2000, edges=10000, in_channels=64, out_channels=8, plan="store")
+    adam = estimate_spec(spec, optimizer="adam", **kw).plans[0].breakdown["optimizer"]
+    sgd = estimate_spec(spec, optimizer="sgd", **kw).plans[0].breakdown["optimizer"]
+    params = estimate_spec(spec, **kw).plans[0].breakdown["parameters"]
+    assert sgd == 0
+    assert 2 * params <= adam <= 2 * params + 4 * 64  # two moments, plus a step counter per tensor

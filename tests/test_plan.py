@@ -1,0 +1,97 @@
+"""The planner: the fastest plan assignment whose estimated peak fits the budget."""
+
+from __future__ import annotations
+
+import pytest
+
+import gnnspec
+from gnnspec import ir
+from gnnspec.memory.estimate import estimate_spec
+from gnnspec.plan import NoFit, estimate_with_planner, plan_spec
+
+REV = "rev(op=gcn, depth=28, norm=batch, dropout=0.5)"
+RESPLUS = "res+(op=gen, depth=24, norm=layer, dropout=0.1)"
+GRAPH = dict(nodes=169343, edges=1166243, in_channels=128, out_channels=40)
+
+
+def _peaks(expr: str) -> dict[str, int]:
+    est = estimate_spec(expr, **GRAPH)
+    return {p.name: p.peak_bytes for p in est.plans}
+
+
+def test_store_is_chosen_when_it_fits() -> None:
+    peaks = _peaks(REV)
+    est = estimate_spec(REV, budget=peaks["store"] + 1, **GRAPH)
+    assert est.chosen == "store"
+    assert est.chosen_assignment == [ir.Store(kind="store")] * 3  # linear, rev, linear (inserted)
+    assert est.chosen_plan.relative_time == 1.0
+
+
+def test_the_cheapest_sufficient_plan_when_store_does_not_fit() -> None:
+    peaks = _peaks(REV)
+    budget = (peaks["reversible"] + peaks["store"]) // 2
+    est = estimate_spec(REV, budget=budget, **GRAPH)
+    chosen = est.chosen_plan
+    assert chosen.name != "store" and chosen.fits
+    fitting = [p for p in est.plans if p.fits]
+    assert chosen.relative_time == min(p.relative_time for p in fitting)
+    # below checkpoint's best, only reversible fits
+    best_checkpoint = min(estimate_spec(REV, plan=f"checkpoint(segments={k})", **GRAPH).plans[0].peak_bytes
+                          for k in range(1, 29))
+    if peaks["reversible"] < best_checkpoint:
+        est = estimate_spec(REV, budget=(peaks["reversible"] + best_checkpoint) // 2, **GRAPH)
+        assert est.chosen == "reversible"
+
+
+def test_checkpoint_gets_the_fewest_segments_that_fit() -> None:
+    by_k = {k: estimate_spec(RESPLUS, plan=f"checkpoint(segments={k})", **GRAPH).plans[0].peak_bytes
+            for k in range(1, 25)}
+    store = estimate_spec(RESPLUS, plan="store", **GRAPH).plans[0].peak_bytes
+    lowest = min(by_k.values())
+    budget = (lowest + min(store, max(by_k.values()))) // 2
+    est = estimate_spec(RESPLUS, budget=budget, **GRAPH)
+    fewest = min(k for k, peak in by_k.items() if peak <= budget)
+    assert est.chosen == f"checkpoint(segments={fewest})"
+    assert est.chosen_plan.peak_bytes == by_k[fewest] <= budget
+
+
+def test_nothing_fits_raises_no_fit_with_what_would_fit() -> None:
+    peaks = _peaks(REV)
+    budget = min(peaks.values()) // 2
+    with pytest.raises(NoFit) as info:
+        plan_spec(REV, budget=budget, **GRAPH)
+    err = info.value
+    assert err.budget_bytes == budget
+    assert err.needed_bytes == min(peaks.values())
+    message = str(err)
+    assert "nothing fits the budget" in message and "needs" in message
+    assert any(s.startswith("a smaller graph") for s in err.suggestions)
+    assert any(s.startswith("fewer channels") for s in err.suggestions)
+    # every suggestion does fit
+    hidden = int(next(s for s in err.suggestions if s.startswith("fewer channels")).split("-> ")[1])
+    smaller = gnnspec.parse(REV).model_copy(update={"hidden": hidden})
+    assert estimate_spec(smaller, budget=budget, **GRAPH).chosen is not None
+
+
+def test_auto_without_budget_and_without_cuda_runs_store(monkeypatch) -> None:
+    monkeypatch.setattr("gnnspec.plan.default_budget", lambda: None)
+    plans = plan_spec(REV, nodes=GRAPH["nodes"], edges=GRAPH["edges"], in_channels=128, out_channels=40)
+    assert all(p.kind == "store" for p in plans)
+
+
+def test_the_specs_budget_is_used(monkeypatch) -> None:
+    spec = gnnspec.parse(f"model: {REV}\nplan: auto(budget=3GiB)", form="gnn")
+    est = estimate_with_planner(spec, **GRAPH)
+    assert est.budget_bytes == 3 * 2**30
+    assert est.chosen_plan.peak_bytes <= 3 * 2**30
+
+
+def test_a_stage_plan_in_the_spec_is_kept() -> None:
+    spec = gnnspec.parse("rev(op=gcn, depth=8, plan=reversible) >> res+(op=gcn, depth=4)")
+    est = estimate_spec(spec, budget="100GiB", **GRAPH)
+    assert all(p.stages[1] == "reversible" for p in est.plans)
+
+
+def test_a_fixed_plan_is_estimated_alone() -> None:
+    est = estimate_spec(REV, plan="checkpoint(segments=4)", **GRAPH)
+    assert [p.name for p in est.plans] == ["checkpoint(segments=4)"]
