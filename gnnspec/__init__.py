@@ -18,7 +18,7 @@ from gnnspec.ir import Spec
 from gnnspec.syntax import YAML_SUFFIXES, parse_plan, parse_text, read_spec_file
 from gnnspec.syntax.comments import source_layout
 
-__all__ = ["Spec", "SpecError", "parse", "load", "format", "check", "build", "register_op"]
+__all__ = ["Spec", "SpecError", "parse", "load", "format", "check", "build", "estimate", "register_op"]
 __version__ = "0.1.0"
 
 
@@ -94,3 +94,16 @@ def register_op(name: str, factory, **options) -> None:
     from gnnspec.ops import register_op as _register
 
     _register(name, factory, **options)
+
+
+def estimate(spec: Spec | str, *, nodes: int, edges: int, budget=None, plan=None, in_channels=None,
+             out_channels=None, dtype=None, optimizer=None):
+    """The training-step memory of every plan on a graph of ``nodes``/``edges`` (SPEC.md section 5),
+    analytically, without running the model; ``.chosen`` is the fastest plan that fits ``budget``
+    (default: the spec's ``auto(budget=...)``). Raises ``gnnspec.plan.NoFit`` when nothing fits."""
+    from gnnspec.plan import estimate_with_planner
+
+    if isinstance(spec, str):
+        spec = parse(spec)
+    return estimate_with_planner(spec, nodes=nodes, edges=edges, budget=budget, plan=plan, in_channels=in_channels,
+                                 out_channels=out_channels, dtype=dtype, optimizer=optimizer)

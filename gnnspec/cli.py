@@ -235,6 +235,40 @@ def _save_state(model, target: Path) -> None:
     os.replace(handle.name, target)
 
 
+def cmd_estimate_mem(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from gnnspec.plan import NoFit
+
+    spec, text, shown = _load_located(args)
+    in_channels, out_channels = _channels(args, spec)
+    if (args.nodes is None) != (args.edges is None):
+        raise UsageError("give both --nodes and --edges")
+    nodes, edges = args.nodes, args.edges
+    if nodes is None:
+        if spec.graph is None:
+            raise UsageError("give --nodes N --edges E, or set `graph: nodes=..., edges=...` in the spec")
+        nodes, edges = spec.graph.nodes, spec.graph.edges
+    try:
+        est = gnnspec.estimate(spec, nodes=nodes, edges=edges, budget=args.budget, plan=args.plan,
+                               in_channels=in_channels, out_channels=out_channels, dtype=args.dtype)
+    except NoFit as err:
+        if err.estimate is not None:
+            if args.json:
+                print(json.dumps(err.estimate.to_json(), indent=2))
+            else:
+                Console().print(err.estimate)
+        print(str(err), file=sys.stderr)
+        return EXIT_NO_FIT
+    except SpecError as err:
+        raise (err if err.filename != "<spec>" else err.located(shown, text)) from None
+    if args.json:
+        print(json.dumps(est.to_json(), indent=2))
+    else:
+        Console().print(est)
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(yaml_form_schema(), indent=2))
     return EXIT_OK
@@ -310,6 +344,18 @@ def build_parser() -> ArgumentParser:
     train_.add_argument("--save", metavar="FILE", help="write the trained state dict (torch.save)")
     train_.add_argument("--json", action="store_true", help="print JSON (SPEC.md section 6), no progress bar")
     train_.set_defaults(run=cmd_train)
+
+    estimate = commands.add_parser("estimate-mem", help="estimate the training-step memory of every plan; pick one")
+    _add_spec_arguments(estimate, many=False)
+    estimate.add_argument("--nodes", type=_positive_int, metavar="N")
+    estimate.add_argument("--edges", type=int, metavar="E")
+    estimate.add_argument("--budget", metavar="SIZE", help="e.g. 16GiB; default: the spec's auto(budget=...)")
+    estimate.add_argument("--plan", metavar="PLAN", help="estimate this plan only")
+    estimate.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"))
+    estimate.add_argument("--in", dest="in_channels", type=_positive_int, metavar="N")
+    estimate.add_argument("--out", dest="out_channels", type=_positive_int, metavar="N")
+    estimate.add_argument("--json", action="store_true", help="print JSON (SPEC.md section 6)")
+    estimate.set_defaults(run=cmd_estimate_mem)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the YAML form")
     schema.set_defaults(run=cmd_schema)

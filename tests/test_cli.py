@@ -140,3 +140,18 @@ def test_compile_errors_exit_2(capsys):
     assert code == 2 and "positive integer" in err
     code, _, err = run(capsys, "compile", "--expr", "rev", "--in", "3", "--out", "2", "--plan", "reversable")
     assert code == 2 and "did you mean `reversible`" in err
+
+
+def test_estimate_mem_json_and_exit_3_when_nothing_fits(capsys):
+    code, out, _ = run(capsys, "estimate-mem", "--expr", "rev(depth=8)", "--in", "8", "--out", "4",
+                       "--nodes", "1000", "--edges", "5000", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["graph"] == {"nodes": 1000, "edges": 5000} and data["chosen"] == "store"
+    assert {p["name"] for p in data["plans"]} >= {"store", "reversible"}
+    assert all(p["peak_bytes"] > 0 for p in data["plans"])
+    code, out, err = run(capsys, "estimate-mem", "--expr", "rev(depth=8)", "--in", "8", "--out", "4",
+                         "--nodes", "100000", "--edges", "5000000", "--budget", "1MiB")
+    assert code == 3 and "nothing fits the budget" in err and "what would make it fit" in err
+    code, _, err = run(capsys, "estimate-mem", "--expr", "rev", "--in", "8", "--out", "4")
+    assert code == 2 and "--nodes" in err
