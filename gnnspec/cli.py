@@ -8,6 +8,7 @@ a traceback (set ``GNNSPEC_DEBUG=1`` to see one for internal errors).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import os
@@ -53,18 +54,27 @@ def _read(args: argparse.Namespace, path: str | None) -> tuple[str, str]:
     return (args.expr, "<expr>") if path is None else read_spec_file(path)
 
 
-def _load(args: argparse.Namespace, path: str | None) -> gnnspec.Spec:
+def _parse_input(args: argparse.Namespace, path: str | None) -> tuple[gnnspec.Spec, str, str]:
+    """The spec at ``path`` (or --expr), with its text and display name."""
     text, shown = _read(args, path)
-    return gnnspec.parse(text, filename=shown, name=None if path in (None, "-") else Path(path).stem)
+    spec = gnnspec.parse(text, filename=shown, name=None if path in (None, "-") else Path(path).stem)
+    return spec, text, shown
+
+
+def _load(args: argparse.Namespace, path: str | None) -> gnnspec.Spec:
+    return _parse_input(args, path)[0]
 
 
 def _load_located(args: argparse.Namespace) -> tuple[gnnspec.Spec, str, str]:
     """The one spec of a command that builds or estimates, with its text and display name (errors
-    raised later, e.g. by width resolution, are located in that file)."""
+    raised later, e.g. by width resolution, are located in that file with :func:`_located`)."""
     (path,) = _spec_inputs(args)
-    text, shown = _read(args, path)
-    spec = gnnspec.parse(text, filename=shown, name=None if path in (None, "-") else Path(path).stem)
-    return spec, text, shown
+    return _parse_input(args, path)
+
+
+def _located(err: SpecError, shown: str, text: str) -> SpecError:
+    """``err`` placed in the spec file unless it already names its own source (a --plan text)."""
+    return err.located(shown, text) if err.filename == "<spec>" else err
 
 
 # ---------------------------------------------------------------------------- commands
@@ -123,7 +133,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     try:
         model = gnnspec.build(spec, in_channels, out_channels, plan=args.plan)
     except SpecError as err:
-        raise (err if err.filename == "<plan>" else err.located(shown, text)) from None
+        raise _located(err, shown, text) from None
     summary = model.summary(args.plan or format_node(spec.plan))
     if args.save:
         _save_state(model, Path(args.save))
@@ -165,9 +175,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         check_widths(spec.in_, spec.out, data, spans=spec.spans)
     except SpecError as err:
-        raise err.located(shown, text) from None
+        raise _located(err, shown, text) from None
     progress = None if args.json else _TrainProgress(spec.name, data.name, args.epochs or spec.train.epochs)
-    with progress or _nothing():
+    with progress or contextlib.nullcontext():
         model, result = train(
             spec, data, epochs=args.epochs, seed=args.seed, device=args.device,
             plan=args.plan, on_epoch=progress.update if progress else None,
@@ -204,14 +214,6 @@ class _TrainProgress:
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _print_train_summary(result, saved: str | None) -> None:
@@ -261,7 +263,7 @@ def cmd_estimate_mem(args: argparse.Namespace) -> int:
         print(str(err), file=sys.stderr)
         return EXIT_NO_FIT
     except SpecError as err:
-        raise (err if err.filename != "<spec>" else err.located(shown, text)) from None
+        raise _located(err, shown, text) from None
     if args.json:
         print(json.dumps(est.to_json(), indent=2))
     else:
