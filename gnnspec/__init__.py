@@ -66,24 +66,36 @@ def build(
     in_channels: int | None = None,
     out_channels: int | None = None,
     plan=None,
+    *,
+    nodes: int | None = None,
+    edges: int | None = None,
+    budget: int | str | None = None,
+    device: str | None = None,
 ):
     """The model of a spec (or spec text): an ``nn.Module`` called as ``model(x, edge_index)``.
 
-    ``in_channels``/``out_channels`` fill the spec's ``auto`` widths. ``plan`` (a plan or its text,
-    e.g. ``"reversible"`` or ``"checkpoint(segments=4)"``, or one per resolved stage) overrides the
-    spec's plans; every plan gives the same parameters, outputs and gradients. Parameters are in
-    the spec's ``dtype``.
+    ``in_channels``/``out_channels`` fill the spec's ``auto`` widths. ``plan`` overrides the
+    spec's plans: a plan or its text (``"reversible"``, ``"checkpoint(segments=4)"``), one per
+    resolved stage or one per stack, an :class:`Estimate` or its ``.chosen`` name. Every plan gives
+    the same parameters, outputs and gradients.
+
+    ``plan="auto"`` (or the spec's ``plan: auto(...)`` when ``plan`` is None) runs the planner
+    (SPEC.md section 4) on a graph of ``nodes``/``edges`` (default: the spec's ``graph:``) under
+    ``budget`` (default: the one in ``auto(budget=...)``, else the free memory of the CUDA device;
+    with neither, every stage runs ``store``). Raises ``gnnspec.plan.NoFit`` when nothing fits.
+    Parameters are in the spec's ``dtype``.
     """
     import torch
 
     from gnnspec.lower.model import build_model
+    from gnnspec.plan import plans_for_build
 
     if isinstance(spec, str):
         spec = parse(spec)
-    if isinstance(plan, str):
-        plan = parse_plan(plan)
-    elif isinstance(plan, (list, tuple)):
+    if isinstance(plan, (list, tuple)):
         plan = [parse_plan(p) if isinstance(p, str) else p for p in plan]
+    plan = plans_for_build(spec, plan, nodes=nodes, edges=edges, budget=budget, in_channels=in_channels,
+                           out_channels=out_channels, device=device)
     model = build_model(spec, in_channels, out_channels, plan)
     return model.to(getattr(torch, spec.dtype))
 
@@ -97,13 +109,14 @@ def register_op(name: str, factory, **options) -> None:
 
 
 def estimate(spec: Spec | str, *, nodes: int, edges: int, budget=None, plan=None, in_channels=None,
-             out_channels=None, dtype=None, optimizer=None):
+             out_channels=None, dtype=None, optimizer=None, device=None):
     """The training-step memory of every plan on a graph of ``nodes``/``edges`` (SPEC.md section 5),
     analytically, without running the model; ``.chosen`` is the fastest plan that fits ``budget``
-    (default: the spec's ``auto(budget=...)``). Raises ``gnnspec.plan.NoFit`` when nothing fits."""
+    (default: the spec's ``auto(budget=...)``). ``device="cuda"`` counts the CUDA caching
+    allocator's rounding. Raises ``gnnspec.plan.NoFit`` when nothing fits."""
     from gnnspec.plan import estimate_with_planner
 
     if isinstance(spec, str):
         spec = parse(spec)
     return estimate_with_planner(spec, nodes=nodes, edges=edges, budget=budget, plan=plan, in_channels=in_channels,
-                                 out_channels=out_channels, dtype=dtype, optimizer=optimizer)
+                                 out_channels=out_channels, dtype=dtype, optimizer=optimizer, device=device)

@@ -127,14 +127,53 @@ def _channels(args: argparse.Namespace, spec: gnnspec.Spec) -> tuple[int | None,
     return in_channels, out_channels
 
 
+def _requested_plan(args: argparse.Namespace) -> str | None:
+    """``--plan``; ``--budget`` alone means ``auto``."""
+    if args.budget is None:
+        return args.plan
+    if args.plan is not None and not args.plan.strip().startswith("auto"):
+        raise UsageError(f"--budget lets the planner choose; it cannot be combined with --plan {args.plan}")
+    return args.plan or "auto"
+
+
+def _plan_label(model, requested: str | None, spec: gnnspec.Spec) -> str:
+    """The plan shown by compile and train: the request, and what ``auto`` chose."""
+    label = requested or format_node(spec.plan)
+    if label.startswith("auto"):
+        chosen = sorted({s.plan for s in model.stages if s.kind not in ("linear", "mlp", "dropout", "act", "norm")})
+        label += " -> " + (", ".join(chosen) or "store")
+    return label
+
+
+def _build(args: argparse.Namespace, spec: gnnspec.Spec, text: str, shown: str, in_channels, out_channels,
+           nodes: int | None, edges: int | None, device: str | None = None):
+    """``gnnspec.build`` with the command's plan, budget and graph size; errors placed in the spec."""
+    from gnnspec.plan import MissingGraphSize, NoFit
+
+    requested = _requested_plan(args)
+    try:
+        model = gnnspec.build(spec, in_channels, out_channels, plan=requested, nodes=nodes, edges=edges,
+                              budget=args.budget, device=device)
+    except NoFit as err:
+        raise _NoFitExit(str(err)) from None
+    except MissingGraphSize as err:
+        raise UsageError(str(err)) from None
+    except SpecError as err:
+        raise _located(err, shown, text) from None
+    return model, _plan_label(model, requested, spec)
+
+
+class _NoFitExit(Exception):
+    """Nothing fits the budget (exit 3, the message on standard error)."""
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     spec, text, shown = _load_located(args)
     in_channels, out_channels = _channels(args, spec)
-    try:
-        model = gnnspec.build(spec, in_channels, out_channels, plan=args.plan)
-    except SpecError as err:
-        raise _located(err, shown, text) from None
-    summary = model.summary(args.plan or format_node(spec.plan))
+    if (args.nodes is None) != (args.edges is None):
+        raise UsageError("give both --nodes and --edges")
+    model, label = _build(args, spec, text, shown, in_channels, out_channels, args.nodes, args.edges)
+    summary = model.summary(label)
     if args.save:
         _save_state(model, Path(args.save))
     if args.json:
@@ -162,26 +201,41 @@ def _print_compile_table(summary: dict, saved: str | None) -> None:
         console.print(f"state dict written to {saved}")
 
 
+def _data(args: argparse.Namespace, spec: gnnspec.Spec, text: str, shown: str):
+    """The graph of ``--data`` (``--data-root``), checked against the spec's ``in``/``out``."""
+    from gnnspec.data import check_widths, load_data
+
+    seed = args.seed if getattr(args, "seed", None) is not None else spec.seed
+    data = load_data(args.data, data_root=args.data_root, seed=seed)
+    try:
+        check_widths(spec.in_, spec.out, data, spans=spec.spans)
+    except SpecError as err:
+        raise _located(err, shown, text) from None
+    return data
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from gnnspec.data import check_widths, load_data
+    from gnnspec.plan import NoFit
     from gnnspec.train import train
 
     spec, text, shown = _load_located(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
-    data = load_data(args.data, data_root=args.data_root, seed=args.seed if args.seed is not None else spec.seed)
+    requested = _requested_plan(args)
+    data = _data(args, spec, text, shown)
+    progress = None if args.json else _TrainProgress(spec.name, data.name, args.epochs or spec.train.epochs)
     try:
-        check_widths(spec.in_, spec.out, data, spans=spec.spans)
+        with progress or contextlib.nullcontext():
+            model, result = train(
+                spec, data, epochs=args.epochs, seed=args.seed, device=args.device,
+                plan=requested, budget=args.budget, on_epoch=progress.update if progress else None,
+            )
+    except NoFit as err:
+        raise _NoFitExit(str(err)) from None
     except SpecError as err:
         raise _located(err, shown, text) from None
-    progress = None if args.json else _TrainProgress(spec.name, data.name, args.epochs or spec.train.epochs)
-    with progress or contextlib.nullcontext():
-        model, result = train(
-            spec, data, epochs=args.epochs, seed=args.seed, device=args.device,
-            plan=args.plan, on_epoch=progress.update if progress else None,
-        )
     if args.save:
         _save_state(model, Path(args.save))
     if args.json:
@@ -246,29 +300,72 @@ def cmd_estimate_mem(args: argparse.Namespace) -> int:
     in_channels, out_channels = _channels(args, spec)
     if (args.nodes is None) != (args.edges is None):
         raise UsageError("give both --nodes and --edges")
-    nodes, edges = args.nodes, args.edges
-    if nodes is None:
-        if spec.graph is None:
-            raise UsageError("give --nodes N --edges E, or set `graph: nodes=..., edges=...` in the spec")
+    if args.data is not None and args.nodes is not None:
+        raise UsageError("give --nodes/--edges or --data, not both")
+    data = None
+    if args.data is not None:
+        data = _data(args, spec, text, shown)
+        nodes, edges = data.num_nodes, data.num_edges
+        in_channels, out_channels = data.num_features, data.num_classes
+    elif args.nodes is not None:
+        nodes, edges = args.nodes, args.edges
+    elif spec.graph is not None:
         nodes, edges = spec.graph.nodes, spec.graph.edges
+    else:
+        raise UsageError("give --nodes N --edges E or --data DATA, or set `graph: nodes=..., edges=...` in the spec")
+    device = None
+    if args.measure:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    console = Console(width=max(Console().width, 150))
     try:
         est = gnnspec.estimate(spec, nodes=nodes, edges=edges, budget=args.budget, plan=args.plan,
-                               in_channels=in_channels, out_channels=out_channels, dtype=args.dtype)
+                               in_channels=in_channels, out_channels=out_channels, dtype=args.dtype, device=device)
     except NoFit as err:
         if err.estimate is not None:
             if args.json:
                 print(json.dumps(err.estimate.to_json(), indent=2))
             else:
-                Console().print(err.estimate)
+                console.print(err.estimate)
         print(str(err), file=sys.stderr)
         return EXIT_NO_FIT
     except SpecError as err:
         raise _located(err, shown, text) from None
+    report = est.to_json()
+    chosen = est.chosen_plan
+    notes = []
+    if args.dry_run:
+        from gnnspec.memory.dry_run import dry_run
+
+        dry = dry_run(spec, nodes, edges, plan=est.chosen_assignment, in_channels=in_channels,
+                      out_channels=out_channels, dtype=args.dtype)
+        report["dry_run_peak_bytes"] = dry.peak_bytes
+        notes.append(_beside("dry run (fake tensors)", dry.peak_bytes, chosen))
+    if args.measure:
+        from gnnspec.train import measure_spec
+
+        measured = measure_spec(spec, nodes=nodes, edges=edges, data=data, plan=est.chosen_assignment,
+                                in_channels=in_channels, out_channels=out_channels, dtype=args.dtype, device=device)
+        report["measured_peak_bytes"] = measured.peak_bytes
+        report["device"] = measured.device
+        notes.append(_beside(f"measured on {measured.device}", measured.peak_bytes, chosen))
     if args.json:
-        print(json.dumps(est.to_json(), indent=2))
+        print(json.dumps(report, indent=2))
     else:
-        Console().print(est)
+        console.print(est)
+        for note in notes:
+            console.print(note)
     return EXIT_OK
+
+
+def _beside(what: str, peak_bytes: int, chosen) -> str:
+    """``what``'s peak next to the estimate of the plan it ran."""
+    from gnnspec.memory.estimate import format_bytes
+
+    error = (chosen.peak_bytes - peak_bytes) / peak_bytes * 100 if peak_bytes else 0.0
+    return (f"{what}, plan {chosen.name}: {format_bytes(peak_bytes)} ({peak_bytes:,} bytes); "
+            f"estimate {format_bytes(chosen.peak_bytes)}, {error:+.2f}%")
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -298,14 +395,21 @@ def _add_spec_arguments(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument("--expr", metavar="TEXT", help="a spec given as a bare expression instead of a file")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _integer_at_least(lowest: int, what: str) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value}")
+        return value
+
+    return convert
+
+
+_positive_int = _integer_at_least(1, "positive")
+_non_negative_int = _integer_at_least(0, "non-negative")
 
 
 def build_parser() -> ArgumentParser:
@@ -331,6 +435,9 @@ def build_parser() -> ArgumentParser:
     compile_.add_argument("--in", dest="in_channels", type=_positive_int, metavar="N", help="input feature width")
     compile_.add_argument("--out", dest="out_channels", type=_positive_int, metavar="N", help="output width")
     compile_.add_argument("--plan", metavar="PLAN", help="plan for every stage, e.g. reversible or checkpoint(segments=4)")
+    compile_.add_argument("--budget", metavar="SIZE", help="let the planner choose plans that fit, e.g. 16GiB")
+    compile_.add_argument("--nodes", type=_positive_int, metavar="N", help="graph size for the planner")
+    compile_.add_argument("--edges", type=_non_negative_int, metavar="E")
     compile_.add_argument("--save", metavar="FILE", help="write the initial state dict (torch.save)")
     compile_.add_argument("--json", action="store_true", help="print JSON (SPEC.md section 6)")
     compile_.set_defaults(run=cmd_compile)
@@ -343,6 +450,7 @@ def build_parser() -> ArgumentParser:
     train_.add_argument("--seed", type=int, metavar="N", help="override the spec's seed")
     train_.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     train_.add_argument("--plan", metavar="PLAN", help="plan for every stage, e.g. reversible")
+    train_.add_argument("--budget", metavar="SIZE", help="let the planner choose plans that fit, e.g. 16GiB")
     train_.add_argument("--save", metavar="FILE", help="write the trained state dict (torch.save)")
     train_.add_argument("--json", action="store_true", help="print JSON (SPEC.md section 6), no progress bar")
     train_.set_defaults(run=cmd_train)
@@ -350,12 +458,18 @@ def build_parser() -> ArgumentParser:
     estimate = commands.add_parser("estimate-mem", help="estimate the training-step memory of every plan; pick one")
     _add_spec_arguments(estimate, many=False)
     estimate.add_argument("--nodes", type=_positive_int, metavar="N")
-    estimate.add_argument("--edges", type=int, metavar="E")
+    estimate.add_argument("--edges", type=_non_negative_int, metavar="E")
     estimate.add_argument("--budget", metavar="SIZE", help="e.g. 16GiB; default: the spec's auto(budget=...)")
     estimate.add_argument("--plan", metavar="PLAN", help="estimate this plan only")
     estimate.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"))
     estimate.add_argument("--in", dest="in_channels", type=_positive_int, metavar="N")
     estimate.add_argument("--out", dest="out_channels", type=_positive_int, metavar="N")
+    estimate.add_argument("--data", metavar="DATA", help="take the graph size and widths from data (as train)")
+    estimate.add_argument("--data-root", metavar="DIR", help="folder holding Cora/raw/ind.cora.* etc.")
+    estimate.add_argument("--measure", action="store_true",
+                          help="also run one real step of the chosen plan and print its measured peak")
+    estimate.add_argument("--dry-run", action="store_true",
+                          help="also replay the chosen plan's step under fake tensors (nothing allocated)")
     estimate.add_argument("--json", action="store_true", help="print JSON (SPEC.md section 6)")
     estimate.set_defaults(run=cmd_estimate_mem)
 
@@ -388,6 +502,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as err:
         print(err.render(), file=sys.stderr)
         return EXIT_INVALID
+    except _NoFitExit as err:
+        print(err, file=sys.stderr)
+        return EXIT_NO_FIT
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -28,6 +28,10 @@ from gnnspec import ir
 MAX_COMBINATIONS = 64
 
 
+class MissingGraphSize(ValueError):
+    """``auto`` has a budget to plan for but no graph size (nodes and edges) to plan on."""
+
+
 class NoFit(Exception):
     """No plan assignment fits the budget (the command line exits 3 with this message)."""
 
@@ -147,8 +151,9 @@ def _fewest_segments(model, estimate, budget_bytes: int):
             trial[i] = ir.Checkpoint(kind="checkpoint", segments=k)
             return model.estimate(trial)[0]
 
-        # the peak falls with k up to about sqrt(depth) segments, then rises: find the low point
-        # on a geometric grid, then the fewest segments left of it that fit (bisection)
+        # the peak falls with k up to about sqrt(depth) segments, then rises. Walk up the powers
+        # of two to the first count that fits (or, when none does, to the low point), then bisect
+        # down to the fewest segments that fit
         cache: dict[int, int] = {}
 
         def at(k: int) -> int:
@@ -156,13 +161,16 @@ def _fewest_segments(model, estimate, budget_bytes: int):
                 cache[k] = peak_at(k)
             return cache[k]
 
-        grid = sorted({1, steps, max(1, round(steps ** 0.5))} | {2**j for j in range(1, 32) if 2**j < steps})
-        best = min(grid, key=at)
-        if at(best) > budget_bytes:
-            plans[i] = ir.Checkpoint(kind="checkpoint", segments=best)
+        grid = [2**j for j in range(0, 32) if 2**j < steps] + [steps]
+        previous = None
+        for k in grid:
+            if at(k) <= budget_bytes or (previous is not None and at(k) > at(previous)):
+                break
+            previous = k
+        if at(k) > budget_bytes:
+            plans[i] = ir.Checkpoint(kind="checkpoint", segments=min(cache, key=lambda c: (cache[c], c)))
             continue
-        lower = [k for k in grid if k < best and at(k) > budget_bytes]
-        lo, hi = (max(lower) + 1 if lower else 1), best
+        lo, hi = (previous + 1 if previous is not None else 1), k
         while lo < hi:
             mid = (lo + hi) // 2
             if at(mid) <= budget_bytes:
@@ -319,3 +327,61 @@ def _with_groups(spec: ir.Spec, indices: list[int], groups: int) -> ir.Spec | No
         return gnnspec.check(cand)
     except Exception:
         return None
+
+
+# ---------------------------------------------------------------------------- plans for build
+
+
+def split_plan_name(text: str) -> list[str]:
+    """The plans of an assignment's name (:attr:`Estimate.chosen`): ``"reversible"`` is one plan,
+    ``"checkpoint(segments=4), reversible"`` one per stack, in order."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def plans_for_build(spec: ir.Spec, plan: Any = None, *, nodes: int | None = None, edges: int | None = None,
+                    budget: int | str | None = None, in_channels: int | None = None,
+                    out_channels: int | None = None, device: str | None = None) -> Any:
+    """What ``build`` runs: ``plan`` as given, unless it (or, with no ``plan``, the spec) is
+    ``auto``. Then the planner chooses per stage on a graph of ``nodes``/``edges`` (default: the
+    spec's ``graph:``) under ``budget`` (default: ``auto``'s own, else free CUDA memory); with no
+    budget at all every stage runs ``store`` (returns None). Raises :class:`NoFit` when nothing
+    fits, :class:`MissingGraphSize` when a budget applies but the graph size is unknown."""
+    from gnnspec.memory.estimate import Estimate, parse_size
+
+    if isinstance(plan, Estimate):
+        return plan.chosen_assignment
+    if isinstance(plan, str):
+        from gnnspec.syntax import parse_plan
+
+        texts = split_plan_name(plan)
+        plan = parse_plan(texts[0]) if len(texts) == 1 else [parse_plan(t) for t in texts]
+    auto = plan if isinstance(plan, ir.Auto) else spec.plan if plan is None and isinstance(spec.plan, ir.Auto) else None
+    if auto is None:
+        return plan
+    budget_bytes = parse_size(budget)
+    if budget_bytes is None:
+        budget_bytes = auto.budget if auto.budget is not None else spec.plan.budget if isinstance(spec.plan, ir.Auto) else None
+    if budget_bytes is None:
+        budget_bytes = default_budget() if device in (None, "cuda") else None
+        device = "cuda" if budget_bytes is not None else device
+    if budget_bytes is None:
+        return None  # no budget: `auto` runs `store`
+    if nodes is None or edges is None:
+        if spec.graph is None:
+            raise MissingGraphSize(
+                f"plan auto with a budget of {budget_bytes:,} bytes needs the graph's size: give nodes= and "
+                "edges= (--nodes/--edges on the command line), or declare `graph: nodes=..., edges=...`"
+            )
+        nodes, edges = spec.graph.nodes, spec.graph.edges
+    planned = spec.model_copy(update={"plan": ir.Auto(kind="auto", budget=budget_bytes)})
+    est = estimate_with_planner(planned, nodes=nodes, edges=edges, budget=budget_bytes, in_channels=in_channels,
+                                out_channels=out_channels, device=device)
+    return est.chosen_assignment

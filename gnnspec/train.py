@@ -54,12 +54,7 @@ class TrainResult:
 
 def make_optimizer(model: nn.Module, settings: ir.Train) -> torch.optim.Optimizer:
     """The spec's optimizer over the model's parameter groups (per-stage ``weight_decay``)."""
-    groups = model.parameter_groups(settings.weight_decay)
-    if settings.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=settings.lr)
-    if settings.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=settings.lr)
-    return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
+    return model.make_optimizer(settings)
 
 
 def loss_function(settings: ir.Train, data: GraphData) -> Callable[[Tensor, Tensor], Tensor]:
@@ -94,12 +89,14 @@ def train(
     seed: int | None = None,
     device: str = "cpu",
     plan: Any = None,
+    budget: int | str | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> tuple[nn.Module, TrainResult]:
     """Train ``spec`` on ``data``; returns the model (at its last epoch) and the result.
 
     ``epochs`` and ``seed`` override the spec's; ``plan`` overrides its plans (see
-    ``gnnspec.build``). Same seed, same data: same loss curve.
+    ``gnnspec.build``; ``"auto"`` or the spec's ``auto`` plans for ``data``'s size under
+    ``budget``). Same seed, same data: same loss curve.
     """
     from gnnspec import build
 
@@ -107,7 +104,8 @@ def train(
     epochs = epochs if epochs is not None else settings.epochs
     seed = seed if seed is not None else spec.seed
     torch.manual_seed(seed)
-    model = build(spec, data.num_features, data.num_classes, plan=plan).to(device)
+    model = build(spec, data.num_features, data.num_classes, plan=plan, nodes=data.num_nodes, edges=data.num_edges,
+                  budget=budget, device=device).to(device)
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     data = data.to(device)
     x, edge_index, y = data.x.to(dtype), data.edge_index, data.y
@@ -155,3 +153,55 @@ def train(
     result.epochs = len(result.history)
     result.seconds = time.perf_counter() - start
     return model, result
+
+
+# ---------------------------------------------------------------------------- measured step peak
+
+
+def random_graph(nodes: int, edges: int, features: int, classes: int, *, dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """``x [nodes, features]`` (standard normal), ``edge_index [2, edges]`` with no self-loops (the
+    graph the estimate assumes) and labels ``y [nodes]`` uniform in ``[0, classes)``, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randint(nodes, (edges,), generator=gen)
+    dst = (src + torch.randint(1, max(nodes, 2), (edges,), generator=gen)) % nodes
+    x = torch.randn(nodes, features, generator=gen, dtype=dtype)
+    y = torch.randint(classes, (nodes,), generator=gen)
+    return x, torch.stack([src, dst]), y
+
+
+@dataclass
+class MeasuredStep:
+    peak_bytes: int
+    device: str
+    plans: tuple[str, ...]
+
+
+def measure_spec(spec: ir.Spec, *, nodes: int | None = None, edges: int | None = None, data: GraphData | None = None,
+                 plan: Any = None, in_channels: int | None = None, out_channels: int | None = None,
+                 dtype: str | None = None, optimizer: str | None = None, device: str = "cpu",
+                 seed: int = 0) -> MeasuredStep:
+    """The measured peak of one training step of ``spec`` under ``plan`` (SPEC.md section 5: a
+    warm-up step, then ``zero_grad(set_to_none=True)``, forward, cross-entropy over every node,
+    backward, optimizer step): peak live storage bytes on CPU, ``torch.cuda.max_memory_allocated``
+    on CUDA. The graph is ``data`` (its labels when they are class labels) or
+    :func:`random_graph` of ``nodes``/``edges``."""
+    from gnnspec import build
+    from gnnspec.memory.measure import measure_step_peak
+
+    if dtype is not None:
+        spec = spec.model_copy(update={"dtype": dtype})
+    torch_dtype = getattr(torch, spec.dtype)
+    torch.manual_seed(seed)
+    if data is not None:
+        in_channels, out_channels = data.num_features, data.num_classes
+        x, edge_index = data.x.to(torch_dtype), data.edge_index
+        y = data.y if data.y.dim() == 1 and bool((data.y >= 0).all()) else torch.randint(out_channels, (data.num_nodes,))
+    else:
+        in_channels = in_channels or (spec.in_ if spec.in_ != "auto" else spec.graph.features if spec.graph else None)
+        out_channels = out_channels or (spec.out if spec.out != "auto" else spec.graph.classes if spec.graph else None)
+        x, edge_index, y = random_graph(nodes, edges, in_channels, out_channels, dtype=torch_dtype, seed=seed)
+    model = build(spec, in_channels, out_channels, plan=plan).to(device)
+    x, edge_index, y = x.to(device), edge_index.to(device), y.to(device)
+    peak = measure_step_peak(model, x, edge_index, y, model.make_optimizer(spec.train, optimizer))
+    return MeasuredStep(int(peak), torch.device(device).type, model.plans)

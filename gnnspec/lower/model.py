@@ -75,6 +75,19 @@ class GNNModel(nn.Module):
                     groups.setdefault(decay, []).append(p)
         return [{"params": params, "weight_decay": decay} for decay, params in groups.items()]
 
+    def make_optimizer(self, settings: ir.Train, name: str | None = None):
+        """The optimizer of ``settings`` (or ``name``: adam, adamw, sgd) over
+        :meth:`parameter_groups` with ``settings.weight_decay`` as the default decay."""
+        import torch
+
+        name = name or settings.optimizer
+        groups = self.parameter_groups(settings.weight_decay)
+        if name == "adam":
+            return torch.optim.Adam(groups, lr=settings.lr)
+        if name == "adamw":
+            return torch.optim.AdamW(groups, lr=settings.lr)
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
+
 
 def _count(parameters) -> int:
     return sum(p.numel() for p in {id(p): p for p in parameters}.values())
@@ -97,13 +110,17 @@ def build_model(
     plan: ir.Plan | Sequence[ir.Plan] | None = None,
 ) -> GNNModel:
     """The model of ``spec``. ``plan``: one plan for every stage (where valid), one per resolved
-    stage, or None for the spec's plans (a stage's own ``plan=`` over the spec-level ``plan``)."""
+    stage or one per stack, or None for the spec's plans (a stage's own ``plan=`` over the spec-level ``plan``)."""
     resolved = resolve_widths(spec, in_channels, out_channels)
     if plan is not None and not isinstance(plan, (list, tuple)):
         plans = [stage_plan(r.stage, plan) for r in resolved]
     elif plan is not None:
+        stacks = [i for i, r in enumerate(resolved) if isinstance(r.stage, ir.Stack)]
+        if len(plan) != len(resolved) and len(plan) == len(stacks):  # one per stack: the others store
+            per_stack = dict(zip(stacks, plan))
+            plan = [per_stack.get(i, ir.Store(kind="store")) for i in range(len(resolved))]
         if len(plan) != len(resolved):
-            raise ValueError(f"got {len(plan)} plans for {len(resolved)} stages")
+            raise ValueError(f"got {len(plan)} plans for {len(resolved)} stages ({len(stacks)} stacks)")
         plans = [stage_plan(r.stage, p) for r, p in zip(resolved, plan)]
     else:
         plans = [stage_plan(r.stage, getattr(r.stage, "plan", None) or spec.plan) for r in resolved]

@@ -78,17 +78,6 @@ def _patched_for_fake_tensors():
             setattr(obj, name, value)
 
 
-def _optimizer(model, spec: ir.Spec, name: str | None):
-    train = spec.train
-    name = name or train.optimizer
-    groups = model.parameter_groups(train.weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=train.lr)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=train.lr)
-    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
-
-
 def dry_run(spec: ir.Spec | str, nodes: int, edges: int, plan: ir.Plan | str | Sequence[Any] | None = None, *,
             in_channels: int | None = None, out_channels: int | None = None, dtype: str | None = None,
             optimizer: str | None = None) -> DryRun:
@@ -145,7 +134,7 @@ def dry_run(spec: ir.Spec | str, nodes: int, edges: int, plan: ir.Plan | str | S
             warnings.simplefilter("ignore")
             cache._key = cache._key_of(edge_index, n, torch_dtype)
         cache._graph = PreparedGraph(edge_index=edge_index, num_nodes=n, **forms)
-        opt = _optimizer(model, spec, optimizer)
+        opt = model.make_optimizer(spec.train, optimizer)
 
         def step() -> None:
             model.train()

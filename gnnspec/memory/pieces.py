@@ -29,12 +29,26 @@ class MissingCalibration(KeyError):
         return str(self.args[0])
 
 
+class _Table(dict):
+    """The coefficient table, each piece compiled on first use (a step uses a few of them)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(__meta__=data.get("meta", {}), __optimizers__=data["optimizers"])
+        self.raw = data["pieces"]
+
+    def __missing__(self, key: str) -> dict[str, Any]:
+        compiled = self[key] = _compile_entry(self.raw[key])
+        return compiled
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or key in self.raw
+
+
 @lru_cache(maxsize=1)
 def table() -> dict[str, Any]:
     with open(TABLE_PATH, encoding="utf-8") as handle:
         data = json.load(handle)
-    return {key: _compile_entry(entry) for key, entry in data["pieces"].items()} | {
-        "__meta__": data.get("meta", {}), "__optimizers__": data["optimizers"]}
+    return _Table(data)
 
 
 def optimizer_table() -> dict[str, Any]:
