@@ -21,6 +21,7 @@ it fit.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, Sequence
 
 from gnnspec import ir
@@ -137,7 +138,13 @@ def _plans_of(model, stages_text: Sequence[str]) -> list[ir.Plan]:
 
 def _fewest_segments(model, estimate, budget_bytes: int):
     """The assignment with each checkpoint stage at the fewest segments that fit (stages searched
-    one after the other, the others at their current counts); None if no count fits."""
+    one after the other, the others at their current counts), or, where no count fits, at the
+    count with the lowest peak.
+
+    The peak of ``k`` segments of an ``L``-step stack is close to ``a + b k + c ceil(L / k)`` (the
+    segment inputs kept, plus one segment's activations), so three exact estimates fit ``a, b, c``;
+    the model proposes the count, and exact estimates confirm it and its neighbour (a search over
+    the powers of two and a bisection take over if the model misses)."""
     from gnnspec.memory.estimate import plan_estimate
 
     plans = _plans_of(model, estimate.stages)
@@ -146,39 +153,103 @@ def _fewest_segments(model, estimate, budget_bytes: int):
             continue
         steps = st.steps()
 
-        def peak_at(k: int) -> int:
+        def exact(k: int, i: int = i) -> int:
             trial = list(plans)
             trial[i] = ir.Checkpoint(kind="checkpoint", segments=k)
             return model.estimate(trial)[0]
 
-        # the peak falls with k up to about sqrt(depth) segments, then rises. Walk up the powers
-        # of two to the first count that fits (or, when none does, to the low point), then bisect
-        # down to the fewest segments that fit
-        cache: dict[int, int] = {}
-
-        def at(k: int) -> int:
-            if k not in cache:
-                cache[k] = peak_at(k)
-            return cache[k]
-
-        grid = [2**j for j in range(0, 32) if 2**j < steps] + [steps]
-        previous = None
-        for k in grid:
-            if at(k) <= budget_bytes or (previous is not None and at(k) > at(previous)):
-                break
-            previous = k
-        if at(k) > budget_bytes:
-            plans[i] = ir.Checkpoint(kind="checkpoint", segments=min(cache, key=lambda c: (cache[c], c)))
-            continue
-        lo, hi = (previous + 1 if previous is not None else 1), k
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if at(mid) <= budget_bytes:
-                hi = mid
-            else:
-                lo = mid + 1
-        plans[i] = ir.Checkpoint(kind="checkpoint", segments=lo)
+        peak = _PeakBySegments(exact)
+        if p.segments:
+            peak.known[min(p.segments, steps)] = estimate.peak_bytes
+        plans[i] = ir.Checkpoint(kind="checkpoint", segments=_segments_for(peak, steps, budget_bytes))
     return plan_estimate(model, plans, budget_bytes)
+
+
+class _PeakBySegments:
+    """The exact estimated peak by segment count, each count estimated once."""
+
+    def __init__(self, exact) -> None:
+        self.exact = exact
+        self.known: dict[int, int] = {}
+
+    def __call__(self, k: int) -> int:
+        if k not in self.known:
+            self.known[k] = self.exact(k)
+        return self.known[k]
+
+    def lowest(self) -> int:
+        return min(self.known, key=lambda k: (self.known[k], k))
+
+
+def _segments_for(at: _PeakBySegments, steps: int, budget_bytes: int) -> int:
+    """The fewest segments ``k`` in ``1..steps`` with ``at(k) <= budget_bytes``, else the ``k`` with
+    the lowest peak (the peak is taken to fall, then rise, with ``k``)."""
+    if steps <= 4:
+        fitting = [k for k in range(1, steps + 1) if at(k) <= budget_bytes]
+        return fitting[0] if fitting else at.lowest()
+    samples = sorted({2, max(2, round(math.sqrt(steps))), steps})
+    guess = _modelled_segments([(k, at(k)) for k in samples], steps, budget_bytes)
+    if guess is not None:
+        k, fits = guess
+        if fits and at(k) <= budget_bytes and (k == 1 or at(k - 1) > budget_bytes):
+            return k
+        neighbours = [j for j in (k - 1, k + 1) if 1 <= j <= steps]
+        if not fits and at(k) > budget_bytes and all(at(j) >= at(k) for j in neighbours):
+            return at.lowest()  # a low point above the budget: no count fits
+    return _walk_segments(at, steps, budget_bytes)
+
+
+def _modelled_segments(samples: list[tuple[int, int]], steps: int, budget_bytes: int) -> tuple[int, bool] | None:
+    """From exact peaks at three counts, ``a + b k + c ceil(steps / k)`` fitted and searched: the
+    fewest ``k`` it says fits (and True), else its lowest point (and False). None when singular."""
+    if len(samples) < 3:
+        return None
+    rows = [(1.0, float(k), float(-(-steps // k)), float(y)) for k, y in samples[:3]]
+    coef = _solve3(rows)
+    if coef is None:
+        return None
+    a, b, c = coef
+    predicted = [(k, a + b * k + c * -(-steps // k)) for k in range(1, steps + 1)]
+    fitting = [k for k, y in predicted if y <= budget_bytes]
+    if fitting:
+        return fitting[0], True
+    return min(predicted, key=lambda kv: (kv[1], kv[0]))[0], False
+
+
+def _solve3(rows: list[tuple[float, float, float, float]]) -> tuple[float, float, float] | None:
+    """Gaussian elimination for three equations ``r[0] a + r[1] b + r[2] c = r[3]``."""
+    m = [list(r) for r in rows]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(3):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
+    return tuple(m[r][3] / m[r][r] for r in range(3))  # type: ignore[return-value]
+
+
+def _walk_segments(at: _PeakBySegments, steps: int, budget_bytes: int) -> int:
+    """Up the powers of two to the first count that fits (or to where the peak rises), then a
+    bisection down to the fewest that fit."""
+    grid = [2**j for j in range(0, 32) if 2**j < steps] + [steps]
+    previous = None
+    for k in grid:
+        if at(k) <= budget_bytes or (previous is not None and at(k) > at(previous)):
+            break
+        previous = k
+    if at(k) > budget_bytes:
+        return at.lowest()
+    lo, hi = (previous + 1 if previous is not None else 1), k
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if at(mid) <= budget_bytes:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 # ---------------------------------------------------------------------------- the public entry

@@ -155,3 +155,75 @@ def test_estimate_mem_json_and_exit_3_when_nothing_fits(capsys):
     assert code == 3 and "nothing fits the budget" in err and "what would make it fit" in err
     code, _, err = run(capsys, "estimate-mem", "--expr", "rev", "--in", "8", "--out", "4")
     assert code == 2 and "--nodes" in err
+
+
+# ---------------------------------------------------------------------------- planner on the command line
+
+TWO = "rev(op=gcn, depth=6, hidden=32, dropout=0.2) >> res+(op=gcn, depth=8, hidden=32)"
+SIZE = ("--in", "16", "--out", "4", "--nodes", "4000", "--edges", "40000")
+
+
+def _estimate_json(capsys, *extra):
+    code, out, _ = run(capsys, "estimate-mem", "--expr", TWO, *SIZE, "--json", *extra)
+    assert code == 0
+    return json.loads(out)
+
+
+def test_compile_with_a_budget_builds_the_chosen_plan(capsys):
+    plans = _estimate_json(capsys)["plans"]
+    budget = (min(p["peak_bytes"] for p in plans) + max(p["peak_bytes"] for p in plans)) // 2
+    chosen = _estimate_json(capsys, "--budget", str(budget))["chosen"]
+    code, out, _ = run(capsys, "compile", "--expr", TWO, *SIZE, "--budget", str(budget), "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["plan"].startswith("auto -> ") and chosen != "store"
+    stack_plans = [s["plan"] for s in summary["stages"] if s["kind"] in ("rev", "res+")]
+    assert stack_plans == [p.split("(")[0] for p in chosen.split(", ")]
+
+
+def test_compile_budget_errors(capsys):
+    code, _, err = run(capsys, "compile", "--expr", TWO, *SIZE, "--budget", "1KiB")
+    assert code == 3 and "nothing fits the budget of 1.00 KiB" in err and "Traceback" not in err
+    code, _, err = run(capsys, "compile", "--expr", TWO, "--in", "16", "--out", "4", "--budget", "1GiB")
+    assert code == 2 and "needs the graph's size" in err and "--nodes" in err
+    code, _, err = run(capsys, "compile", "--expr", TWO, *SIZE, "--budget", "1GiB", "--plan", "store")
+    assert code == 2 and "cannot be combined with --plan store" in err
+
+
+def test_estimate_mem_measure_and_dry_run_sit_beside_the_estimate(capsys):
+    data = _estimate_json(capsys, "--plan", "reversible", "--measure", "--dry-run")
+    (plan,) = data["plans"]
+    assert data["chosen"] == plan["name"] == "reversible, store"  # --plan applies where valid
+    assert data["device"] == "cpu"
+    assert abs(data["measured_peak_bytes"] - plan["peak_bytes"]) <= 0.05 * data["measured_peak_bytes"]
+    assert abs(data["dry_run_peak_bytes"] - plan["peak_bytes"]) <= 0.05 * data["dry_run_peak_bytes"]
+    code, out, _ = run(capsys, "estimate-mem", "--expr", TWO, *SIZE, "--plan", "reversible", "--measure")
+    assert code == 0 and "measured on cpu, plan reversible, store:" in out and "estimate" in out
+
+
+def test_estimate_mem_takes_the_graph_from_data(capsys):
+    sbm = "sbm(nodes=1500, edges=12000, classes=4, features=16)"
+    code, out, _ = run(capsys, "estimate-mem", "--expr", TWO, "--data", sbm, "--json", "--measure")
+    assert code == 0
+    data = json.loads(out)
+    assert data["graph"]["nodes"] == 1500 and data["graph"]["edges"] > 0
+    chosen = next(p for p in data["plans"] if p["name"] == data["chosen"])
+    assert abs(data["measured_peak_bytes"] - chosen["peak_bytes"]) <= 0.05 * data["measured_peak_bytes"]
+    code, _, err = run(capsys, "estimate-mem", "--expr", TWO, "--data", sbm, "--nodes", "5", "--edges", "5")
+    assert code == 2 and "not both" in err
+    code, _, err = run(capsys, "estimate-mem", "--expr", TWO, "--data", "sbm(nodes=10, edgez=5)")
+    assert code == 2 and "edgez" in err
+
+
+def test_train_with_a_budget_runs_the_planned_plan(capsys):
+    sbm = "sbm(nodes=1500, edges=12000, classes=4, features=16)"
+    code, out, _ = run(capsys, "estimate-mem", "--expr", TWO, "--data", sbm, "--json")
+    peaks = [p["peak_bytes"] for p in json.loads(out)["plans"]]
+    budget = (min(peaks) + max(peaks)) // 2
+    code, out, _ = run(capsys, "train", "--expr", TWO, "--data", sbm, "--epochs", "2", "--budget", str(budget), "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["plan"] != "store+store+store+store"
+    assert result["peak_bytes"] <= budget * 1.05
+    code, _, err = run(capsys, "train", "--expr", TWO, "--data", sbm, "--epochs", "2", "--budget", "1KiB")
+    assert code == 3 and "nothing fits" in err

@@ -4,7 +4,6 @@ answers, monotonicity, and the JSON of ``estimate-mem --json``."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -139,16 +138,24 @@ def test_dtype_scales_the_float_tensors() -> None:
     assert 1.5 < f64.plans[0].peak_bytes / f32.plans[0].peak_bytes < 2.0  # indices stay int64
 
 
-def test_estimate_is_fast_at_revgnn_deep_sizes() -> None:
+def test_estimation_runs_no_tensor_operation_at_revgnn_deep_sizes() -> None:
+    """The estimate is arithmetic on shapes: not one torch operation runs, at any size (its speed
+    is measured by benchmarks/estimator_latency.py, not asserted here)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
     spec = gnnspec.load(Path(__file__).resolve().parent.parent / "specs" / "revgnn_deep.gnn")
-    estimate_spec(spec, nodes=1000, edges=5000, plan="store")  # table loaded, imports done
-    start = time.perf_counter()
-    est = estimate_spec(spec, nodes=132534, edges=79122504, plan="reversible")
-    assert time.perf_counter() - start < 0.05
-    assert est.plans[0].peak_bytes > 0
-    start = time.perf_counter()
-    estimate_spec(spec, nodes=132534, edges=79122504, budget="80GiB")  # every plan, segment search
-    assert time.perf_counter() - start < 1.0
+    with Count():
+        est = estimate_spec(spec, nodes=132534, edges=79122504, budget="80GiB")
+    assert Count.calls == 0
+    assert {p.name for p in est.plans} >= {"store", "reversible"}
+    assert all(p.peak_bytes > 0 for p in est.plans)
 
 
 # ---------------------------------------------------------------------------- the answer

@@ -95,3 +95,59 @@ def test_a_stage_plan_in_the_spec_is_kept() -> None:
 def test_a_fixed_plan_is_estimated_alone() -> None:
     est = estimate_spec(REV, plan="checkpoint(segments=4)", **GRAPH)
     assert [p.name for p in est.plans] == ["checkpoint(segments=4)"]
+
+
+# ---------------------------------------------------------------------------- build(plan="auto")
+
+SMALL = dict(nodes=4000, edges=40000)
+TWO_STACKS = "rev(op=gcn, depth=6, hidden=32, dropout=0.2) >> res+(op=gcn, depth=8, hidden=32)"
+
+
+def test_build_auto_runs_the_plan_the_planner_chose() -> None:
+    peaks = _peaks(REV)
+    budget = (peaks["reversible"] + peaks["store"]) // 2
+    est = estimate_spec(REV, budget=budget, **GRAPH)
+    model = gnnspec.build(REV, 128, 40, plan="auto", budget=budget, nodes=GRAPH["nodes"], edges=GRAPH["edges"])
+    assert [p.kind for p in est.chosen_assignment] == [
+        {"checkpoint": "checkpoint"}.get(k, k) for k in model.plans]
+    assert "store" not in model.plans[1]
+    # a roomy budget: store everywhere
+    model = gnnspec.build(REV, 128, 40, plan="auto", budget=peaks["store"] + 1, **{k: GRAPH[k] for k in ("nodes", "edges")})
+    assert model.plans == ("store", "store", "store")
+
+
+def test_build_takes_an_estimate_or_its_chosen_name() -> None:
+    est = estimate_spec(TWO_STACKS, in_channels=16, out_channels=4, **SMALL)
+    tight = min(p.peak_bytes for p in est.plans)
+    est = estimate_spec(TWO_STACKS, in_channels=16, out_channels=4, budget=tight, **SMALL)
+    assert est.chosen is not None and "," in est.chosen  # one plan per stack, e.g. "reversible, checkpoint(..)"
+    by_name = gnnspec.build(TWO_STACKS, 16, 4, plan=est.chosen)
+    by_estimate = gnnspec.build(TWO_STACKS, 16, 4, plan=est)
+    assert by_name.plans == by_estimate.plans
+    assert [p.split("(")[0] for p in by_name.plans] == [p.kind for p in est.chosen_assignment]
+
+
+def test_build_uses_the_specs_auto_budget_and_graph() -> None:
+    peaks = sorted(p.peak_bytes for p in estimate_spec(TWO_STACKS, in_channels=16, out_channels=4, **SMALL).plans)
+    budget = (peaks[0] + peaks[-1]) // 2
+    text = f"model: {TWO_STACKS}\ngraph: nodes=4000, edges=40000, features=16, classes=4\nplan: auto(budget={budget})"
+    spec = gnnspec.parse(text, form="gnn")
+    est = estimate_with_planner(spec, nodes=4000, edges=40000)
+    model = gnnspec.build(spec, 16, 4)
+    assert est.chosen != "store" and est.chosen_plan.peak_bytes <= budget
+    assert [p.kind for p in est.chosen_assignment] == list(model.plans)
+
+
+def test_build_auto_needs_a_graph_size_and_raises_no_fit() -> None:
+    from gnnspec.plan import MissingGraphSize
+
+    with pytest.raises(MissingGraphSize, match="needs the graph's size"):
+        gnnspec.build(REV, 128, 40, plan="auto", budget="1GiB")
+    with pytest.raises(NoFit, match="nothing fits the budget of 1.00 KiB"):
+        gnnspec.build(REV, 128, 40, plan="auto", budget="1KiB", nodes=GRAPH["nodes"], edges=GRAPH["edges"])
+
+
+def test_build_auto_without_any_budget_runs_store(monkeypatch) -> None:
+    monkeypatch.setattr("gnnspec.plan.default_budget", lambda: None)
+    model = gnnspec.build(REV, 128, 40, plan="auto")
+    assert model.plans == ("store", "store", "store")
