@@ -158,6 +158,12 @@ def tie_needs_equal_widths(spec: ir.Spec) -> Iterator[SpecError]:
                 "`tie` cannot share weights in a `dense` stack",
                 "each layer of a dense stack sees a wider input, so its weights differ in shape",
             )
+        if isinstance(stage, ir.Plain) and stage.tie and stage.depth > 1 and not stage.project:
+            yield _error(
+                stage.span("tie"),
+                "`tie` cannot share weights with `project=false`",
+                "the first layer takes the input width, so its weights differ in shape; drop one of them",
+            )
 
 
 def gcnii_uses_gcn(spec: ir.Spec) -> Iterator[SpecError]:

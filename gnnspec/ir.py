@@ -279,10 +279,15 @@ class Stack(IRModel):
 
 
 class Plain(Stack):
-    """``x = drop(act(norm(conv(x))))``, ``depth`` times."""
+    """``x = drop(act(norm(conv(x))))``, ``depth`` times.
+
+    ``project=false`` (an extension of SPEC.md): no linear projection is inserted in front when the
+    input width differs from ``hidden``; the first convolution maps the input width to ``hidden``
+    itself, as torch-geometric's models (``GAT``, ``GCN``) and the papers' first layers do."""
 
     kind: Literal["plain"]
     jk: JkName = "none"
+    project: bool = True
 
 
 class Res(Stack):

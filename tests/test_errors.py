@@ -211,6 +211,8 @@ CATALOGUE = [
     row("jk-on-deq", "model: deq(jk=last)", "gnn", 1, 12, "`deq` has no argument `jk`", "one fixed point"),
     row("gcnii-with-gat", "model: gcnii(op=gat)", "gnn", 1, 17, "`op=gat` is not supported", "leave `op` out"),
     row("dense-tie", "model: dense(tie=true, depth=3)", "gnn", 1, 18, "`tie` cannot share weights in a `dense` stack"),
+    row("plain-tie-unprojected", "model: plain(project=false, tie=true, depth=3)", "gnn", 1, 33,
+        "`tie` cannot share weights with `project=false`", "drop one of them"),
     row("gen-t-zero", "model: plain(op=gen(t=0))", "gnn", 1, 23, "`t` of `gen` must be above 0"),
     row("cheb-k-zero", "model: plain(op=cheb(k=0))", "gnn", 1, 24, "`k` of `cheb` must be at least 1"),
     row("appnp-alpha", "model: appnp(alpha=2)", "gnn", 1, 20, "`alpha` must be in [0, 1]"),

@@ -41,6 +41,8 @@ GRID = [
     ("res+(op=gen(learn_t=true), depth=4, norm=layer, dropout=0.1, hidden=16)", 600, 4000, 8, 6, "checkpoint(segments=2)"),
     ("res+(op=gat(heads=2), depth=3, norm=batch, hidden=16)", 700, 4200, 12, 4, "store"),
     ("plain(op=gin, depth=2, jk=max, hidden=32)", 700, 4000, 12, 4, "store"),
+    ("plain(op=gat(heads=4), depth=3, project=false, norm=batch, dropout=0.2, hidden=32)", 700, 4200, 60, 4,
+     "checkpoint(segments=2)"),
     ("rev(op=gcn, depth=5, norm=batch, dropout=0.3, hidden=32)", 800, 6000, 16, 4, "reversible"),
     ("rev(op=gen, depth=4, groups=4, norm=layer, dropout=0.1, hidden=32)", 600, 5000, 8, 4, "store"),
     ("rev(op=sage, depth=6, norm=layer, hidden=32)", 700, 5000, 16, 4, "checkpoint(segments=3)"),

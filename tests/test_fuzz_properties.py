@@ -71,7 +71,7 @@ KEYWORDS = {"true", "false", "auto", "none"}
 # list honest when the IR grows.
 KNOWN_FIELDS = {
     "op", "depth", "hidden", "norm", "act", "dropout", "tie", "plan", "weight_decay", "jk", "groups",
-    "alpha", "theta", "solver", "max_iter", "tol", "k", "dim", "bias", "dims", "p", "fn", "type",
+    "alpha", "theta", "solver", "max_iter", "tol", "k", "dim", "bias", "dims", "p", "fn", "type", "project",
 }
 
 
@@ -240,6 +240,8 @@ def stage_tokens(draw, kind: str, spec_hidden: int) -> Tokens:
             value = [draw(st.one_of(int_text(1, 4096), st.sampled_from(("auto", "none"))))]
         elif f == "bias":
             value = [draw(enum(("true", "false")))]
+        elif f == "project":  # project=false cannot be tied
+            value = ["true"] if tie else [draw(enum(("true", "false")))]
         elif f == "dims":
             items = draw(st.lists(int_text(1, 512), max_size=4))
             value = ["["] + [t for i, item in enumerate(items) for t in ([","] if i else []) + [item]]

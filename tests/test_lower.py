@@ -211,6 +211,27 @@ def test_widths_insert_projections_and_take_data_widths():
         resolve_widths(fixed, 7, 3)
 
 
+def test_plain_without_projection_starts_at_the_input_width():
+    """`project=false`: no linear in front; the first convolution maps the input width itself, as
+    torch-geometric's GAT model does, with the same parameter shapes."""
+    from torch_geometric.nn import GATConv
+
+    text = "plain(op=gat(heads=8), depth=2, hidden=64, project=false) >> plain(op=gat(heads=1), hidden=7, depth=1, project=false, act=none)"
+    resolved = resolve_widths(gnnspec.parse(text), 1433, 7)
+    assert [(r.stage.kind, r.in_width, r.out_width, r.inserted) for r in resolved] == [
+        ("plain", 1433, 64, False), ("plain", 64, 7, False)]
+    model = gnnspec.build(text, 1433, 7)
+    convs = [m for m in model.modules() if isinstance(m, GATConv)]
+    assert [(c.in_channels, c.out_channels, c.heads) for c in convs] == [(1433, 8, 8), (64, 8, 8), (64, 7, 1)]
+    torch.manual_seed(0)
+    reference = GATConv(1433, 8, heads=8, add_self_loops=False)
+    assert [p.shape for p in convs[0].parameters()] == [p.shape for p in reference.parameters()]
+    x, edge_index = torch.randn(30, 1433), torch.randint(0, 30, (2, 90))
+    assert model(x, edge_index).shape == (30, 7)
+    projected = resolve_widths(gnnspec.parse("plain(op=gat(heads=8), depth=2, hidden=64)"), 1433, 7)
+    assert [r.stage.kind for r in projected] == ["linear", "plain", "linear"]
+
+
 def test_linear_in_last_place_maps_to_out():
     model = gnnspec.build("hidden: 16\nmodel: rev >> linear", 5, 4)
     assert [s.kind for s in model.stages] == ["linear", "rev", "linear"]

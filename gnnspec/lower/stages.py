@@ -111,6 +111,7 @@ class LayerStack(Stage):
         self.op_name = "gcn2" if stage.kind == "gcnii" else stage.op.name
         self.segments = _segments(plan if isinstance(plan, ir.Checkpoint) else None, stage.depth)
         widths = [hidden * (i + 1) if stage.kind == "dense" else hidden for i in range(stage.depth)]
+        widths[0] = resolved.in_width  # a plain stack with project=false starts at the input width
         self.layers, self.table = _layers(
             lambda i: ConvLayer(stage.kind, stage, hidden, in_channels=widths[i], layer=i + 1), stage.depth, stage.tie
         )

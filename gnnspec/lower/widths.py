@@ -54,7 +54,7 @@ def resolve_widths(spec: ir.Spec, in_channels: int | None = None, out_channels: 
     for index, stage in enumerate(spec.model):
         if isinstance(stage, ir.Stack):
             hidden = stack_hidden(spec, stage)
-            if width != hidden:
+            if width != hidden and getattr(stage, "project", True):
                 resolved.append(ResolvedStage(ir.Linear(kind="linear", dim=hidden), width, hidden, inserted=True))
                 width = hidden
             out = stack_output_width(stage, hidden)

@@ -348,6 +348,8 @@ class StageModel:
             norm, act, drop = self._glue(h)
             return drop + [Unit("op:gcn2", N=g.nodes, E=g.edges, D=h, s=g.s)] + norm + act
         in_width = h * (layer + 1) if kind == "dense" else h
+        if layer == 0:
+            in_width = self.resolved.in_width  # plain(project=false) starts at the input width
         norm_width = in_width if kind == "res+" else h
         norm, act, drop = self._glue(norm_width)
         if kind == "res+":
@@ -407,7 +409,7 @@ class StageModel:
         if kind == "deq":
             per_layer = len(self.layer_units()) // st.depth
             return [b for u in self.layer_units()[:per_layer] for b in get(u)] * layers
-        if kind != "dense":
+        if kind != "dense" and not (kind == "plain" and self.resolved.in_width != self.hidden):
             units = self.layer_units(0) * (st.groups if kind == "rev" else 1)
             return [b for u in units for b in get(u)] * layers
         return [b for layer in range(layers) for u in self.layer_units(layer) for b in get(u)]
