@@ -1,4 +1,4 @@
-"""gnnspec in one page: parse a spec, build it under two plans, train it, compare memory.
+"""gnnspec in one page: parse a spec, estimate its memory per plan, let the planner fit a budget, train.
 
     python examples/quickstart.py [--data-root ../shared/data/planetoid] [--epochs 50]
 
@@ -16,8 +16,7 @@ import torch
 
 import gnnspec
 from gnnspec.data import load_data
-from gnnspec.memory.measure import measure_step_peak
-from gnnspec.train import train
+from gnnspec.train import measure_spec, train
 
 SPEC = """
 # A small RevGNN: 2 channel groups, 32 weight-tied reversible GCN layers.
@@ -45,17 +44,22 @@ def main() -> None:
         data = load_data("sbm(nodes=2708, edges=10556, classes=7, features=128)")
     print(data)
 
-    for plan in ("store", "reversible"):
-        torch.manual_seed(0)
-        model = gnnspec.build(spec, data.num_features, data.num_classes, plan=plan)
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.005)
-        peak = measure_step_peak(model, data.x, data.edge_index, data.y, optimizer)
-        print(f"plan {plan:<10}  training-step peak {peak / 2**20:7.1f} MiB")
+    # Before anything runs: the training-step peak of every plan, analytically; then the real
+    # step of each plan, measured, beside it.
+    est = gnnspec.estimate(spec, nodes=data.num_nodes, edges=data.num_edges,
+                           in_channels=data.num_features, out_channels=data.num_classes)
+    for plan in est.plans:
+        measured = measure_spec(spec, data=data, plan=plan.stages).peak_bytes
+        print(f"plan {plan.name:<24} estimated {plan.peak_bytes / 2**20:7.2f} MiB   "
+              f"measured {measured / 2**20:7.2f} MiB   relative time {plan.relative_time:.2f}")
 
-    _, result = train(spec, data, epochs=args.epochs, plan="reversible")
+    # A budget below what `store` needs: the planner picks the fastest plan that fits.
+    budget = (est.plan("store").peak_bytes + est.plan("reversible").peak_bytes) // 2
+    _, result = train(spec, data, epochs=args.epochs, plan="auto", budget=budget)
     print(
-        f"reversible training: test accuracy {result.test_acc:.3f} at epoch {result.best_epoch} "
-        f"(validation {result.val_acc:.3f}), {result.seconds:.1f} s"
+        f"trained under a {budget / 2**20:.1f} MiB budget with plan {result.plan}: test accuracy "
+        f"{result.test_acc:.3f} at epoch {result.best_epoch} (validation {result.val_acc:.3f}), "
+        f"step peak {result.peak_bytes / 2**20:.2f} MiB, {result.seconds:.1f} s"
     )
 
 
