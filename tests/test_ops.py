@@ -172,7 +172,7 @@ def test_stage_convs_give_the_stock_layers_on_the_raw_graph():
     torch.manual_seed(0)
     x, edge_index = _graph(channels=8)
     x_0 = torch.randn_like(x)
-    graph = _prepare(edge_index, forms=["gcn_norm"])
+    graph = _prepare(edge_index, forms=[graph_form("gcn2")])
     gcn2 = make_gcn2(8, alpha=0.1, theta=0.5, layer=3).double()
     stock = _same_weights(gcn2, GCN2Conv(8, alpha=0.1, theta=0.5, layer=3))
     out = call_conv(gcn2, "gcn2", x, graph, x_0=x_0)
@@ -196,7 +196,7 @@ def _dense_gcn_adjacency(edge_index: Tensor) -> Tensor:
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_sgc_is_the_kth_power_of_the_normalised_adjacency(k: int):
     x, edge_index = _graph(channels=8, loops=False)  # directed, no duplicates
-    out = call_conv(make_sgc(k), "sgc", x, _prepare(edge_index, forms=["gcn_norm"]))
+    out = call_conv(make_sgc(k), "sgc", x, _prepare(edge_index, forms=[graph_form("sgc")]))
     assert not list(make_sgc(k).parameters())
     dense = torch.linalg.matrix_power(_dense_gcn_adjacency(edge_index), k) @ x
     torch.testing.assert_close(out, dense, rtol=0, atol=1e-12)
@@ -270,7 +270,7 @@ def test_cache_adds_missing_forms_and_keeps_prepared_ones(monkeypatch):
     assert second.gcn_edge_weight is first.gcn_edge_weight
     cache.prepare(edge_index, num_nodes=N, dtype=torch.float32, forms=["gcn_norm"])
     assert calls[0] == 2  # weights in another dtype
-    with pytest.raises(ValueError, match="graph form 'gcn_norm' was not prepared"):
+    with pytest.raises(ValueError, match="graph form 'gcn_csr' was not prepared"):
         raw = GraphCache().prepare(edge_index, num_nodes=N, dtype=torch.float32)
         call_conv(make_conv(_op("gcn"), 8), "gcn", torch.zeros(N, 8), raw)
 
@@ -280,8 +280,8 @@ def test_graph_prepared_in_inference_mode_is_not_reused_for_training():
     conv = make_conv(_op("gcn"), 8).double()
     cache = GraphCache()
     with torch.inference_mode():
-        cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=["gcn_norm"])
-    graph = cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=["gcn_norm"])
+        cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=[graph_form("gcn")])
+    graph = cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=[graph_form("gcn")])
     call_conv(conv, "gcn", x, graph).sum().backward()
     assert conv.lin.weight.grad is not None
 
