@@ -213,7 +213,9 @@ class CsrAdjacency:
         if self._matrices is None or isinstance(x, FakeTensor):
             out = x.new_empty(self.num_nodes, x.shape[-1])
         else:
-            out = torch.mm(self._matrices[0], x)  # allocates only its output (torch.sparse.mm: 2x)
+            # autocast would cast the CSR operand to a dtype its kernel lacks
+            with torch.autocast(x.device.type, enabled=False):
+                out = torch.mm(self._matrices[0], x)  # allocates only its output (torch.sparse.mm: 2x)
         return out.to(out_dtype)
 
 

@@ -385,6 +385,26 @@ def test_csr_matrices_are_built_once_per_graph_and_reused(monkeypatch):
     assert model.graph_cache.graph.mean_adjacency is first.mean_adjacency
 
 
+def test_csr_propagation_in_half_precision_and_under_autocast():
+    # torch's CPU sparse kernels lack bfloat16: the values are kept in float32, outputs follow
+    # type promotion as the edge-index messages (x_j * edge_weight) do
+    x, edge_index = _graph(channels=8)
+    conv = make_conv(_op("gcn"), 8)
+    graph = GraphCache().prepare(edge_index, num_nodes=N, dtype=torch.float32, forms=["gcn_csr"])
+    reference = call_conv(conv, "gcn", x.float(), graph)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call_conv(conv, "gcn", x.float(), graph)
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+    half = GraphCache().prepare(edge_index, num_nodes=N, dtype=torch.bfloat16, forms=["gcn_csr"])
+    assert half.gcn_adjacency.parts[2].dtype == torch.float32
+    assert half.nbytes == graph.nbytes
+    xb = x.bfloat16().requires_grad_()
+    out = call_conv(conv.bfloat16(), "gcn", xb, half)
+    out.float().sum().backward()
+    assert out.dtype == xb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+
+
 # ---------------------------------------------------------------------------- user ops
 
 
