@@ -39,9 +39,11 @@ its documented function only when called through :func:`call_conv`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
@@ -126,6 +128,15 @@ _CSR_FORMS: dict[str, tuple[str, Callable[[int, int], int]]] = {
 }
 
 
+@contextlib.contextmanager
+def _quiet_sparse_csr():
+    # torch warns once per process that CSR support is "beta" and that invariant checks are
+    # off; neither says anything to a gnnspec user
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse (CSR tensor support|invariant checks)")
+        yield
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # torch's CPU sparse-dense kernels have no float16/bfloat16: such values are kept in float32.
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -160,16 +171,18 @@ class CsrAdjacency:
         self._matrices: tuple[Tensor, Tensor] | None = None
         if not self.is_fake:
             size = (self.num_nodes, self.num_nodes)
-            self._matrices = (torch.sparse_csr_tensor(*parts, size=size),
-                              torch.sparse_csr_tensor(*transpose_parts, size=size))
+            with _quiet_sparse_csr():
+                self._matrices = (torch.sparse_csr_tensor(*parts, size=size),
+                                  torch.sparse_csr_tensor(*transpose_parts, size=size))
 
     @classmethod
     def from_edges(cls, edge_index: Tensor, weight: Tensor, num_nodes: int, dtype: torch.dtype) -> "CsrAdjacency":
         """``A[i, j] = sum of weight[k] over the edges k = (j -> i)`` of ``edge_index [2, E]``."""
         size = (num_nodes, num_nodes)
         weight = weight.to(_compute_dtype(dtype))
-        by_target = to_torch_csr_tensor(edge_index.flip(0), weight, size=size)
-        by_source = to_torch_csr_tensor(edge_index, weight, size=size)
+        with _quiet_sparse_csr():
+            by_target = to_torch_csr_tensor(edge_index.flip(0), weight, size=size)
+            by_source = to_torch_csr_tensor(edge_index, weight, size=size)
         # copies: a component may be a view into a larger storage (a row of a sorted [2, E] index)
         parts = [(m.crow_indices().clone(), m.col_indices().clone(), m.values().clone())
                  for m in (by_target, by_source)]
