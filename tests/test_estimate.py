@@ -210,7 +210,7 @@ def test_inputs_count_features_edges_labels_and_prepared_graph() -> None:
 
     est = estimate_spec("plain(op=gcn, depth=1, hidden=8)", nodes=1000, edges=7000, in_channels=8, out_channels=8,
                         plan="store")
-    expected = 1000 * 8 * 4 + 2 * 7000 * 8 + 1000 * 8 + prepared_bytes({"raw", "gcn_norm"}, 1000, 7000, 4)
+    expected = 1000 * 8 * 4 + 2 * 7000 * 8 + 1000 * 8 + prepared_bytes({"raw", "gcn_csr"}, 1000, 7000, 4)
     assert est.plans[0].breakdown["inputs"] == expected
 
 

@@ -9,8 +9,8 @@ import torch_geometric.nn.conv.eg_conv as pyg_eg_conv
 import torch_geometric.nn.conv.gcn2_conv as pyg_gcn2_conv
 import torch_geometric.nn.conv.gcn_conv as pyg_gcn_conv
 from torch import Tensor
-from torch_geometric.nn import APPNP, ChebConv, EGConv, GATConv, GATv2Conv, GCN2Conv, GCNConv, SGConv
-from torch_geometric.utils import coalesce, remove_self_loops
+from torch_geometric.nn import APPNP, ChebConv, EGConv, GATConv, GATv2Conv, GCN2Conv, GCNConv, SAGEConv, SGConv
+from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 
 import gnnspec
 import gnnspec.ops as ops
@@ -172,7 +172,7 @@ def test_stage_convs_give_the_stock_layers_on_the_raw_graph():
     torch.manual_seed(0)
     x, edge_index = _graph(channels=8)
     x_0 = torch.randn_like(x)
-    graph = _prepare(edge_index, forms=["gcn_norm"])
+    graph = _prepare(edge_index, forms=[graph_form("gcn2")])
     gcn2 = make_gcn2(8, alpha=0.1, theta=0.5, layer=3).double()
     stock = _same_weights(gcn2, GCN2Conv(8, alpha=0.1, theta=0.5, layer=3))
     out = call_conv(gcn2, "gcn2", x, graph, x_0=x_0)
@@ -196,7 +196,7 @@ def _dense_gcn_adjacency(edge_index: Tensor) -> Tensor:
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_sgc_is_the_kth_power_of_the_normalised_adjacency(k: int):
     x, edge_index = _graph(channels=8, loops=False)  # directed, no duplicates
-    out = call_conv(make_sgc(k), "sgc", x, _prepare(edge_index, forms=["gcn_norm"]))
+    out = call_conv(make_sgc(k), "sgc", x, _prepare(edge_index, forms=[graph_form("sgc")]))
     assert not list(make_sgc(k).parameters())
     dense = torch.linalg.matrix_power(_dense_gcn_adjacency(edge_index), k) @ x
     torch.testing.assert_close(out, dense, rtol=0, atol=1e-12)
@@ -270,7 +270,7 @@ def test_cache_adds_missing_forms_and_keeps_prepared_ones(monkeypatch):
     assert second.gcn_edge_weight is first.gcn_edge_weight
     cache.prepare(edge_index, num_nodes=N, dtype=torch.float32, forms=["gcn_norm"])
     assert calls[0] == 2  # weights in another dtype
-    with pytest.raises(ValueError, match="graph form 'gcn_norm' was not prepared"):
+    with pytest.raises(ValueError, match="graph form 'gcn_csr' was not prepared"):
         raw = GraphCache().prepare(edge_index, num_nodes=N, dtype=torch.float32)
         call_conv(make_conv(_op("gcn"), 8), "gcn", torch.zeros(N, 8), raw)
 
@@ -280,8 +280,8 @@ def test_graph_prepared_in_inference_mode_is_not_reused_for_training():
     conv = make_conv(_op("gcn"), 8).double()
     cache = GraphCache()
     with torch.inference_mode():
-        cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=["gcn_norm"])
-    graph = cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=["gcn_norm"])
+        cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=[graph_form("gcn")])
+    graph = cache.prepare(edge_index, num_nodes=N, dtype=torch.float64, forms=[graph_form("gcn")])
     call_conv(conv, "gcn", x, graph).sum().backward()
     assert conv.lin.weight.grad is not None
 
@@ -291,6 +291,118 @@ def test_prepared_bytes_matches_the_prepared_tensors():
     graph = _prepare(edge_index)
     assert graph.nbytes == prepared_bytes(GRAPH_FORMS, N, edge_index.size(1), value_bytes=8)
     assert prepared_bytes(["raw"], N, edge_index.size(1), value_bytes=8) == 0
+
+
+# ---------------------------------------------------------------------------- cached-CSR propagation
+
+
+def _csr_test_graph(undirected: bool) -> Tensor:
+    """Directed: random edges among nodes 0..8 (9..11 isolated, some nodes without in-edges).
+    Undirected: the same, symmetrised."""
+    gen = torch.Generator().manual_seed(3)
+    edge_index = torch.randint(0, 9, (2, 30), generator=gen)
+    edge_index, _ = remove_self_loops(coalesce(edge_index, num_nodes=N))
+    return to_undirected(edge_index, num_nodes=N) if undirected else edge_index
+
+
+def _csr_cases():
+    """(name, our conv, the stock layer, call on a prepared graph, call of the stock layer)."""
+    def ours(name, conv):
+        return lambda x, x_0, graph: call_conv(conv, name, x, graph, x_0=x_0 if name == "gcn2" else None)
+
+    gcn = make_conv(_op("gcn"), 8)
+    sage = make_conv(_op("sage"), 8)
+    gcn2 = make_gcn2(8, alpha=0.1, theta=0.5, layer=2)
+    appnp, sgc = make_appnp(k=3, alpha=0.2), make_sgc(k=2)
+    sgconv = SGConv(8, 8, K=2).double()
+    return [
+        ("gcn", gcn.double(), ours("gcn", gcn), _same_weights(gcn, GCNConv(8, 8, normalize=True)),
+         lambda m, x, x_0, ei: m(x, ei)),
+        ("sage", sage.double(), ours("sage", sage), _same_weights(sage, SAGEConv(8, 8, aggr="mean")),
+         lambda m, x, x_0, ei: m(x, ei)),
+        ("gcn2", gcn2.double(), ours("gcn2", gcn2), _same_weights(gcn2, GCN2Conv(8, alpha=0.1, theta=0.5, layer=2)),
+         lambda m, x, x_0, ei: m(x, x_0, ei)),
+        ("appnp", appnp, ours("appnp", appnp), APPNP(K=3, alpha=0.2), lambda m, x, x_0, ei: m(x, ei)),
+        # SGConv = its linear layer after sgc's propagation: compare through SGConv's own weights
+        ("sgc", sgconv, lambda x, x_0, graph: sgconv.lin(call_conv(sgc, "sgc", x, graph)), SGConv(8, 8, K=2).double(),
+         lambda m, x, x_0, ei: m(x, ei)),
+    ]
+
+
+@pytest.mark.parametrize("undirected", [False, True], ids=["directed", "undirected"])
+def test_csr_propagation_gives_the_stock_layers_outputs_and_every_gradient(undirected: bool):
+    torch.manual_seed(0)
+    edge_index = _csr_test_graph(undirected)
+    for name, module, call, stock, stock_call in _csr_cases():
+        stock.load_state_dict(module.state_dict())
+        x, x_0 = torch.randn(N, 8, dtype=torch.float64), torch.randn(N, 8, dtype=torch.float64)
+        graph = _prepare(edge_index, forms=[graph_form(_op(name) if name in ("gcn", "sage") else name)])
+        inputs = [(x.clone().requires_grad_(), x_0.clone().requires_grad_()) for _ in range(2)]
+        outs = [call(*inputs[0], graph), stock_call(stock, *inputs[1], edge_index)]
+        grad = torch.randn_like(outs[0])
+        for out in outs:
+            (out * grad).sum().backward()
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-10, msg=name)
+        for ours, theirs in zip(inputs[0], inputs[1]):
+            if theirs.grad is not None or ours.grad is not None:
+                torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=1e-10, msg=name)
+        params = dict(stock.named_parameters())
+        for key, param in module.named_parameters():
+            torch.testing.assert_close(param.grad, params[key].grad, rtol=0, atol=1e-10, msg=f"{name} {key}")
+
+
+def test_csr_layers_keep_the_stock_state_dict():
+    stock = {
+        "gcn": GCNConv(8, 8), "sage": SAGEConv(8, 8), "gcn2": GCN2Conv(8, alpha=0.1),
+        "appnp": APPNP(K=2, alpha=0.1),
+    }
+    ours = {"gcn": make_conv(_op("gcn"), 8), "sage": make_conv(_op("sage"), 8), "gcn2": make_gcn2(8, 0.1, 0.5, 1),
+            "appnp": make_appnp(2, 0.1)}
+    for name, conv in ours.items():
+        assert isinstance(conv, ops.CsrPropagation), name
+        assert {k: v.shape for k, v in conv.state_dict().items()} == {
+            k: v.shape for k, v in stock[name].state_dict().items()}, name
+    assert not isinstance(make_conv(_op("sage", aggr="max"), 8), ops.CsrPropagation)
+    assert graph_form(_op("sage", aggr="max")) == "raw" and graph_form(_op("sage")) == "mean_csr"
+
+
+def test_csr_matrices_are_built_once_per_graph_and_reused(monkeypatch):
+    built: list[int] = []
+    real = ops.CsrAdjacency.from_edges.__func__
+
+    def counting(cls, *args, **kwargs):
+        built.append(1)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ops.CsrAdjacency, "from_edges", classmethod(counting))
+    model = gnnspec.build("plain(op=gcn, depth=2) >> res(op=sage, depth=2) >> appnp(k=2)", in_channels=8, out_channels=3)
+    x, edge_index = _graph(channels=8)
+    model(x.float(), edge_index).sum().backward()
+    first = model.graph_cache.graph
+    model(x.float(), edge_index).sum().backward()
+    assert len(built) == 2  # gcn_csr and mean_csr, once each
+    assert model.graph_cache.graph.gcn_adjacency is first.gcn_adjacency
+    assert model.graph_cache.graph.mean_adjacency is first.mean_adjacency
+
+
+def test_csr_propagation_in_half_precision_and_under_autocast():
+    # torch's CPU sparse kernels lack bfloat16: the values are kept in float32, outputs follow
+    # type promotion as the edge-index messages (x_j * edge_weight) do
+    x, edge_index = _graph(channels=8)
+    conv = make_conv(_op("gcn"), 8)
+    graph = GraphCache().prepare(edge_index, num_nodes=N, dtype=torch.float32, forms=["gcn_csr"])
+    reference = call_conv(conv, "gcn", x.float(), graph)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call_conv(conv, "gcn", x.float(), graph)
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+    half = GraphCache().prepare(edge_index, num_nodes=N, dtype=torch.bfloat16, forms=["gcn_csr"])
+    assert half.gcn_adjacency.parts[2].dtype == torch.float32
+    assert half.nbytes == graph.nbytes
+    xb = x.bfloat16().requires_grad_()
+    out = call_conv(conv.bfloat16(), "gcn", xb, half)
+    out.float().sum().backward()
+    assert out.dtype == xb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
 
 
 # ---------------------------------------------------------------------------- user ops

@@ -57,7 +57,9 @@ def test_checkpoint_gets_the_fewest_segments_that_fit() -> None:
 
 def test_nothing_fits_raises_no_fit_with_what_would_fit() -> None:
     peaks = _peaks(REV)
-    budget = min(peaks.values()) // 2
+    # below the leanest plan at the spec's width, above the leanest at width 8: fewer channels fit
+    narrow = gnnspec.parse(REV).model_copy(update={"hidden": 8})
+    budget = (min(p.peak_bytes for p in estimate_spec(narrow, **GRAPH).plans) + min(peaks.values())) // 2
     with pytest.raises(NoFit) as info:
         plan_spec(REV, budget=budget, **GRAPH)
     err = info.value

@@ -109,6 +109,7 @@ class LayerStack(Stage):
         self.depth = stage.depth
         self.jk = getattr(stage, "jk", "none")
         self.op_name = "gcn2" if stage.kind == "gcnii" else stage.op.name
+        self.form = graph_form("gcn2" if stage.kind == "gcnii" else stage.op)
         self.segments = _segments(plan if isinstance(plan, ir.Checkpoint) else None, stage.depth)
         widths = [hidden * (i + 1) if stage.kind == "dense" else hidden for i in range(stage.depth)]
         widths[0] = resolved.in_width  # a plain stack with project=false starts at the input width
@@ -117,7 +118,7 @@ class LayerStack(Stage):
         )
 
     def graph_forms(self) -> set[str]:
-        return {graph_form(self.op_name)}
+        return {self.form}
 
     def _step(self, index: int, state: tuple[Tensor, ...], graph: PreparedGraph) -> tuple[Tensor, ...]:
         x, x0, acc = state
@@ -157,6 +158,7 @@ class RevStack(Stage):
         super().__init__("rev", plan.kind, stage.weight_decay)
         width = hidden // stage.groups
         self.op_name = stage.op.name
+        self.form = graph_form(stage.op)
         self.segments = _segments(plan if isinstance(plan, ir.Checkpoint) else None, stage.depth)
         self.dropout = SharedDropout(stage.dropout)
         build = lambda: [ConvLayer("rev", stage, width, group=i) for i in range(stage.groups)]  # noqa: E731
@@ -165,7 +167,7 @@ class RevStack(Stage):
         self.stack = ReversibleStack(blocks, reversible=plan.kind == "reversible")
 
     def graph_forms(self) -> set[str]:
-        return {graph_form(self.op_name)}
+        return {self.form}
 
     def forward(self, x: Tensor, graph: PreparedGraph) -> Tensor:
         mask = self.dropout.draw(x)
@@ -198,6 +200,7 @@ class DeqStage(Stage):
         stage: ir.Deq = resolved.stage
         super().__init__("deq", plan.kind, stage.weight_decay)
         self.op_name = stage.op.name
+        self.form = graph_form(stage.op)
         self.dropout = SharedDropout(stage.dropout)
         mode = "implicit" if plan.kind == "implicit" else "unroll"
         self.solver = DEQFixedPoint(
@@ -205,7 +208,7 @@ class DeqStage(Stage):
         )
 
     def graph_forms(self) -> set[str]:
-        return {graph_form(self.op_name)}
+        return {self.form}
 
     def forward(self, x: Tensor, graph: PreparedGraph) -> Tensor:
         mask = self.dropout.draw(x)

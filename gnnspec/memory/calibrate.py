@@ -105,20 +105,11 @@ class UnitDef:
 def _fake_graph(form: str, n: int, e: int, dtype: torch.dtype):
     from gnnspec.ops import PreparedGraph
 
-    ei = torch.empty(2, e, dtype=torch.long)
-    kw: dict[str, Tensor] = {}
-    if form == "gcn_norm":
-        kw = dict(gcn_edge_index=torch.empty(2, e + n, dtype=torch.long), gcn_edge_weight=torch.empty(e + n, dtype=dtype))
-    elif form == "self_loops":
-        kw = dict(loop_edge_index=torch.empty(2, e + n, dtype=torch.long))
-    elif form == "cheb_norm":
-        kw = dict(cheb_edge_index=torch.empty(2, e + n, dtype=torch.long), cheb_edge_weight=torch.empty(e + n, dtype=dtype))
-    return PreparedGraph(edge_index=ei, num_nodes=n, **kw)
+    return PreparedGraph.placeholder(torch.empty(2, e, dtype=torch.long), n, [form], dtype)
 
 
 def _graph_tensors(graph) -> list[Tensor]:
-    return [t for t in (graph.edge_index, graph.gcn_edge_index, graph.gcn_edge_weight, graph.loop_edge_index,
-                        graph.cheb_edge_index, graph.cheb_edge_weight) if t is not None]
+    return [graph.edge_index, *graph.prepared_tensors()]
 
 
 def _points_op(heads: bool, same_width: bool = False):
@@ -157,7 +148,7 @@ def _op_unit(name: str, args: dict[str, Any], widen: bool = False) -> UnitDef:
 
     sig = OP_SIGNATURES[name]
     heads = sig.heads is not None
-    form = graph_form(name)
+    form = graph_form(Op(name=name, args=tuple(args.items())))
 
     def build(pt: dict[str, int], dtype: torch.dtype) -> Built:
         full = {p.name: args.get(p.name, p.default) for p in sig.params}
@@ -186,7 +177,7 @@ def _conv_skeleton(kind: str, name: str, args: dict[str, Any], widen: bool) -> U
 
     sig = OP_SIGNATURES[name]
     heads = sig.heads is not None
-    form = graph_form(name)
+    form = graph_form(Op(name=name, args=tuple(args.items())))
 
     def build(pt: dict[str, int], dtype: torch.dtype) -> Built:
         full = {p.name: args.get(p.name, p.default) for p in sig.params}
@@ -210,11 +201,11 @@ def _conv_skeleton(kind: str, name: str, args: dict[str, Any], widen: bool) -> U
 
 
 def _gcn2_unit() -> UnitDef:
-    from gnnspec.ops import call_conv, make_gcn2
+    from gnnspec.ops import call_conv, graph_form, make_gcn2
 
     def build(pt: dict[str, int], dtype: torch.dtype) -> Built:
         conv = make_gcn2(pt["D"], 0.1, 0.5, 1)
-        graph = _fake_graph("gcn_norm", pt["N"], pt["E"], dtype)
+        graph = _fake_graph(graph_form("gcn2"), pt["N"], pt["E"], dtype)
         return Built(
             conv,
             lambda x, X0: call_conv(conv, "gcn2", x, graph, x_0=X0),
@@ -227,11 +218,11 @@ def _gcn2_unit() -> UnitDef:
 
 
 def _prop_unit(kind: str, k: int) -> UnitDef:
-    from gnnspec.ops import call_conv, make_appnp, make_sgc
+    from gnnspec.ops import call_conv, graph_form, make_appnp, make_sgc
 
     def build(pt: dict[str, int], dtype: torch.dtype) -> Built:
         prop = make_appnp(k, 0.1) if kind == "appnp" else make_sgc(k)
-        graph = _fake_graph("gcn_norm", pt["N"], pt["E"], dtype)
+        graph = _fake_graph(graph_form(kind), pt["N"], pt["E"], dtype)
         return Built(prop, lambda x: call_conv(prop, kind, x, graph), (pt["N"], pt["D"]), keep=_graph_tensors(graph))
 
     return UnitDef(f"{kind}:{k}", ("N", "E", "D"), build, _points_prop, variants=("g", "n", "o"), npoints=8)

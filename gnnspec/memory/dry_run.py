@@ -9,8 +9,9 @@ taken with the same :class:`~gnnspec.memory.measure.LiveStorageTracker`.
 
 Where the real step depends on data, the dry run decides:
 
-* the prepared graph (self-loops, normalisation) has ``E + N`` columns per form, as for a graph
-  without self-loops (what the estimate assumes);
+* the prepared graph (self-loops, normalisation) has ``E + N`` columns per edge-index form and
+  ``E + N`` (``gcn_csr``) or ``E`` (``mean_csr``) entries per CSR matrix, as for a graph without
+  self-loops (what the estimate assumes; :meth:`gnnspec.ops.PreparedGraph.placeholder`);
 * a ``deq`` solver never converges but improves at every iteration: every solve runs
   ``max_iter`` iterations (the estimate's worst case). ``broyden`` branches on data and is not
   supported;
@@ -118,22 +119,13 @@ def dry_run(spec: ir.Spec | str, nodes: int, edges: int, plan: ir.Plan | str | S
         x = torch.empty(n, width, dtype=torch_dtype)
         edge_index = torch.empty(2, e, dtype=torch.long)
         y = torch.empty(n, dtype=torch.long)
-        forms: dict[str, torch.Tensor] = {}
-        if "gcn_norm" in model.forms:
-            forms.update(gcn_edge_index=torch.empty(2, e + n, dtype=torch.long),
-                         gcn_edge_weight=torch.empty(e + n, dtype=torch_dtype))
-        if "self_loops" in model.forms:
-            forms.update(loop_edge_index=torch.empty(2, e + n, dtype=torch.long))
-        if "cheb_norm" in model.forms:
-            forms.update(cheb_edge_index=torch.empty(2, e + n, dtype=torch.long),
-                         cheb_edge_weight=torch.empty(e + n, dtype=torch_dtype))
         cache = model.graph_cache
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cache._key = cache._key_of(edge_index, n, torch_dtype)
-        cache._graph = PreparedGraph(edge_index=edge_index, num_nodes=n, **forms)
+        cache._graph = PreparedGraph.placeholder(edge_index, n, model.forms, torch_dtype)
         opt = model.make_optimizer(spec.train, optimizer)
 
         def step() -> None:

@@ -20,8 +20,9 @@ Nothing here runs a model. The step is replayed as a timeline of storage allocat
   torch does, or the ``foreach`` kernels on CUDA).
 
 Before the step live: parameters and buffers, optimizer state, ``x`` (spec dtype),
-``edge_index`` (int64), labels (int64), the prepared graph (:func:`gnnspec.ops.prepared_bytes`,
-``E + N`` columns per form: exact for a graph without self-loops). Stacks of repeated layers are
+``edge_index`` (int64), labels (int64), the prepared graph (:func:`gnnspec.ops.prepared_bytes`:
+``E + N`` columns per edge-index form, two CSR matrices of ``E + N`` or ``E`` entries per CSR
+form; exact for a graph without self-loops or duplicate edges). Stacks of repeated layers are
 composed from three layers, the middle one repeated in closed form, so a 1001-layer stack costs
 what a 3-layer one does.
 """
@@ -1043,7 +1044,7 @@ class ModelEstimator:
             forms = {"raw"}
             for st in self.stages:
                 if st.is_stack:
-                    forms.add(graph_form("gcn2" if st.kind == "gcnii" else st.stage.op.name))
+                    forms.add(graph_form("gcn2" if st.kind == "gcnii" else st.stage.op))
                 elif st.kind in ("appnp", "sgc"):
                     forms.add(graph_form(st.kind))
             inputs = (g.nodes * self.in_width * g.s + 2 * g.edges * 8 + g.nodes * 8
