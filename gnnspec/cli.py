@@ -138,10 +138,12 @@ def _requested_plan(args: argparse.Namespace) -> str | None:
 
 def _plan_label(model, requested: str | None, spec: gnnspec.Spec) -> str:
     """The plan shown by compile and train: the request, and what ``auto`` chose."""
+    from gnnspec.ir import Stack
+
     label = requested or format_node(spec.plan)
     if label.startswith("auto"):
-        chosen = sorted({s.plan for s in model.stages if s.kind not in ("linear", "mlp", "dropout", "act", "norm")})
-        label += " -> " + (", ".join(chosen) or "store")
+        stacks = [s.plan for r, s in zip(model.resolved, model.stages) if isinstance(r.stage, Stack)]
+        label += " -> " + (", ".join(dict.fromkeys(stacks)) or "store")
     return label
 
 
