@@ -410,6 +410,15 @@ def _integer_at_least(lowest: int, what: str) -> Callable[[str], int]:
     return convert
 
 
+def _size(text: str) -> int:
+    from gnnspec.memory.estimate import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 _positive_int = _integer_at_least(1, "positive")
 _non_negative_int = _integer_at_least(0, "non-negative")
 
@@ -437,7 +446,7 @@ def build_parser() -> ArgumentParser:
     compile_.add_argument("--in", dest="in_channels", type=_positive_int, metavar="N", help="input feature width")
     compile_.add_argument("--out", dest="out_channels", type=_positive_int, metavar="N", help="output width")
     compile_.add_argument("--plan", metavar="PLAN", help="plan for every stage, e.g. reversible or checkpoint(segments=4)")
-    compile_.add_argument("--budget", metavar="SIZE", help="let the planner choose plans that fit, e.g. 16GiB")
+    compile_.add_argument("--budget", type=_size, metavar="SIZE", help="let the planner choose plans that fit, e.g. 16GiB")
     compile_.add_argument("--nodes", type=_positive_int, metavar="N", help="graph size for the planner")
     compile_.add_argument("--edges", type=_non_negative_int, metavar="E")
     compile_.add_argument("--save", metavar="FILE", help="write the initial state dict (torch.save)")
@@ -452,7 +461,7 @@ def build_parser() -> ArgumentParser:
     train_.add_argument("--seed", type=int, metavar="N", help="override the spec's seed")
     train_.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     train_.add_argument("--plan", metavar="PLAN", help="plan for every stage, e.g. reversible")
-    train_.add_argument("--budget", metavar="SIZE", help="let the planner choose plans that fit, e.g. 16GiB")
+    train_.add_argument("--budget", type=_size, metavar="SIZE", help="let the planner choose plans that fit, e.g. 16GiB")
     train_.add_argument("--save", metavar="FILE", help="write the trained state dict (torch.save)")
     train_.add_argument("--json", action="store_true", help="print JSON (SPEC.md section 6), no progress bar")
     train_.set_defaults(run=cmd_train)
@@ -461,7 +470,7 @@ def build_parser() -> ArgumentParser:
     _add_spec_arguments(estimate, many=False)
     estimate.add_argument("--nodes", type=_positive_int, metavar="N")
     estimate.add_argument("--edges", type=_non_negative_int, metavar="E")
-    estimate.add_argument("--budget", metavar="SIZE", help="e.g. 16GiB; default: the spec's auto(budget=...)")
+    estimate.add_argument("--budget", type=_size, metavar="SIZE", help="e.g. 16GiB; default: the spec's auto(budget=...)")
     estimate.add_argument("--plan", metavar="PLAN", help="estimate this plan only")
     estimate.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"))
     estimate.add_argument("--in", dest="in_channels", type=_positive_int, metavar="N")

@@ -20,8 +20,8 @@ from gnnspec import ir
 LINE_WIDTH = 100
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _KEYWORDS = {"true", "false", "auto", "none"}
-_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10),
-          ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+# binary units first: on a tie in quotient the binary one is written
+_UNITS = tuple(sorted(((u, b) for u, b in ir.SIZE_UNITS.items() if u != "B"), key=lambda ub: (not ub[0].endswith("iB"), -ub[1])))
 # Stack arguments first in this order, then the rest in field order.
 _LEADING_ARGS = ("op", "depth", "groups", "hidden")
 

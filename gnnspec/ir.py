@@ -21,6 +21,13 @@ from pydantic.json_schema import SkipJsonSchema
 # ---------------------------------------------------------------------------- source positions
 
 
+SIZE_UNITS: dict[str, int] = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}
+"""The units of a size literal (``16GiB``), case-sensitive as written, in bytes."""
+
+
 class Span(NamedTuple):
     """A region of source text: 1-based line and column, end exclusive."""
 

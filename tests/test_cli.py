@@ -93,6 +93,11 @@ def test_schema_is_json(capsys):
         (["check", "--expr", "rev", "x.gnn"], "not both"),
         (["check", "/nonexistent/x.gnn"], "no such file"),
         (["fmt", "--check", "--write", "x.gnn"], "not allowed with"),
+        (["estimate-mem", "--expr", "rev", "--budget", "16Gib"], "did you mean `GiB`?"),
+        (["estimate-mem", "--expr", "rev", "--budget", "lots"], "`lots` is not a size"),
+        (["compile", "--expr", "rev", "--budget", "-5"], "`-5` is not a size"),
+        (["train", "--expr", "rev", "--data", "cora", "--budget", "0B"], "a budget must be positive"),
+        (["estimate-mem", "--expr", "rev", "--nodes", "10"], "give both --nodes and --edges"),
     ],
 )
 def test_bad_arguments_exit_2(capsys, argv, message):

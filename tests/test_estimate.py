@@ -202,6 +202,11 @@ def test_sizes_parse_and_print() -> None:
     assert parse_size("16GiB") == 16 * 2**30
     assert parse_size("500MB") == 500 * 10**6
     assert parse_size(1234) == 1234
+    assert parse_size("1_000B") == parse_size("1000") == 1000
+    for bad, message in (("16Gib", "did you mean `GiB`?"), ("16 GiB", "not a size"), ("1.5B", "whole number"),
+                         ("0B", "must be positive"), (-3, "must be positive"), ("lots", "not a size")):
+        with pytest.raises(ValueError, match=message):
+            parse_size(bad)
     assert format_bytes(3 * 2**30) == "3.00 GiB"
 
 

@@ -30,6 +30,7 @@ what a 3-layer one does.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -146,18 +147,33 @@ def format_bytes(n: int | float) -> str:
     return f"{n:.2f} TiB"
 
 
+_SIZE_TEXT = re.compile(r"([0-9]+(?:_[0-9]+)*(?:\.[0-9]+)?)([A-Za-z]*)")
+
+
 def parse_size(value: int | str | None) -> int | None:
-    """``16GiB``, ``512MiB``, ``8GB``, ``500MB``, ``1e9`` or an int -> bytes."""
-    if value is None or isinstance(value, int):
-        return value
-    text = str(value).strip().replace("_", "")
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "tb": 10**12, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
-    lower = text.lower()
-    for unit in sorted(units, key=len, reverse=True):
-        if lower.endswith(unit):
-            return int(float(lower[: -len(unit)]) * units[unit])
-    return int(float(text))
+    """Bytes of a budget: a positive int, or a size written as in a spec (``16GiB``, ``500MB``,
+    ``1_000B``, a plain number of bytes; units :data:`gnnspec.ir.SIZE_UNITS`, case as written).
+    ``ValueError`` (with a hint) for anything else."""
+    from gnnspec.errors import nearest
+
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number: float = value
+    else:
+        text = str(value).strip()
+        match = _SIZE_TEXT.fullmatch(text)
+        unit = match.group(2) if match else ""
+        if match is None or (unit and unit not in ir.SIZE_UNITS):
+            guess = nearest(unit, list(ir.SIZE_UNITS)) if unit else None
+            raise ValueError(f"`{text}` is not a size: write a number and a unit ({', '.join(ir.SIZE_UNITS)}), "
+                             f"e.g. 16GiB" + (f"; did you mean `{guess}`?" if guess else ""))
+        number = float(match.group(1).replace("_", "")) * ir.SIZE_UNITS[unit or "B"]
+        if number != int(number):
+            raise ValueError(f"`{text}` is not a whole number of bytes")
+    if number < 1:
+        raise ValueError(f"a budget must be positive, got {value}")
+    return int(number)
 
 
 # ---------------------------------------------------------------------------- shapes and units

@@ -12,19 +12,8 @@ from typing import Union
 
 from lark import Token, Transformer, v_args
 
+from gnnspec.ir import SIZE_UNITS as _UNITS
 from gnnspec.ir import Span
-
-_UNITS = {
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KiB": 2**10,
-    "MiB": 2**20,
-    "GiB": 2**30,
-    "TiB": 2**40,
-}
 
 
 @dataclass(frozen=True)
