@@ -64,7 +64,7 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import add_self_loops, remove_self_loops
 
 import gnnspec
-from gnnspec.memory.measure import measure_step_peak
+from gnnspec.memory.measure import measure_step_peak, training_step
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 KINDS = ("plain", "res+", "rev")
@@ -319,12 +319,7 @@ def build_methods(op: str, depth: int, args: argparse.Namespace, in_ch: int) -> 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, ei: Tensor, y: Tensor) -> None:
     """The step of SPEC.md section 5."""
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    out = model(x, ei)
-    loss = F.cross_entropy(out, y)
-    loss.backward()
-    opt.step()
+    training_step(model, opt, x, ei, y)
 
 
 def timed(fn: Callable[[], None]) -> tuple[float, float]:

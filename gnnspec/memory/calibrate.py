@@ -142,50 +142,60 @@ def _points_prop(rng: random.Random) -> dict[str, int]:
     return {"N": n, "E": n * rng.randrange(2, 12) + rng.randrange(0, n), "D": rng.randrange(5, 300)}
 
 
-def _op_unit(name: str, args: dict[str, Any], widen: bool = False) -> UnitDef:
+def _conv_builder(name: str, args: dict[str, Any]):
+    """``build(pt, dtype) -> (conv, graph)``: op ``name`` with ``args`` (heads from ``pt["H"]``) at
+    ``pt["I"] -> pt["O"]``, and a fake prepared graph of ``pt["N"]`` nodes and ``pt["E"]`` edges."""
     from gnnspec.ir import OP_SIGNATURES, Op
-    from gnnspec.ops import call_conv, graph_form, make_conv
+    from gnnspec.ops import graph_form, make_conv
 
     sig = OP_SIGNATURES[name]
-    heads = sig.heads is not None
     form = graph_form(Op(name=name, args=tuple(args.items())))
 
-    def build(pt: dict[str, int], dtype: torch.dtype) -> Built:
+    def build(pt: dict[str, int], dtype: torch.dtype):
         full = {p.name: args.get(p.name, p.default) for p in sig.params}
-        if heads:
+        if sig.heads is not None:
             full[sig.heads] = pt["H"]
-        op = Op(name=name, args=tuple(full.items()))
-        conv = make_conv(op, pt["O"], in_channels=pt["I"])
-        graph = _fake_graph(form, pt["N"], pt["E"], dtype)
-        return Built(conv, lambda x: call_conv(conv, name, x, graph), (pt["N"], pt["I"]), keep=_graph_tensors(graph))
+        conv = make_conv(Op(name=name, args=tuple(full.items())), pt["O"], in_channels=pt["I"])
+        return conv, _fake_graph(form, pt["N"], pt["E"], dtype)
 
+    return build
+
+
+def _op_unit_def(key: str, name: str, widen: bool, build) -> UnitDef:
+    """The unit ``key`` of op ``name`` (variables N, E, O[, H, C][, I when ``widen``])."""
+    from gnnspec.ir import OP_SIGNATURES
+
+    heads = OP_SIGNATURES[name].heads is not None
     vars_ = ("N", "E", "O", "H", "C") if heads else ("N", "E", "O")
     if widen:
         vars_ = vars_[:2] + ("I",) + vars_[2:]
+    return UnitDef(key, vars_, build, _points_op(heads, same_width=not widen), npoints=16 if heads else 12)
+
+
+def _op_unit(name: str, args: dict[str, Any], widen: bool = False) -> UnitDef:
+    from gnnspec.ops import call_conv
+
+    make = _conv_builder(name, args)
+
+    def build(pt: dict[str, int], dtype: torch.dtype) -> Built:
+        conv, graph = make(pt, dtype)
+        return Built(conv, lambda x: call_conv(conv, name, x, graph), (pt["N"], pt["I"]), keep=_graph_tensors(graph))
+
     # A layer may be built differently when its input is wider (GENConv adds a projection), so
     # `dense` stacks, whose layers widen, get their own unit (key suffix ":wide").
-    key = op_key(name, args) + (":wide" if widen else "")
-    return UnitDef(key, vars_, build, _points_op(heads, same_width=not widen), npoints=16 if heads else 12)
+    return _op_unit_def(op_key(name, args) + (":wide" if widen else ""), name, widen, build)
 
 
 def _conv_skeleton(kind: str, name: str, args: dict[str, Any], widen: bool) -> UnitDef:
     """A residual (``res``) or dense layer with its op's convolution inside and the units after
     the convolution (norm, act, dropout) as a hole: the convolution's input is also the
     layer's input, and how its gradient meets the skip connection's depends on the op."""
-    from gnnspec.ir import OP_SIGNATURES, Op
-    from gnnspec.ops import call_conv, graph_form, make_conv
+    from gnnspec.ops import call_conv
 
-    sig = OP_SIGNATURES[name]
-    heads = sig.heads is not None
-    form = graph_form(Op(name=name, args=tuple(args.items())))
+    make = _conv_builder(name, args)
 
     def build(pt: dict[str, int], dtype: torch.dtype) -> Built:
-        full = {p.name: args.get(p.name, p.default) for p in sig.params}
-        if heads:
-            full[sig.heads] = pt["H"]
-        op = Op(name=name, args=tuple(full.items()))
-        conv = make_conv(op, pt["O"], in_channels=pt["I"])
-        graph = _fake_graph(form, pt["N"], pt["E"], dtype)
+        conv, graph = make(pt, dtype)
         hole = Hole()
         if kind == "res":
             call = lambda x: hole(call_conv(conv, name, x, graph)) + x  # noqa: E731
@@ -193,11 +203,7 @@ def _conv_skeleton(kind: str, name: str, args: dict[str, Any], widen: bool) -> U
             call = lambda x: torch.cat([x, hole(call_conv(conv, name, x, graph))], dim=-1)  # noqa: E731
         return Built(conv, call, (pt["N"], pt["I"]), keep=_graph_tensors(graph))
 
-    vars_ = ("N", "E", "O", "H", "C") if heads else ("N", "E", "O")
-    if widen:
-        vars_ = vars_[:2] + ("I",) + vars_[2:]
-    key = f"skel:{kind}:" + op_key(name, args) + (":wide" if widen else "")
-    return UnitDef(key, vars_, build, _points_op(heads, same_width=not widen), npoints=16 if heads else 12)
+    return _op_unit_def(f"skel:{kind}:" + op_key(name, args) + (":wide" if widen else ""), name, widen, build)
 
 
 def _gcn2_unit() -> UnitDef:

@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from gnnspec import ir
-from gnnspec.memory.measure import LiveStorageTracker, step_state_tensors
+from gnnspec.memory.measure import LiveStorageTracker, step_state_tensors, training_step
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -129,12 +128,7 @@ def dry_run(spec: ir.Spec | str, nodes: int, edges: int, plan: ir.Plan | str | S
         opt = model.make_optimizer(spec.train, optimizer)
 
         def step() -> None:
-            model.train()
-            opt.zero_grad(set_to_none=True)
-            out = model(x, edge_index)
-            loss = F.cross_entropy(out, y)
-            loss.backward()
-            opt.step()
+            training_step(model, opt, x, edge_index, y)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -174,6 +174,21 @@ def step_state_tensors(*roots: Any) -> list[Tensor]:
     return tensors
 
 
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, edge_index: Tensor, y: Tensor,
+                  loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> None:
+    """The training step of SPEC.md section 5, the one estimated and measured::
+
+        model.train(); optimizer.zero_grad(set_to_none=True)
+        out = model(x, edge_index); loss = loss_fn(out, y); loss.backward(); optimizer.step()
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    out = model(x, edge_index)
+    loss = loss_fn(out, y)
+    loss.backward()
+    optimizer.step()
+
+
 def measure_step_peak(
     model: nn.Module,
     x: Tensor,
@@ -198,12 +213,7 @@ def measure_step_peak(
     """
 
     def step() -> None:
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        out = model(x, edge_index)
-        loss = loss_fn(out, y)
-        loss.backward()
-        optimizer.step()
+        training_step(model, optimizer, x, edge_index, y, loss_fn)
 
     for _ in range(warmup):
         step()
