@@ -148,14 +148,14 @@ def _plan_label(model, requested: str | None, spec: gnnspec.Spec) -> str:
 
 
 def _build(args: argparse.Namespace, spec: gnnspec.Spec, text: str, shown: str, in_channels, out_channels,
-           nodes: int | None, edges: int | None, device: str | None = None):
+           nodes: int | None, edges: int | None):
     """``gnnspec.build`` with the command's plan, budget and graph size; errors placed in the spec."""
     from gnnspec.plan import MissingGraphSize, NoFit
 
     requested = _requested_plan(args)
     try:
         model = gnnspec.build(spec, in_channels, out_channels, plan=requested, nodes=nodes, edges=edges,
-                              budget=args.budget, device=device)
+                              budget=args.budget)
     except NoFit as err:
         raise _NoFitExit(str(err)) from None
     except MissingGraphSize as err:

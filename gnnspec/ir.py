@@ -28,6 +28,14 @@ SIZE_UNITS: dict[str, int] = {
 """The units of a size literal (``16GiB``), case-sensitive as written, in bytes."""
 
 
+def size_bytes(text: str) -> int | None:
+    """Bytes of a size literal such as ``16GiB``, ``1.5GB`` or ``1_000B`` (a number, then one of
+    :data:`SIZE_UNITS`); None when that is not a whole number of bytes."""
+    number = text.rstrip("KMGTiB")
+    value = float(number.replace("_", "")) * SIZE_UNITS[text[len(number):]]
+    return int(value) if value == int(value) else None
+
+
 class Span(NamedTuple):
     """A region of source text: 1-based line and column, end exclusive."""
 

@@ -268,6 +268,25 @@ def default_budget() -> int | None:
     return None
 
 
+def resolve_budget(spec: ir.Spec, budget: int | str | None = None, *, auto: ir.Auto | None = None,
+                   device: str | None = None, device_memory: bool = True) -> tuple[int | None, str | None]:
+    """The budget ``auto`` plans for, and the device it is for: ``budget`` if given, else the
+    ``auto`` plan's own (``auto``'s, else the spec's ``plan``'s when it is ``auto``), else (with
+    ``device_memory``, unless ``device`` is ``cpu``) the free memory of the CUDA device, which
+    makes the device ``cuda``; None when there is none."""
+    from gnnspec.memory.estimate import parse_size
+
+    budget_bytes = parse_size(budget)
+    for plan in (auto, spec.plan):
+        if budget_bytes is None and isinstance(plan, ir.Auto):
+            budget_bytes = plan.budget
+    if budget_bytes is None and device_memory and device in (None, "cuda"):
+        budget_bytes = default_budget()
+        if budget_bytes is not None:
+            device = "cuda"
+    return budget_bytes, device
+
+
 def plan_spec(spec: ir.Spec | str, *, nodes: int, edges: int, budget: int | str | None = None,
               in_channels: int | None = None, out_channels: int | None = None, dtype: str | None = None,
               optimizer: str | None = None, device: str | None = None) -> list[ir.Plan]:
@@ -283,19 +302,13 @@ def estimate_with_planner(spec, *, nodes, edges, budget=None, plan=None, in_chan
                           dtype=None, optimizer=None, device=None):
     """:func:`gnnspec.memory.estimate.estimate_spec` with ``auto``'s default budget, raising
     :class:`NoFit` when a budget is set and nothing fits."""
-    from gnnspec.memory.estimate import estimate_spec, parse_size
+    from gnnspec.memory.estimate import estimate_spec
 
     if isinstance(spec, str):
         import gnnspec
 
         spec = gnnspec.parse(spec)
-    budget_bytes = parse_size(budget)
-    if budget_bytes is None and isinstance(spec.plan, ir.Auto) and spec.plan.budget is not None:
-        budget_bytes = spec.plan.budget
-    if budget_bytes is None and plan is None:
-        budget_bytes = default_budget()
-        if device is None and budget_bytes is not None:
-            device = "cuda"
+    budget_bytes, device = resolve_budget(spec, budget, device=device, device_memory=plan is None)
     est = estimate_spec(spec, nodes=nodes, edges=edges, in_channels=in_channels, out_channels=out_channels,
                         budget=budget_bytes, plan=plan, dtype=dtype, optimizer=optimizer, device=device or "cpu")
     if budget_bytes is not None and est.chosen is None:
@@ -425,7 +438,7 @@ def plans_for_build(spec: ir.Spec, plan: Any = None, *, nodes: int | None = None
     spec's ``graph:``) under ``budget`` (default: ``auto``'s own, else free CUDA memory); with no
     budget at all every stage runs ``store`` (returns None). Raises :class:`NoFit` when nothing
     fits, :class:`MissingGraphSize` when a budget applies but the graph size is unknown."""
-    from gnnspec.memory.estimate import Estimate, parse_size
+    from gnnspec.memory.estimate import Estimate
 
     if isinstance(plan, Estimate):
         return plan.chosen_assignment
@@ -437,12 +450,7 @@ def plans_for_build(spec: ir.Spec, plan: Any = None, *, nodes: int | None = None
     auto = plan if isinstance(plan, ir.Auto) else spec.plan if plan is None and isinstance(spec.plan, ir.Auto) else None
     if auto is None:
         return plan
-    budget_bytes = parse_size(budget)
-    if budget_bytes is None:
-        budget_bytes = auto.budget if auto.budget is not None else spec.plan.budget if isinstance(spec.plan, ir.Auto) else None
-    if budget_bytes is None:
-        budget_bytes = default_budget() if device in (None, "cuda") else None
-        device = "cuda" if budget_bytes is not None else device
+    budget_bytes, device = resolve_budget(spec, budget, auto=auto, device=device)
     if budget_bytes is None:
         return None  # no budget: `auto` runs `store`
     if nodes is None or edges is None:
@@ -453,6 +461,5 @@ def plans_for_build(spec: ir.Spec, plan: Any = None, *, nodes: int | None = None
             )
         nodes, edges = spec.graph.nodes, spec.graph.edges
     planned = spec.model_copy(update={"plan": ir.Auto(kind="auto", budget=budget_bytes)})
-    est = estimate_with_planner(planned, nodes=nodes, edges=edges, budget=budget_bytes, in_channels=in_channels,
-                                out_channels=out_channels, device=device)
-    return est.chosen_assignment
+    return plan_spec(planned, nodes=nodes, edges=edges, budget=budget_bytes, in_channels=in_channels,
+                     out_channels=out_channels, device=device)

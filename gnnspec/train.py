@@ -187,21 +187,22 @@ def measure_spec(spec: ir.Spec, *, nodes: int | None = None, edges: int | None =
     on CUDA. The graph is ``data`` (its labels when they are class labels) or
     :func:`random_graph` of ``nodes``/``edges``."""
     from gnnspec import build
+    from gnnspec.lower.widths import declared_widths
     from gnnspec.memory.measure import measure_step_peak
 
     if dtype is not None:
         spec = spec.model_copy(update={"dtype": dtype})
     torch_dtype = getattr(torch, spec.dtype)
-    torch.manual_seed(seed)
     if data is not None:
         in_channels, out_channels = data.num_features, data.num_classes
+    torch.manual_seed(seed)
+    model = build(spec, *declared_widths(spec, in_channels, out_channels), plan=plan).to(device)
+    if data is not None:
         x, edge_index = data.x.to(torch_dtype), data.edge_index
         y = data.y if data.y.dim() == 1 and bool((data.y >= 0).all()) else torch.randint(out_channels, (data.num_nodes,))
     else:
-        in_channels = in_channels or (spec.in_ if spec.in_ != "auto" else spec.graph.features if spec.graph else None)
-        out_channels = out_channels or (spec.out if spec.out != "auto" else spec.graph.classes if spec.graph else None)
-        x, edge_index, y = random_graph(nodes, edges, in_channels, out_channels, dtype=torch_dtype, seed=seed)
-    model = build(spec, in_channels, out_channels, plan=plan).to(device)
+        widths = model.resolved[0].in_width, model.resolved[-1].out_width
+        x, edge_index, y = random_graph(nodes, edges, *widths, dtype=torch_dtype, seed=seed)
     x, edge_index, y = x.to(device), edge_index.to(device), y.to(device)
     peak = measure_step_peak(model, x, edge_index, y, model.make_optimizer(spec.train, optimizer))
     return MeasuredStep(int(peak), torch.device(device).type, model.plans)

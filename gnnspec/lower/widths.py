@@ -43,6 +43,18 @@ def stack_output_width(stage: ir.Stack, hidden: int) -> int:
     return hidden
 
 
+def declared_widths(spec: ir.Spec, in_channels: int | None = None,
+                    out_channels: int | None = None) -> tuple[int | None, int | None]:
+    """``in_channels``/``out_channels`` for :func:`resolve_widths` when no data is at hand: the
+    given ones, else, where the spec's ``in``/``out`` is ``auto``, its ``graph:`` features/classes."""
+    graph = spec.graph
+    if in_channels is None and spec.in_ == "auto" and graph is not None:
+        in_channels = graph.features
+    if out_channels is None and spec.out == "auto" and graph is not None:
+        out_channels = graph.classes
+    return in_channels, out_channels
+
+
 def resolve_widths(spec: ir.Spec, in_channels: int | None = None, out_channels: int | None = None) -> tuple[ResolvedStage, ...]:
     """The stages of ``spec`` with widths, projections inserted. ``in_channels``/``out_channels``
     fill ``in``/``out`` when those are ``auto``, and must agree with them otherwise."""

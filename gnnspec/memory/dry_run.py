@@ -88,6 +88,7 @@ def dry_run(spec: ir.Spec | str, nodes: int, edges: int, plan: ir.Plan | str | S
 
     import gnnspec
     from gnnspec.lower.model import build_model
+    from gnnspec.lower.widths import declared_widths
     from gnnspec.ops import PreparedGraph
     from gnnspec.syntax import parse_plan
 
@@ -99,11 +100,7 @@ def dry_run(spec: ir.Spec | str, nodes: int, edges: int, plan: ir.Plan | str | S
         plan = parse_plan(plan)
     elif isinstance(plan, (list, tuple)):
         plan = [parse_plan(p) if isinstance(p, str) else p for p in plan]
-    graph = spec.graph
-    if in_channels is None and spec.in_ == "auto" and graph is not None:
-        in_channels = graph.features
-    if out_channels is None and spec.out == "auto" and graph is not None:
-        out_channels = graph.classes
+    in_channels, out_channels = declared_widths(spec, in_channels, out_channels)
     torch_dtype = DTYPES[spec.dtype]
     start = time.perf_counter()
     before = torch.get_default_dtype()

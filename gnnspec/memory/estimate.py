@@ -168,8 +168,8 @@ def parse_size(value: int | str | None) -> int | None:
             guess = nearest(unit, list(ir.SIZE_UNITS)) if unit else None
             raise ValueError(f"`{text}` is not a size: write a number and a unit ({', '.join(ir.SIZE_UNITS)}), "
                              f"e.g. 16GiB" + (f"; did you mean `{guess}`?" if guess else ""))
-        number = float(match.group(1).replace("_", "")) * ir.SIZE_UNITS[unit or "B"]
-        if number != int(number):
+        number = ir.size_bytes(match.group(1) + (unit or "B"))
+        if number is None:
             raise ValueError(f"`{text}` is not a whole number of bytes")
     if number < 1:
         raise ValueError(f"a budget must be positive, got {value}")
@@ -1005,16 +1005,11 @@ class ModelEstimator:
     def __init__(self, spec: ir.Spec, *, nodes: int, edges: int, in_channels: int | None = None,
                  out_channels: int | None = None, dtype: str | None = None, optimizer: str | None = None,
                  device: str = "cpu") -> None:
-        from gnnspec.lower.widths import resolve_widths
+        from gnnspec.lower.widths import declared_widths, resolve_widths
 
         self.spec = spec
         self.dtype = dtype or spec.dtype
-        graph_decl = spec.graph
-        if in_channels is None and spec.in_ == "auto" and graph_decl is not None:
-            in_channels = graph_decl.features
-        if out_channels is None and spec.out == "auto" and graph_decl is not None:
-            out_channels = graph_decl.classes
-        self.resolved = resolve_widths(spec, in_channels, out_channels)
+        self.resolved = resolve_widths(spec, *declared_widths(spec, in_channels, out_channels))
         self.graph = Graph(int(nodes), int(edges), DTYPE_BYTES[self.dtype], device)
         self.stages = [StageModel(r, spec, self.graph, i) for i, r in enumerate(self.resolved)]
         self.in_width = self.resolved[0].in_width

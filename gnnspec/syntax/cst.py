@@ -12,8 +12,7 @@ from typing import Union
 
 from lark import Token, Transformer, v_args
 
-from gnnspec.ir import SIZE_UNITS as _UNITS
-from gnnspec.ir import Span
+from gnnspec.ir import Span, size_bytes
 
 
 @dataclass(frozen=True)
@@ -83,14 +82,6 @@ def token_span(token: Token) -> Span:
 
 def meta_span(meta) -> Span:
     return Span(meta.line, meta.column, meta.end_line, meta.end_column)
-
-
-def size_bytes(text: str) -> int | None:
-    """Bytes of a size literal such as ``16GiB`` or ``1.5GB``; None when not a whole byte count."""
-    number = text.rstrip("KMGTiB")
-    unit = text[len(number):]
-    value = float(number.replace("_", "")) * _UNITS[unit]
-    return int(value) if value == int(value) else None
 
 
 @v_args(meta=True)
