@@ -11,9 +11,12 @@ stack (SPEC.md section 4).
 Contract (SPEC.md section 3): outputs and gradients equal those of running the steps plainly
 (the ``store`` plan) on the same seed, and module state changes exactly as in one plain forward:
 
-* dropout masks drawn inside a step are reproduced in the recomputation because the CPU and device
-  RNG states are saved before each segment and restored before it is recomputed
-  (``preserve_rng_state=True``); masks passed in ``args`` (:class:`SharedDropout`) are reused as is;
+* dropout masks drawn inside a step (through :func:`gnnspec.lower.dropout_tape.dropout`) are kept
+  bit-packed on the segment's :class:`~gnnspec.lower.dropout_tape.DropoutTape` (``ceil(numel / 8)``
+  bytes each, on CPU) and the recomputation applies them again without drawing; where the tape
+  cannot replay (another random op in the segment, device tensors), the CPU and device RNG states
+  saved before each segment are restored before it is recomputed (``preserve_rng_state=True``)
+  and the masks are drawn again; masks passed in ``args`` (:class:`SharedDropout`) are reused as is;
 * normalisation running statistics are updated once per step: torch's checkpoint alone runs a
   batch norm's forward twice in training mode and so updates ``running_mean``/``running_var``
   twice; here the recomputation runs inside :func:`preserved_running_stats` of that segment's
@@ -29,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from gnnspec.lower.dropout_tape import DropoutTape
 from gnnspec.lower.recompute import preserved_running_stats
 
 State = Union[Tensor, tuple[Tensor, ...]]
@@ -75,12 +79,33 @@ def _checkpointed_segment(
         inner: State = tuple(inputs[:width]) if is_tuple else inputs[0]
         return _run_plainly(steps, inner, tuple(inputs[width:]))
 
-    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), preserved_running_stats(*modules)
+    tape = DropoutTape()
+
+    def contexts() -> tuple[Any, Any]:
+        return tape.recording(), _Recomputation(tape, modules)
 
     return checkpoint(
         segment, *flat, use_reentrant=False, preserve_rng_state=True, context_fn=contexts
     )
+
+
+class _Recomputation:
+    """The context of a segment's recomputation: its dropout masks replayed from ``tape``, its
+    modules' running statistics restored afterwards. Re-enterable: a ``retain_graph`` backward
+    recomputes the segment again with the same object."""
+
+    def __init__(self, tape: DropoutTape, modules: Sequence[nn.Module]) -> None:
+        self.tape, self.modules = tape, modules
+        self._stack: list[contextlib.ExitStack] = []
+
+    def __enter__(self) -> None:
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.tape.replaying())
+        stack.enter_context(preserved_running_stats(*self.modules))
+        self._stack.append(stack)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.pop().__exit__(*exc)
 
 
 def run_segments(

@@ -7,11 +7,11 @@ stack kind; the stack modules (:mod:`gnnspec.lower.stages`) only sequence them u
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn.norm import BatchNorm, GraphNorm, InstanceNorm
 
 from gnnspec import ir
+from gnnspec.lower.dropout_tape import dropout
 from gnnspec.lower.recompute import SharedDropout
 from gnnspec.ops import PreparedGraph, call_conv, make_conv, make_gcn2
 
@@ -98,7 +98,7 @@ class ConvLayer(nn.Module):
         return call_conv(self.conv, self.op_name, x, graph, x_0=x0)
 
     def _drop(self, x: Tensor) -> Tensor:
-        return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+        return dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
     def forward(self, x: Tensor, graph: PreparedGraph, extra: Tensor | None = None) -> Tensor:
         kind = self.kind

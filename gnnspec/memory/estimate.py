@@ -661,7 +661,10 @@ class StageModel:
             is_last = index == len(plan) - 1
             f_prog, _ = self._layers_chain(stop - start, "g" if is_last else "o", grad, extras, first_layer=start)
             f_prog = f_prog.bind(X=inputs[-1], Y=out)
-            part = list(f_prog.fwd)
+            tape, tape_bytes = new_sid(), 0 if is_last else self._tape_bytes(start, stop)
+            # the segment's dropout tape: counted from the segment's start (errs high by the masks
+            # not drawn yet), kept with the segment's input until its backward has run
+            part = ([("a", tape, tape_bytes, None)] if tape_bytes else []) + list(f_prog.fwd)
             if 0 < index and not is_last:
                 part.append(("r", inputs[-1]))  # the loop moves on; the checkpoint keeps it
             if jk_cat and not is_last:
@@ -674,7 +677,8 @@ class StageModel:
                 counts[index] = repeat
                 part = [("<", index)] + part + [(">", index)]
             fwd += part
-            segs.append((index, start, stop, inputs[-1], grad, f_prog if is_last else None))
+            segs.append((index, start, stop, inputs[-1], grad, f_prog if is_last else None,
+                         tape if tape_bytes else None))
             grad = True
             inputs.append(out)
         if len(plan) > 1:
@@ -692,7 +696,7 @@ class StageModel:
             g_next = gy
         if "X0BUF" in extras:
             bwd.append(("a", extras["X0BUF"], _alloc(g, row), None))
-        for index, start, stop, seg_in, seg_grad, plain in reversed(segs):
+        for index, start, stop, seg_in, seg_grad, plain, tape in reversed(segs):
             g_prev = new_sid()
             if plain is not None:
                 q = plain.bind(GY=g_next, GX=g_prev)
@@ -706,7 +710,7 @@ class StageModel:
                 if jk_cat:  # the recomputed concatenations, dropped once recomputed
                     t = new_sid()
                     part += [("a", t, _alloc(g, row * (2 * stop - 1)), None), ("r", t)]
-                part += r_prog.bwd + [("r", seg_in)]
+                part += r_prog.bwd + [("r", seg_in)] + ([("r", tape)] if tape is not None else [])
                 if jk_cat and index > 0:
                     part.append(("r", accs[index - 1]))  # the frame lets go of its concatenation
                 has_gx = "GX" in r_prog.roles
@@ -727,6 +731,18 @@ class StageModel:
         if counts:
             prog = _collapse_regions(prog, counts, set(roles.values()) | set(extras.values()))
         return prog, True
+
+    def _tape_bytes(self, start: int, stop: int) -> int:
+        """Bytes of the dropout tape (:mod:`gnnspec.lower.dropout_tape`) of a checkpointed segment
+        of layers ``start .. stop - 1``: one packed bit per element of every dropout they draw.
+        Device tensors redraw instead (no tape)."""
+        from gnnspec.lower.dropout_tape import packed_bytes
+
+        g = self.graph
+        if g.device == "cuda" or self.kind in ("rev", "deq"):  # rev/deq: the stage's shared mask
+            return 0
+        return sum(_alloc(g, packed_bytes(u.shape["N"] * u.shape["D"]))
+                   for layer in range(start, stop) for u in self.layer_units(layer) if u.key == "dropout")
 
     def _reversible_program(self, grad_in: bool) -> tuple[Program, bool]:
         """Forward: every layer without saving; the output stays on the function's context.

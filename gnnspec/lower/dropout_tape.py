@@ -1,0 +1,162 @@
+"""Dropout masks kept bit-packed between a checkpointed segment's forward and its recomputation.
+
+Under ``checkpoint(segments=k)`` every segment but the last runs twice: once in the forward and once
+in the backward. The plain way to get the same dropout masks the second time is to restore the RNG
+state and draw them again (``preserve_rng_state=True``); on CPU that redraw is a Bernoulli sample
+per element, about a third of a no-grad forward of a GCN layer. A :class:`DropoutTape` instead keeps
+each mask the segment's forward draws, packed to one bit per element, and the recomputation unpacks
+it (a table lookup, ~20x cheaper than the draw).
+
+Contract of :func:`dropout` (what a stack layer calls instead of ``F.dropout``):
+
+* with no tape active, in eval mode, with ``p == 0`` or on a non-CPU tensor it is ``F.dropout``;
+* recording (a segment's forward) it computes exactly what ``F.dropout`` computes on CPU
+  (``noise = empty_like(x).bernoulli_(1 - p); noise.div_(1 - p); x * noise``, the same draws
+  from the default generator) and keeps ``ceil(numel / 8)`` bytes of mask;
+* replaying (each recomputation of the segment) the ``i``-th call returns the ``i``-th recorded
+  result's recomputation, ``x * noise`` with the recorded noise, bit for bit, and draws nothing.
+
+The replay skips the draws, so it is only used when the recorded draws were the only use of the
+CPU generator inside the segment (checked by comparing generator states around each draw): a
+segment with any other random op (a user op's own dropout, say) replays nothing and redraws every
+mask from the restored RNG state, as plain checkpointing does. Memory: the tape holds
+``sum(ceil(numel / 8))`` bytes per checkpointed segment, from its forward until the segment's
+backward has run (the estimator counts it).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._mode_utils import no_dispatch
+
+__all__ = ["DropoutTape", "dropout", "pack_bits", "unpack_bits", "packed_bytes"]
+
+# (b0 + b1 * 2**8 + ... + b7 * 2**56) * MAGIC puts b_k at bit 63 - k of the (wrapped) product,
+# for bytes b_k in {0, 1}: eight mask elements become the product's most significant byte.
+_MAGIC = 0x8040201008040201 - (1 << 64)
+_TOP_BYTE = 7 if sys.byteorder == "little" else 0
+_local = threading.local()
+
+
+def packed_bytes(numel: int) -> int:
+    """Bytes of one packed mask of ``numel`` elements."""
+    return -(-numel // 8)
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """A ``uint8`` tensor of ``ceil(numel / 8)`` bytes: element ``8 j + k`` of the flattened
+    ``mask != 0`` is bit ``7 - k`` of byte ``j``."""
+    keep = mask.reshape(-1).ne(0)
+    tail = keep.numel() % 8
+    if tail:
+        keep = torch.cat([keep, keep.new_zeros(8 - tail)])
+    words = keep.view(torch.uint8).view(torch.int64)
+    words.mul_(_MAGIC)  # in place on our own temporary: the only copy is the bool mask
+    return words.view(torch.uint8).view(-1, 8)[:, _TOP_BYTE].clone()
+
+
+def unpack_bits(packed: Tensor, numel: int, dtype: torch.dtype, scale: float) -> Tensor:
+    """The flat ``[numel]`` tensor ``bits / scale`` of :func:`pack_bits`' bits, in ``dtype``."""
+    shifts = torch.arange(7, -1, -1, device=packed.device)
+    table = (torch.arange(256, device=packed.device).unsqueeze(1) >> shifts) & 1
+    # the same division F.dropout makes: 0/1 values of dtype divided by (1 - p)
+    table = table.to(dtype).div_(scale)
+    return table.index_select(0, packed.to(torch.int32)).view(-1)[:numel]
+
+
+def _generator_state() -> bytes:
+    # Outside any dispatch mode: this also runs under FakeTensorMode (dry run, calibration), which
+    # refuses ops on the real tensor the generator hands out.
+    with no_dispatch():
+        return torch.get_rng_state().numpy().tobytes()
+
+
+class DropoutTape:
+    """The dropout masks of one checkpointed segment, recorded in its forward, replayed in its
+    recomputations (any number of them: a ``retain_graph`` backward recomputes again)."""
+
+    def __init__(self) -> None:
+        self.masks: list[tuple[Tensor, float]] = []
+        self.valid = True
+        self.replay = False
+        self._cursor = 0
+        self._state: bytes | None = None
+
+    # -- the two contexts a checkpoint uses (each re-enterable)
+
+    def recording(self) -> "_Active":
+        return _Active(self, replay=False)
+
+    def replaying(self) -> "_Active":
+        return _Active(self, replay=True)
+
+    def _start(self, replay: bool) -> None:
+        self.replay = replay
+        self._cursor = 0
+        if not replay:
+            self.masks.clear()
+            self.valid = True
+            self._state = _generator_state()
+
+    def _stop(self) -> None:
+        if not self.replay and self.valid and _generator_state() != self._state:
+            self.valid = False  # something after the last mask drew random numbers
+        if not self.valid:
+            self.masks.clear()
+
+    # -- one dropout call
+
+    def dropout(self, x: Tensor, p: float) -> Tensor:
+        keep = 1.0 - p
+        if self.replay:
+            if not self.valid:
+                return F.dropout(x, p, True)
+            packed, scale = self.masks[self._cursor]
+            self._cursor += 1
+            noise = unpack_bits(packed, x.numel(), x.dtype, scale).view(x.shape)
+            return x * noise
+        if not self.valid or not x.is_contiguous() or x.numel() == 0:
+            self.valid = False
+            return F.dropout(x, p, True)
+        if _generator_state() != self._state:
+            self.valid = False  # a random op other than ours ran before this mask
+            return F.dropout(x, p, True)
+        noise = torch.empty_like(x).bernoulli_(keep)
+        self._state = _generator_state()
+        self.masks.append((pack_bits(noise), keep))
+        noise.div_(keep)
+        return x * noise
+
+
+class _Active:
+    """Makes ``tape`` the one :func:`dropout` uses while the block runs (re-enterable, nests)."""
+
+    def __init__(self, tape: DropoutTape, replay: bool) -> None:
+        self.tape, self.replay = tape, replay
+        self._previous: list[Any] = []
+
+    def __enter__(self) -> DropoutTape:
+        self._previous.append(getattr(_local, "tape", None))
+        _local.tape = self.tape
+        self.tape._start(self.replay)
+        return self.tape
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.tape._stop()
+        finally:
+            _local.tape = self._previous.pop()
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout(x, p, training)``, recorded on or replayed from the active tape (see module)."""
+    tape: DropoutTape | None = getattr(_local, "tape", None)
+    if tape is None or not training or p == 0.0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    return tape.dropout(x, p)
