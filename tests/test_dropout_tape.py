@@ -1,0 +1,165 @@
+"""The checkpoint plan's dropout tape: masks kept bit-packed, replayed bit for bit, never redrawn;
+falls back to redrawing when another random op shares the segment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gnnspec
+from gnnspec import ops
+from gnnspec.ir import OP_SIGNATURES
+from gnnspec.lower.checkpoint import run_segments
+from gnnspec.lower.dropout_tape import DropoutTape, dropout, pack_bits, packed_bytes, unpack_bits
+from gnnspec.memory.measure import LiveStorageTracker
+
+N, IN, OUT = 30, 5, 3
+
+
+class RandomOps(TorchDispatchMode):
+    """Counts the random draws (``bernoulli``, ``rand``...) dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._overloadpacket.__name__.startswith(("bernoulli", "rand", "normal", "uniform")):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 64, 2048 + 3])
+def test_pack_unpack_round_trip(numel: int) -> None:
+    gen = torch.Generator().manual_seed(numel)
+    mask = (torch.rand(numel, generator=gen) < 0.5).double()
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_bytes(numel) == -(-numel // 8)
+    assert torch.equal(unpack_bits(packed, numel, torch.float64, 1.0), mask)
+
+
+def test_every_byte_pattern_round_trips() -> None:
+    bits = ((torch.arange(256).unsqueeze(1) >> torch.arange(7, -1, -1)) & 1).reshape(-1).float()
+    packed = pack_bits(bits)
+    assert torch.equal(packed, torch.arange(256, dtype=torch.uint8))
+    assert torch.equal(unpack_bits(packed, bits.numel(), torch.float32, 1.0), bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_recorded_dropout_is_f_dropout_and_replay_is_bitwise_without_draws(dtype) -> None:
+    x = torch.randn(13, 11, dtype=torch.float64).to(dtype)
+    torch.manual_seed(5)
+    expected = [F.dropout(x, 0.3, True), F.dropout(x, 0.6, True)]
+    after = torch.get_rng_state()
+    tape = DropoutTape()
+    torch.manual_seed(5)
+    with tape.recording():
+        recorded = [dropout(x, 0.3, True), dropout(x, 0.6, True)]
+    assert torch.equal(torch.get_rng_state(), after)  # the same draws as F.dropout
+    for r, e in zip(recorded, expected):
+        assert torch.equal(r, e)
+    assert tape.valid and sum(m.numel() for m, _ in tape.masks) == 2 * packed_bytes(x.numel())
+    for _ in range(2):  # a retain_graph backward replays again
+        with RandomOps() as counter, tape.replaying():
+            replayed = [dropout(x, 0.3, True), dropout(x, 0.6, True)]
+        assert counter.count == 0
+        for r, e in zip(replayed, expected):
+            assert torch.equal(r, e)
+
+
+def test_without_a_tape_or_in_eval_it_is_f_dropout() -> None:
+    x = torch.randn(6, 4)
+    torch.manual_seed(1)
+    a = dropout(x, 0.5, True)
+    torch.manual_seed(1)
+    assert torch.equal(a, F.dropout(x, 0.5, True))
+    with DropoutTape().recording():
+        assert dropout(x, 0.5, False) is x
+        assert dropout(x, 0.0, True) is x
+
+
+def _model_grads(plan: str, spec: str, seed: int = 3):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, IN, generator=gen, dtype=torch.float64)
+    edge_index = torch.randint(0, N, (2, 120), generator=gen)
+    torch.manual_seed(0)
+    model = gnnspec.build(spec, IN, OUT, plan=plan).double().train()
+    torch.manual_seed(seed)
+    out = model(x, edge_index)
+    counter = RandomOps()
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+    with counter:
+        loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    return out.detach(), grads, counter.count
+
+
+@pytest.mark.parametrize("kind", ["plain", "res", "res+", "dense", "gcnii"])
+def test_checkpoint_replays_masks_equal_to_store_and_draws_nothing_in_backward(kind: str) -> None:
+    op = "" if kind == "gcnii" else "op=gcn, "
+    spec = f"{kind}({op}depth=6, norm=batch, dropout=0.4, hidden=8)"
+    ref_out, ref_grads, ref_draws = _model_grads("store", spec)
+    out, grads, draws = _model_grads("checkpoint(segments=3)", spec)
+    assert ref_draws == 0 and draws == 0  # the recomputation of two segments drew no mask
+    assert torch.equal(out, ref_out)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+class NoisyConv(nn.Module):
+    """A user op with a random op of its own: ``x W`` plus Gaussian noise in training."""
+
+    def __init__(self, channels: int, **_: object) -> None:
+        super().__init__()
+        self.lin = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        h = self.lin(x)
+        return h + 0.1 * torch.randn_like(h) if self.training else h
+
+
+@pytest.fixture
+def noisy_op():
+    gnnspec.register_op("noisy", NoisyConv)
+    yield "noisy"
+    OP_SIGNATURES.pop("noisy", None)
+    ops._IMPLS.pop("noisy", None)
+
+
+def test_another_random_op_in_the_segment_makes_the_recomputation_redraw(noisy_op) -> None:
+    spec = "plain(op=noisy, depth=6, dropout=0.4, hidden=8)"
+    ref_out, ref_grads, _ = _model_grads("store", spec)
+    out, grads, draws = _model_grads("checkpoint(segments=3)", spec)
+    assert draws > 0  # masks (and the op's noise) redrawn from the restored RNG state
+    assert torch.equal(out, ref_out)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_tape_bytes_are_one_bit_per_mask_element_of_the_checkpointed_segments() -> None:
+    """After a forward of 6 steps in 3 segments, the live storage with dropout minus without is
+    the two checkpointed segments' packed masks plus, for each dropout of the last (plain) segment,
+    its saved noise and its output (without dropout the output is tanh's, which is kept anyway)."""
+    d, steps, segments = 10, 6, 3
+
+    def live_after_forward(p: float) -> int:
+        layers = [nn.Linear(d, d).double() for _ in range(steps)]
+
+        def step(layer):
+            return lambda h: dropout(torch.tanh(layer(h)), p, True)
+
+        x = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
+        tracker = LiveStorageTracker()
+        tracker.track_existing([x, *(q for layer in layers for q in layer.parameters())])
+        with tracker:
+            out = run_segments([step(layer) for layer in layers], x, segments=segments, modules=layers)
+            live = tracker.current_bytes
+        out.sum().backward()
+        return live
+
+    last_segment = 2 * (2 * N * d * 8)
+    tape = 4 * packed_bytes(N * d)
+    assert live_after_forward(0.5) - live_after_forward(0.0) == last_segment + tape
