@@ -37,6 +37,10 @@ Cells run depth by depth across ops; a cell whose projected cost would take the 
 ``--budget-s`` is skipped and listed (run it on its own with ``--depths``/``--ops``).
 
     python benchmarks/plans.py                      # depths 4,16,64,256; gcn,sage,gat
+
+Depth 256 with every peer needs 6-17 GB of resident memory per stack kind (the peers' ``edge_index``
+layers keep ``E x hidden`` messages per layer, and 13 models live in one process); on a 24 GB
+machine run it one kind at a time: ``--depths 256 --ops gcn --kinds plain --repeats 3``.
     python benchmarks/plans.py --depths 4,16,64 --ops gcn
     python benchmarks/plans.py --quick              # a tiny smoke run
 """
