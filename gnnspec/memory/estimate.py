@@ -11,8 +11,8 @@ Nothing here runs a model. The step is replayed as a timeline of storage allocat
   formula), inside the layer's skeleton where it has one (the residual add of ``res``/``res+``,
   ``dense``'s concatenation, ``rev``'s group split, ``deq``'s ``+ x``);
 * a stage under ``store`` is the chain of its layers; under ``checkpoint(k)`` each segment runs
-  without saving, keeps its input, and in backward recomputes its layers with saving before their
-  backward; under ``reversible`` the forward runs without saving and the backward replays the
+  without saving, keeps its input and its dropout tape (one bit per mask element, on CPU), and in
+  backward recomputes its layers with saving before their backward; under ``reversible`` the forward runs without saving and the backward replays the
   calibrated inverse of each layer; ``deq`` stages are the solver's buffers and ``f``'s
   applications (``implicit``) or every iteration chained (``unroll``, assuming ``max_iter``);
 * the model is the chain of its stages on ``x`` (which needs no gradient), then the
