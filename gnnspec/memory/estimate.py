@@ -12,8 +12,8 @@ Nothing here runs a model. The step is replayed as a timeline of storage allocat
   ``dense``'s concatenation, ``rev``'s group split, ``deq``'s ``+ x``);
 * a stage under ``store`` is the chain of its layers; under ``checkpoint(k)`` each segment runs
   without saving, keeps its input and its dropout tape (one bit per mask element, on CPU), and in
-  backward recomputes its layers with saving before their backward; under ``reversible`` the forward runs without saving and the backward replays the
-  calibrated inverse of each layer; ``deq`` stages are the solver's buffers and ``f``'s
+  backward recomputes its layers with saving before their backward; under ``reversible`` the
+  forward runs without saving and the backward replays the calibrated inverse of each layer; ``deq`` stages are the solver's buffers and ``f``'s
   applications (``implicit``) or every iteration chained (``unroll``, assuming ``max_iter``);
 * the model is the chain of its stages on ``x`` (which needs no gradient), then the
   cross-entropy loss, the backward, and the optimizer step (one parameter at a time on CPU, as
@@ -733,15 +733,13 @@ class StageModel:
         return prog, True
 
     def _tape_bytes(self, start: int, stop: int) -> int:
-        """Bytes of the dropout tape (:mod:`gnnspec.lower.dropout_tape`) of a checkpointed segment
-        of layers ``start .. stop - 1``: one packed bit per element of every dropout they draw.
-        Device tensors redraw instead (no tape)."""
-        from gnnspec.lower.dropout_tape import packed_bytes
-
+        """Bytes of the dropout tape (``gnnspec.lower.dropout_tape``) of a checkpointed segment of
+        layers ``start .. stop - 1``: ``ceil(numel / 8)`` (one bit per element) for every dropout
+        they draw. Device tensors redraw instead (no tape)."""
         g = self.graph
         if g.device == "cuda" or self.kind in ("rev", "deq"):  # rev/deq: the stage's shared mask
             return 0
-        return sum(_alloc(g, packed_bytes(u.shape["N"] * u.shape["D"]))
+        return sum(_alloc(g, -(-u.shape["N"] * u.shape["D"] // 8))
                    for layer in range(start, stop) for u in self.layer_units(layer) if u.key == "dropout")
 
     def _reversible_program(self, grad_in: bool) -> tuple[Program, bool]:
