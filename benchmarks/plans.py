@@ -33,14 +33,14 @@ under ``no_grad`` in train mode in the same rounds. Peak memory is
 ``gnnspec.memory.measure.measure_step_peak`` (live tensor storage bytes, including parameters,
 optimizer state and graph data; ``resize_`` of a storage, as ``GroupAddRev`` does, is tracked).
 
-Cells run depth by depth across ops; a cell whose projected cost would take the run past
+Cells run depth by depth across ops, one stack kind at a time; a cell whose projected cost would take the run past
 ``--budget-s`` is skipped and listed (run it on its own with ``--depths``/``--ops``).
 
     python benchmarks/plans.py                      # depths 4,16,64,256; gcn,sage,gat
 
 Depth 256 with every peer needs 6-17 GB of resident memory per stack kind (the peers' ``edge_index``
-layers keep ``E x hidden`` messages per layer, and 13 models live in one process); on a 24 GB
-machine run it one kind at a time: ``--depths 256 --ops gcn --kinds plain --repeats 3``.
+layers keep ``E x hidden`` messages per layer), so cells run one stack kind at a time and freed
+memory is handed back to the system between them.
     python benchmarks/plans.py --depths 4,16,64 --ops gcn
     python benchmarks/plans.py --quick              # a tiny smoke run
 """
@@ -593,6 +593,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _return_freed_memory() -> None:
+    """glibc keeps freed heap pages for reuse; hand them back so the next cell starts from the
+    memory it needs (no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
@@ -612,22 +623,28 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows: list[Row] = []
     skipped: list[tuple[str, int, float]] = []
-    cost: dict[str, tuple[int, float]] = {}  # op -> (depth, seconds) of its last cell
+    cost: dict[tuple[str, str], tuple[int, float]] = {}  # (op, kind) -> (depth, seconds) of its last cell
     for depth in sorted(args.depths):
         for op in args.ops:
-            elapsed = time.perf_counter() - start
-            if op in cost and args.budget_s > 0:
-                last_depth, last_s = cost[op]
-                projected = last_s * depth / last_depth
-                if elapsed + projected > args.budget_s:
-                    skipped.append((op, depth, projected))
-                    continue
-            t0 = time.perf_counter()
-            cell = run_cell(op, depth, args, data)
-            cost[op] = (depth, time.perf_counter() - t0)
-            rows.extend(cell)
-            console.print(f"  {op} depth {depth}: {len(cell)} methods, {cost[op][1]:.0f}s")
-            gc.collect()
+            # One stack kind at a time: only its models are alive, and the memory the previous
+            # kind's peers freed goes back to the system first (at depth 256 a kind needs up to
+            # ~17 GB of RSS; all three in one cell did not fit in 24 GB).
+            for kind in args.kinds:
+                elapsed = time.perf_counter() - start
+                if (op, kind) in cost and args.budget_s > 0:
+                    last_depth, last_s = cost[(op, kind)]
+                    projected = last_s * depth / last_depth
+                    if elapsed + projected > args.budget_s:
+                        skipped.append((f"{op} {kind}", depth, projected))
+                        continue
+                t0 = time.perf_counter()
+                cell = run_cell(op, depth, argparse.Namespace(**{**vars(args), "kinds": [kind]}), data)
+                cost[(op, kind)] = (depth, time.perf_counter() - t0)
+                rows.extend(cell)
+                console.print(f"  {op} depth {depth} {kind}: {len(cell)} methods, {cost[(op, kind)][1]:.0f}s")
+                del cell
+                gc.collect()
+                _return_freed_memory()
     console.print()
     print_table(rows, console)
     result = summary(rows, console)
