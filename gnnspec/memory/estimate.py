@@ -661,10 +661,11 @@ class StageModel:
             is_last = index == len(plan) - 1
             f_prog, _ = self._layers_chain(stop - start, "g" if is_last else "o", grad, extras, first_layer=start)
             f_prog = f_prog.bind(X=inputs[-1], Y=out)
-            tape, tape_bytes = new_sid(), 0 if is_last else self._tape_bytes(start, stop)
+            tape_bytes = 0 if is_last else self._tape_bytes(start, stop)
+            tape = new_sid() if tape_bytes else None
             # the segment's dropout tape: counted from the segment's start (errs high by the masks
             # not drawn yet), kept with the segment's input until its backward has run
-            part = ([("a", tape, tape_bytes, None)] if tape_bytes else []) + list(f_prog.fwd)
+            part = ([("a", tape, tape_bytes, None)] if tape is not None else []) + list(f_prog.fwd)
             if 0 < index and not is_last:
                 part.append(("r", inputs[-1]))  # the loop moves on; the checkpoint keeps it
             if jk_cat and not is_last:
@@ -677,8 +678,7 @@ class StageModel:
                 counts[index] = repeat
                 part = [("<", index)] + part + [(">", index)]
             fwd += part
-            segs.append((index, start, stop, inputs[-1], grad, f_prog if is_last else None,
-                         tape if tape_bytes else None))
+            segs.append((index, start, stop, inputs[-1], grad, f_prog if is_last else None, tape))
             grad = True
             inputs.append(out)
         if len(plan) > 1:
