@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 
-def _running_stat_buffers(modules: Iterable[nn.Module]) -> list[Tensor]:
+def running_stat_buffers(modules: Iterable[nn.Module]) -> list[Tensor]:
+    """The running buffers (``running_mean``, ``running_var``, ``num_batches_tracked``) of every
+    batch/instance norm below ``modules`` that tracks running statistics, each once."""
     buffers: list[Tensor] = []
     seen: set[int] = set()
     for root in modules:
@@ -43,7 +45,17 @@ def preserved_running_stats(*modules: nn.Module) -> Iterator[None]:
     replace their buffers instead of updating them in place are not covered (PyG's InstanceNorm
     with ``batch=``; gnnspec calls it without).
     """
-    buffers = _running_stat_buffers(modules)
+    with preserved_buffers(running_stat_buffers(modules)):
+        yield
+
+
+@contextmanager
+def preserved_buffers(buffers: list[Tensor]) -> Iterator[None]:
+    """:func:`preserved_running_stats` for buffers already found by :func:`running_stat_buffers`
+    (a caller that recomputes the same module many times looks them up once)."""
+    if not buffers:
+        yield
+        return
     saved = [b.detach().clone() for b in buffers]
     try:
         yield

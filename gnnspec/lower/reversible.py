@@ -3,12 +3,12 @@ ICML 2021), with a backward pass whose memory does not depend on depth."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from gnnspec.lower.recompute import preserved_running_stats
+from gnnspec.lower.recompute import preserved_buffers, running_stat_buffers
 
 
 class ReversibleStack(nn.Module):
@@ -83,23 +83,51 @@ class ReversibleStack(nn.Module):
         if self.reversible and self.training and torch.is_grad_enabled():
             if any(isinstance(a, Tensor) and a.requires_grad for a in args):
                 raise ValueError("arguments of a reversible stack receive no gradient; detach them")
-            params = [p for p in self.parameters() if p.requires_grad]
-            return _ReversibleStackFunction.apply(self, len(args), x, *args, *params)
+            params, states = self._function_states()
+            return _ReversibleStackFunction.apply(self, states, len(args), x, *args, *params)
         for layer in self.table:
             x = self._layer_forward(layer, x, args)
         return x
 
+    def _function_states(self) -> tuple[list[Tensor], list["_FunctionState"]]:
+        """Every trainable parameter of the stack once, and per function in ``functions`` what its
+        recomputation in backward needs. Looked up once per forward: the backward recomputes
+        ``depth * groups`` functions and must not walk each one's module tree again."""
+        params: list[Tensor] = []
+        position: dict[int, int] = {}
+        states = []
+        for f in self.functions:
+            own = [p for p in f.parameters() if p.requires_grad]
+            for p in own:
+                if id(p) not in position:
+                    position[id(p)] = len(params)
+                    params.append(p)
+            states.append(_FunctionState(own, [position[id(p)] for p in own], running_stat_buffers([f])))
+        return params, states
+
     def _layer_forward(self, layer: tuple[int, ...], x: Tensor, args: Sequence[Any]) -> Tensor:
-        xs = x.chunk(self.groups, dim=-1)
+        return torch.cat(self._layer_groups(layer, x.chunk(self.groups, dim=-1), args), dim=-1)
+
+    def _layer_groups(self, layer: tuple[int, ...], xs: Sequence[Tensor], args: Sequence[Any]) -> list[Tensor]:
+        """The output groups ``y_0 .. y_{C-1}`` of one layer from its input groups."""
         y = _sum(xs[1:])
         ys = []
         for i, index in enumerate(layer):
             y = self.functions[index](y, *args) + xs[i]
             ys.append(y)
-        return torch.cat(ys, dim=-1)
+        return ys
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, groups={self.groups}, reversible={self.reversible}"
+
+
+class _FunctionState(NamedTuple):
+    """One group function's trainable parameters, their positions among the stack's parameter
+    inputs, and the running-statistic buffers its recomputation must leave unchanged."""
+
+    params: list[Tensor]
+    positions: list[int]
+    buffers: list[Tensor]
 
 
 def _sum(tensors: Sequence[Tensor]) -> Tensor:
@@ -121,20 +149,28 @@ class _ReversibleStackFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, stack: ReversibleStack, num_args: int, x: Tensor, *rest: Tensor
+        ctx: Any,
+        stack: ReversibleStack,
+        states: list[_FunctionState],
+        num_args: int,
+        x: Tensor,
+        *rest: Tensor,
     ) -> Tensor:
         args, params = rest[:num_args], rest[num_args:]
         device_type = x.device.type
-        ctx.stack = stack
+        ctx.stack, ctx.states, ctx.num_params = stack, states, len(params)
         ctx.autocast = (
             device_type,
             torch.is_autocast_enabled(device_type),
             torch.get_autocast_dtype(device_type),
         )
-        ctx.param_index = {id(p): k for k, p in enumerate(params)}
+        # Nothing is saved, so the layers pass group lists on and the output is concatenated once
+        # (the plain stack concatenates every layer's output, which autograd needs as one tensor).
         with torch.no_grad():
+            groups = x.chunk(stack.groups, dim=-1)
             for layer in stack.table:
-                x = stack._layer_forward(layer, x, args)
+                groups = stack._layer_groups(layer, groups, args)
+            x = torch.cat(groups, dim=-1)
         # Tensors go through save_for_backward; other arguments (a prepared graph) stay on ctx.
         ctx.tensor_positions = [k for k, a in enumerate(args) if isinstance(a, Tensor)]
         ctx.other_args = [None if isinstance(a, Tensor) else a for a in args]
@@ -158,14 +194,14 @@ class _ReversibleStackFunction(torch.autograd.Function):
         args = list(ctx.other_args)
         for k, tensor in zip(ctx.tensor_positions, ctx.saved_tensors):
             args[k] = tensor
-        param_grads: list[Tensor | None] = [None] * len(ctx.param_index)
+        param_grads: list[Tensor | None] = [None] * ctx.num_params
         groups = ctx.stack.groups
         ys, grad_ys = list(y.chunk(groups, dim=-1)), list(grad_output.chunk(groups, dim=-1))
         del y
         for layer in reversed(ctx.stack.table):
             ys, grad_ys = _layer_backward(ctx, layer, ys, grad_ys, args, param_grads)
-        grad_x = torch.cat(grad_ys, dim=-1) if ctx.needs_input_grad[2] else None
-        return (None, None, grad_x, *([None] * len(args)), *param_grads)
+        grad_x = torch.cat(grad_ys, dim=-1) if ctx.needs_input_grad[3] else None
+        return (None, None, None, grad_x, *([None] * len(args)), *param_grads)
 
 
 def _layer_backward(
@@ -192,12 +228,11 @@ def _layer_backward(
     for i in reversed(range(groups)):
         grad = grad_ys[i] if grad_from_next is None else grad_ys[i] + grad_from_next
         grad_ys[i] = grad_from_next = None
-        f = stack.functions[layer[i]]
-        params = [p for p in f.parameters() if id(p) in ctx.param_index]
+        f, state = stack.functions[layer[i]], ctx.states[layer[i]]
         f_input = (ys[i - 1] if i > 0 else _sum(xs[1:])).detach().requires_grad_()
         # autograd.grad runs before the running statistics are restored: batch norm saved them
         # for backward, so the restore must not come between the recomputation and its backward.
-        with preserved_running_stats(f):
+        with preserved_buffers(state.buffers):
             with torch.enable_grad(), torch.autocast(
                 device_type, dtype=autocast_dtype, enabled=autocast_enabled
             ):
@@ -208,7 +243,7 @@ def _layer_backward(
             # dtype as the plain stack's add hands it on (bfloat16 under autocast).
             grad_input, *grads = torch.autograd.grad(
                 f_output,
-                [f_input, *params],
+                [f_input, *state.params],
                 grad.to(f_output.dtype),
                 allow_unused=True,
                 materialize_grads=True,
@@ -216,8 +251,7 @@ def _layer_backward(
             del f_output, f_input
         grad_xs[i] = grad
         del grad
-        for p, g in zip(params, grads):
-            k = ctx.param_index[id(p)]
+        for k, g in zip(state.positions, grads):
             param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
         if i > 0:
             grad_from_next = grad_input

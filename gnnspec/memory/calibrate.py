@@ -383,7 +383,7 @@ def record_rev_back(groups: int, pt: dict[str, int], s: int, first: bool) -> dic
     on: an alias)."""
     from types import SimpleNamespace
 
-    from gnnspec.lower.reversible import ReversibleStack, _layer_backward
+    from gnnspec.lower.reversible import ReversibleStack, _FunctionState, _layer_backward
 
     dtype = DTYPES[s]
     n, w = pt["N"], pt["W"]
@@ -404,7 +404,10 @@ def record_rev_back(groups: int, pt: dict[str, int], s: int, first: bool) -> dic
                 grad_ys = [torch.empty(n, w, dtype=dtype) for _ in range(groups)]
                 uids = {**{f"Xy{i}": rec.uid_of(t) for i, t in enumerate(ys)},
                         **{f"Xg{i}": rec.uid_of(t) for i, t in enumerate(grad_ys)}}
-            ctx = SimpleNamespace(stack=stack, autocast=("cpu", False, torch.bfloat16), param_index={})
+            # The holes' parameters are not the stack's: their gradients belong to the hole's own
+            # calibration, so each function recomputes with no parameters to differentiate.
+            states = [_FunctionState([], [], []) for _ in stack.functions]
+            ctx = SimpleNamespace(stack=stack, autocast=("cpu", False, torch.bfloat16), states=states)
             rec.mark("F")
             xs, grad_xs = _layer_backward(ctx, stack.table[0], ys, grad_ys, (), [])
             rec.mark("Fend")
