@@ -26,6 +26,7 @@ backward has run (the estimator counts it).
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._mode_utils import no_dispatch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["DropoutTape", "dropout", "pack_bits", "unpack_bits", "packed_bytes"]
 
@@ -52,7 +54,7 @@ def packed_bytes(numel: int) -> int:
 def pack_bits(mask: Tensor) -> Tensor:
     """A ``uint8`` tensor of ``ceil(numel / 8)`` bytes: element ``8 j + k`` of the flattened
     ``mask != 0`` is bit ``7 - k`` of byte ``j``."""
-    keep = mask.reshape(-1).ne(0)
+    keep = mask.reshape(-1).to(torch.bool)  # == ne(0), and ~8x faster on CPU floats
     tail = keep.numel() % 8
     if tail:
         keep = torch.cat([keep, keep.new_zeros(8 - tail)])
@@ -63,11 +65,20 @@ def pack_bits(mask: Tensor) -> Tensor:
 
 def unpack_bits(packed: Tensor, numel: int, dtype: torch.dtype, scale: float) -> Tensor:
     """The flat ``[numel]`` tensor ``bits / scale`` of :func:`pack_bits`' bits, in ``dtype``."""
-    shifts = torch.arange(7, -1, -1, device=packed.device)
-    table = (torch.arange(256, device=packed.device).unsqueeze(1) >> shifts) & 1
-    # the same division F.dropout makes: 0/1 values of dtype divided by (1 - p)
-    table = table.to(dtype).div_(scale)
+    if _get_current_dispatch_mode() is None:
+        table = _byte_table(dtype, scale, packed.device)
+    else:  # fake tensors (dry run, calibration) or a tracker: no real tensor kept across calls
+        table = _byte_table.__wrapped__(dtype, scale, packed.device)
     return table.index_select(0, packed.to(torch.int32)).view(-1)[:numel]
+
+
+@functools.lru_cache(maxsize=64)
+def _byte_table(dtype: torch.dtype, scale: float, device: torch.device) -> Tensor:
+    """Row ``b`` (256 x 8): the bits of byte ``b``, most significant first, as ``bits / scale``."""
+    shifts = torch.arange(7, -1, -1, device=device)
+    table = (torch.arange(256, device=device).unsqueeze(1) >> shifts) & 1
+    # the same division F.dropout makes: 0/1 values of dtype divided by (1 - p)
+    return table.to(dtype).div_(scale)
 
 
 def _generator_state() -> bytes:
