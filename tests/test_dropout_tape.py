@@ -48,6 +48,26 @@ def test_every_byte_pattern_round_trips() -> None:
     assert torch.equal(unpack_bits(packed, bits.numel(), torch.float32, 1.0), bits)
 
 
+def test_unpacking_under_fake_tensors_leaves_the_cached_tables_real() -> None:
+    """The byte table is cached per (dtype, scale, device) for real tensors only: an unpack under
+    FakeTensorMode (dry run, calibration) builds its own, and a later real unpack is still right."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from gnnspec.lower.dropout_tape import _byte_table
+
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    scale = 0.37  # a scale no other test uses, so the cache has no entry for it yet
+    before = _byte_table.cache_info().currsize
+    packed = pack_bits(mask)
+    with FakeTensorMode() as mode:
+        fake = unpack_bits(mode.from_tensor(packed), mask.numel(), torch.float32, scale)
+    assert isinstance(fake, FakeTensor)
+    assert _byte_table.cache_info().currsize == before
+    real = unpack_bits(packed, mask.numel(), torch.float32, scale)
+    assert not isinstance(real, FakeTensor) and torch.equal(real, mask.div(scale))
+    assert _byte_table.cache_info().currsize == before + 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_recorded_dropout_is_f_dropout_and_replay_is_bitwise_without_draws(dtype) -> None:
     x = torch.randn(13, 11, dtype=torch.float64).to(dtype)

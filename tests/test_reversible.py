@@ -96,6 +96,39 @@ def test_reversible_equals_store(depth: int, groups: int, kind: str, tie: bool) 
     assert actual[3]["functions.0.norm.module.num_batches_tracked"].item() == (depth if tie else 1)
 
 
+def test_a_parameter_shared_by_distinct_functions_and_a_frozen_one_get_store_gradients() -> None:
+    """Each group function's parameters are looked up once per forward: a parameter two distinct
+    modules share gets the sum of both uses, a frozen one gets none, as under store."""
+    torch.manual_seed(0)
+    shared = nn.Parameter(torch.randn(D // 2, D // 2, dtype=torch.float64))
+    frozen = nn.Linear(D // 2, D // 2, dtype=torch.float64).requires_grad_(False)
+
+    class Uses(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = shared
+            self.frozen = frozen
+            self.lin = nn.Linear(D // 2, D // 2, dtype=torch.float64)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.tanh(self.lin(x) @ self.weight + self.frozen(x))
+
+    store = ReversibleStack([[Uses(), Uses()], [Uses(), Uses()]], reversible=False)
+    rev = copy.deepcopy(store)
+    rev.reversible = True
+    x, _, _, weight = _data(2)
+    expected, actual = _step(store, x, weight=weight), _step(rev, x, weight=weight)
+    for e, a in zip(expected[:2], actual[:2]):
+        _assert_same(a, e)
+    assert expected[2].keys() == actual[2].keys()
+    for name, grad in expected[2].items():
+        if grad is None:
+            assert actual[2][name] is None, name
+        else:
+            _assert_same(actual[2][name], grad)
+    assert actual[2]["functions.0.weight"] is not None
+
+
 @pytest.mark.parametrize("groups", [2, 3])
 def test_equals_pyg_group_add_rev(groups: int) -> None:
     store, rev = _pair(3, groups)
