@@ -1,0 +1,46 @@
+"""``benchmarks/plans.py --quick`` runs and reports what its table claims: every peer computes
+gnnspec's function, and the memory plans keep less than ``store`` (timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_plans_benchmark_quick_run(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "plans.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Target checks" in proc.stdout
+    record = json.loads((tmp_path / "plans.json").read_text())
+    rows = record["rows"]
+    cells = {(r["op"], r["depth"], r["kind"]) for r in rows}
+    assert {op for op, _, _ in cells} == {"gcn", "sage", "gat"}
+    assert {kind for _, _, kind in cells} == {"plain", "res+", "rev"}
+    for op, depth, kind in cells:
+        methods = {r["method"].split("(")[0]: r for r in rows if (r["op"], r["depth"], r["kind"]) == (op, depth, kind)}
+        expected = {"gnnspec store", "gnnspec checkpoint"} | {
+            "plain": {"torch Sequential", "torch checkpoint_sequential"},
+            "res+": {"pyg DeepGCNLayer"},
+            "rev": {"gnnspec reversible", "pyg GroupAddRev"},
+        }[kind]
+        assert expected <= methods.keys(), (op, depth, kind, methods.keys())
+        for r in methods.values():  # every method of a cell computes one function (eval mode)
+            assert r["out_diff"] <= 1e-5, (op, depth, kind, r["method"], r["out_diff"])
+        store = methods["gnnspec store"]["peak_bytes"]
+        assert methods["gnnspec checkpoint"]["peak_bytes"] <= store
+        if kind == "rev":
+            rev = methods["gnnspec reversible"]["peak_bytes"]
+            assert rev < store and rev <= methods["pyg GroupAddRev"]["peak_bytes"]
+    try:
+        import matplotlib  # noqa: F401  (the `bench` extra)
+    except ImportError:
+        assert "matplotlib is not installed" in proc.stdout
+    else:
+        assert (tmp_path / "plans.png").exists()
