@@ -29,18 +29,19 @@ method of an (op, depth) cell runs one step, in an order rotated every round. A 
 ratio is the median over rounds of its step time divided by the same round's step time of
 gnnspec ``store`` of the same stack kind (paired, so machine load drifts cancel). ``floor`` is the
 ratio a recompute plan cannot beat: ``1 + forward / step`` of the store model, the forward timed
-under ``no_grad`` in train mode in the same rounds. Peak memory is
+under ``no_grad`` in train mode in the same rounds. ``fastest`` is a method's fastest step over
+store's fastest step (less affected by other load on a shared machine; the target checks use the
+paired median). Peak memory is
 ``gnnspec.memory.measure.measure_step_peak`` (live tensor storage bytes, including parameters,
 optimizer state and graph data; ``resize_`` of a storage, as ``GroupAddRev`` does, is tracked).
 
-Cells run depth by depth across ops, one stack kind at a time; a cell whose projected cost would take the run past
-``--budget-s`` is skipped and listed (run it on its own with ``--depths``/``--ops``).
+Cells run depth by depth across ops, one stack kind at a time: depth 256 with every peer needs
+6-17 GB of resident memory per stack kind (the peers' ``edge_index`` layers keep ``E x hidden``
+messages per layer), so only one kind's models are alive and freed memory is handed back to the
+system between kinds. A cell whose projected cost would take the run past ``--budget-s`` is
+skipped and listed (run it on its own with ``--depths``/``--ops``).
 
     python benchmarks/plans.py                      # depths 4,16,64,256; gcn,sage,gat
-
-Depth 256 with every peer needs 6-17 GB of resident memory per stack kind (the peers' ``edge_index``
-layers keep ``E x hidden`` messages per layer), so cells run one stack kind at a time and freed
-memory is handed back to the system between them.
     python benchmarks/plans.py --depths 4,16,64 --ops gcn
     python benchmarks/plans.py --quick              # a tiny smoke run
 """
@@ -473,6 +474,11 @@ def _paired(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+def _overall(results: list[bool]) -> str:
+    """A target's verdict over its cells: "not run" when the run had none."""
+    return "not run" if not results else ("PASS" if all(results) else "MISS")
+
+
 def summary(rows: list[Row], console) -> dict[str, Any]:
     """The two target checks, per (op, depth), and whether all pass (CPU time; wall shown too)."""
     cells = sorted({(r.op, r.depth) for r in rows})
@@ -518,12 +524,11 @@ def summary(rows: list[Row], console) -> dict[str, Any]:
                            "depth": depth, "kind": kind,
                            "cpu_ratio": ck.cpu_ratio, "cpu_min_ratio": ck.cpu_min_ratio, "wall_ratio": ck.time_ratio, "floor": ck.floor,
                            "time_ok": ok})
-    rev = [c["time_ok"] and c["peak_ok"] for c in checks if c["check"] == "reversible"]
-    ck = [c["time_ok"] for c in checks if c["check"] == "checkpoint"]
-    rev_ok, ck_ok = all(rev), all(ck)
-    verdict = lambda run, ok: "not run" if not run else ("PASS" if ok else "MISS")  # noqa: E731
-    console.print(f"\n  target (1) reversible: {verdict(rev, rev_ok)}    "
-                  f"target (2) checkpoint: {verdict(ck, ck_ok)}")
+    rev_results = [c["time_ok"] and c["peak_ok"] for c in checks if c["check"] == "reversible"]
+    ck_results = [c["time_ok"] for c in checks if c["check"] == "checkpoint"]
+    rev_ok, ck_ok = all(rev_results), all(ck_results)
+    console.print(f"\n  target (1) reversible: {_overall(rev_results)}    "
+                  f"target (2) checkpoint: {_overall(ck_results)}")
     return {"reversible_ok": rev_ok, "checkpoint_ok": ck_ok, "checks": checks}
 
 
