@@ -99,7 +99,8 @@ def random_graph(nodes: int, edges: int, features: int, classes: int, seed: int)
 class PreparedEdges:
     """The graph in the form each op's layer takes, prepared once per ``edge_index`` and kept
     (as gnnspec's ``GraphCache`` does): ``gcn`` -> ``(edge_index', edge_weight)`` of
-    ``gcn_norm`` with self-loops; ``gat`` -> self-loops removed then one added per node;
+    ``gcn_norm`` with self-loops; ``gat`` -> self-loops removed then one added per node, sorted by
+    target;
     ``sage`` -> the raw ``edge_index``."""
 
     def __init__(self, op: str) -> None:
@@ -117,7 +118,7 @@ class PreparedEdges:
                 elif self.op == "gat":
                     ei, _ = remove_self_loops(edge_index)
                     ei, _ = add_self_loops(ei, num_nodes=num_nodes)
-                    self.tensors = (ei,)
+                    self.tensors = (ei[:, torch.argsort(ei[1], stable=True)],)
                 else:
                     self.tensors = (edge_index,)
             self.key = key

@@ -10,7 +10,7 @@ import torch_geometric.nn.conv.gcn2_conv as pyg_gcn2_conv
 import torch_geometric.nn.conv.gcn_conv as pyg_gcn_conv
 from torch import Tensor
 from torch_geometric.nn import APPNP, ChebConv, EGConv, GATConv, GATv2Conv, GCN2Conv, GCNConv, SAGEConv, SGConv
-from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
+from torch_geometric.utils import add_self_loops, coalesce, remove_self_loops, to_undirected
 
 import gnnspec
 import gnnspec.ops as ops
@@ -403,6 +403,84 @@ def test_csr_propagation_in_half_precision_and_under_autocast():
     out.float().sum().backward()
     assert out.dtype == xb.grad.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+
+
+# ---------------------------------------------------------------------------- gat without autograd
+
+
+def test_self_loop_form_is_sorted_by_target_with_its_row_pointer():
+    _, edge_index = _graph(channels=8)  # with self-loops and duplicate edges
+    graph = _prepare(edge_index, forms=["self_loops"])
+    source, target = graph.loop_edge_index
+    assert bool((target[1:] >= target[:-1]).all())
+    counts = torch.bincount(target, minlength=N)
+    assert graph.loop_ptr.tolist() == [0, *counts.cumsum(0).tolist()]
+    expected, _ = add_self_loops(remove_self_loops(edge_index)[0], num_nodes=N)
+    assert sorted(zip(*expected.tolist())) == sorted(zip(source.tolist(), target.tolist()))
+
+
+def _gat_pair(heads: int):
+    conv = make_conv(_op("gat", heads=heads), 8).double()
+    return conv, _same_weights(conv, GATConv(8, 8 // heads, heads=heads))
+
+
+def _refuse_messages(monkeypatch) -> None:
+    def message(*_args, **_kwargs):
+        raise AssertionError("E x heads x C messages built")
+
+    monkeypatch.setattr(GATConv, "message", message)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_gat_without_autograd_is_the_stock_layer_without_per_edge_messages(heads: int, monkeypatch):
+    torch.manual_seed(0)
+    x, edge_index = _graph(channels=8)
+    conv, stock = _gat_pair(heads)
+    graph = _prepare(edge_index, forms=["self_loops"])
+    expected = {mode: stock.train(mode)(x, edge_index).detach() for mode in (True, False)}
+    _refuse_messages(monkeypatch)
+    for mode in (True, False):
+        conv.train(mode)
+        with torch.no_grad():
+            out = call_conv(conv, "gat", x, graph)
+        torch.testing.assert_close(out, expected[mode], rtol=0, atol=1e-12)
+        with torch.inference_mode():
+            out = call_conv(conv, "gat", x, graph)
+        torch.testing.assert_close(out, expected[mode], rtol=0, atol=1e-12)
+
+
+def test_gat_with_autograd_runs_the_stock_kernels_and_gets_their_gradients():
+    torch.manual_seed(0)
+    x, edge_index = _graph(channels=8)
+    conv, stock = _gat_pair(2)
+    graph = _prepare(edge_index, forms=["self_loops"])
+    inputs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [call_conv(conv, "gat", inputs[0], graph), stock(inputs[1], edge_index)]
+    grad = torch.randn_like(outs[0])
+    for out in outs:
+        (out * grad).sum().backward()
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=0, atol=1e-12)
+    theirs = dict(stock.named_parameters())
+    for key, param in conv.named_parameters():
+        torch.testing.assert_close(param.grad, theirs[key].grad, rtol=0, atol=1e-12, msg=key)
+
+
+def test_gat_attention_dropout_keeps_the_stock_kernels_and_their_random_draws(monkeypatch):
+    x, edge_index = _graph(channels=8)
+    conv, _ = _gat_pair(2)
+    conv.dropout = 0.5
+    graph = _prepare(edge_index, forms=["self_loops"])
+    torch.manual_seed(1)
+    with_grad = call_conv(conv, "gat", x, graph).detach()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        without = call_conv(conv, "gat", x, graph)
+    torch.testing.assert_close(without, with_grad, rtol=0, atol=0)
+    conv.eval()  # no dropout in eval: the sorted kernels run
+    _refuse_messages(monkeypatch)
+    with torch.no_grad():
+        call_conv(conv, "gat", x, graph)
 
 
 # ---------------------------------------------------------------------------- user ops
