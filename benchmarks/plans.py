@@ -27,9 +27,12 @@ is compared with gnnspec's (column ``|dout|``), so all methods of a row group co
 Timing: ``torch.set_num_threads(1)``; one warm-up step, then ``--repeats`` rounds in which every
 method of an (op, depth) cell runs one step, in an order rotated every round. A method's time
 ratio is the median over rounds of its step time divided by the same round's step time of
-gnnspec ``store`` of the same stack kind (paired, so machine load drifts cancel). ``floor`` is the
-ratio a recompute plan cannot beat: ``1 + forward / step`` of the store model, the forward timed
-under ``no_grad`` in train mode in the same rounds. ``fastest`` is a method's fastest step over
+gnnspec ``store`` of the same stack kind (paired, so machine load drifts cancel). ``floor`` is
+``1 + forward / step`` of the store model, the forward timed under ``no_grad`` in train mode in the
+same rounds: the ratio ``reversible`` (one no-grad forward, then one recompute fused with the
+backward) cannot beat. ``checkpoint``'s first forward runs with autograd on (torch's non-reentrant
+checkpoint records the graph and drops the saved tensors), so where an op's no-grad kernels are
+faster than its autograd ones (``gat``) checkpoint's own floor lies above this column. ``fastest`` is a method's fastest step over
 store's fastest step (less affected by other load on a shared machine; the target checks use the
 paired median). Peak memory is
 ``gnnspec.memory.measure.measure_step_peak`` (live tensor storage bytes, including parameters,
@@ -462,8 +465,8 @@ def print_table(rows: list[Row], console) -> None:
         "count time the process waits for a core on a shared machine); the target checks use its "
         "median over paired rounds. fastest: the method's fastest step over store's fastest step "
         "(CPU time), less affected by other load on a shared machine. floor: 1 + (no_grad forward "
-        "of the store model) / (store step), CPU time: the least a plan that recomputes one forward "
-        "can cost. |dout|: eval-mode output difference to gnnspec store."
+        "of the store model) / (store step), CPU time: the least reversible can cost (checkpoint's "
+        "first forward runs with autograd on; for gat, whose no-grad kernels are faster, its floor is higher). |dout|: eval-mode output difference to gnnspec store."
     )
 
 
