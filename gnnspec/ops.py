@@ -562,66 +562,96 @@ class TargetSortedEdges:
     ptr: Tensor
 
 
+class _SortedAggregation(torch.autograd.Function):
+    r"""``out[i, h] = sum over the edges e = (j -> i) of alpha[e, h] * x[j, h]`` for edges sorted by
+    target: one CSR product per head with ``alpha[:, h]`` as values. ``x [N, H, C]``, ``alpha [E, H]``.
+
+    Backward, with ``g = dL/dout``: ``dL/dalpha[e, h] = g[i, h] . x[j, h]`` and
+    ``dL/dx[j, h] = sum over the edges e = (j -> i) of alpha[e, h] g[i, h]`` (gathers and one
+    ``index_add``). Saves ``alpha`` and ``x`` (``x`` is already kept by the attention logits), not
+    the ``E x H x C`` messages torch-geometric's message passing saves. Under fake tensors it
+    allocates what the real products allocate (their outputs), so dry runs and the calibration
+    see the real path.
+    """
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor, x: Tensor, edges: "TargetSortedEdges") -> Tensor:  # type: ignore[override]
+        ctx.edges = edges
+        ctx.save_for_backward(alpha, x)
+        num_nodes, heads = edges.ptr.numel() - 1, x.size(1)
+        source = edges.edge_index[0]
+        # Head-major buffers written in place, so the allocations are the same for any number of
+        # heads (the memory calibration requires it) and a fake run makes exactly them.
+        # clone, not contiguous(): a copy for one head too, where the transpose is already contiguous
+        by_head = alpha.t().clone(memory_format=torch.contiguous_format)  # a row of values per head
+        out = x.new_empty(heads, num_nodes, x.size(2))
+        if not isinstance(x, FakeTensor):
+            with _quiet_sparse_csr():
+                for h in range(heads):
+                    weights = torch.sparse_csr_tensor(edges.ptr, source, by_head[h], size=(num_nodes, x.size(0)))
+                    torch.mm(weights, x[:, h], out=out[h])
+        return out.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        alpha, x = ctx.saved_tensors
+        source, target = ctx.edges.edge_index
+        grad_alpha = grad_x = None
+        by_edge = grad.index_select(0, target)
+        if ctx.needs_input_grad[0]:
+            grad_alpha = (by_edge * x.index_select(0, source)).sum(-1)
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.zeros_like(x).index_add_(0, source, by_edge.mul_(alpha.unsqueeze(-1)))
+        return grad_alpha, grad_x, None
+
+
 class CsrGATConv(GATConv):
-    r"""``GATConv`` (``concat=True``, no edge features) that, when autograd is off, computes the
-    attention softmax and the aggregation over a :class:`TargetSortedEdges` graph without
-    ``E x heads x C`` temporaries.
+    r"""``GATConv`` (``concat=True``) that, called with a :class:`TargetSortedEdges` graph, computes
+    the attention softmax as segment reductions over the row pointer and the aggregation as CSR
+    products, without ``E x heads x C`` message tensors.
 
     The formula is torch-geometric's: ``e_ij = leaky_relu(a_src . W x_j + a_dst . W x_i)``,
-    ``alpha_ij = exp(e_ij - max_j e_ij) / (sum_j exp(e_ij - max_j e_ij) + 1e-16)`` over the edges
-    into ``i``, ``out_i = sum_j alpha_ij W x_j + b`` per head; weights, bias and state dict are
-    ``GATConv``'s, and so is every step of ``forward`` but two kernels. Without autograd (the
-    forward pass of a reversible stack, evaluation under ``no_grad``), the max and sum over each
-    node's edges are segment reductions over ``ptr`` instead of scatters, and the aggregation is
-    one CSR product per head with ``alpha`` as values instead of gathering ``W x_j`` per edge,
-    scaling it and scattering it back (2-4x faster on CPU). With autograd on, under fake tensors
-    (dry run, calibration), for half-precision features, or with attention dropout in training
-    mode (whose random draws must stay torch-geometric's), both kernels are ``GATConv``'s own on
-    ``edge_index``, so gradients are exactly torch-geometric's.
+    ``alpha_ij = softmax over the edges into i``, attention dropout, ``out_i = sum_j alpha_ij W x_j + b``
+    per head. Weights, bias, state dict and every step of ``forward`` are ``GATConv``'s;
+    ``edge_update`` (logits, softmax, dropout) is ``GATConv``'s too, given the row pointer, so it takes
+    torch-geometric's segment softmax instead of its scatter softmax; only the aggregation is
+    :class:`_SortedAggregation` (CPU, 5000 nodes, 55,000 edges, 4 heads of 8: forward 2x faster,
+    forward + backward about 1.2x, and the ``E x heads x C`` messages are not saved for backward).
+    With a plain ``edge_index``, edge features or half-precision features (torch's CPU CSR product
+    has no half kernels) it is the stock layer.
     """
 
     graph_form = "self_loops"
 
-    def _sorted_kernels(self, like: Tensor) -> bool:
+    @staticmethod
+    def _sorted(edge_index: object, like: Tensor, edge_attr: object = None) -> bool:
         return (
-            not torch.is_grad_enabled()
-            and not isinstance(like, FakeTensor)
+            isinstance(edge_index, TargetSortedEdges)
+            and edge_attr is None
             and like.dtype in (torch.float32, torch.float64)
-            and (self.dropout == 0.0 or not self.training)
         )
 
     def edge_updater(self, edge_index, alpha, edge_attr=None, size=None):
-        if not isinstance(edge_index, TargetSortedEdges):
-            return super().edge_updater(edge_index, alpha=alpha, edge_attr=edge_attr, size=size)
         alpha_src, alpha_dst = alpha
-        if edge_attr is not None or alpha_dst is None or not self._sorted_kernels(alpha_src):
-            return super().edge_updater(edge_index.edge_index, alpha=alpha, edge_attr=edge_attr, size=size)
+        if not (self._sorted(edge_index, alpha_src, edge_attr) and alpha_dst is not None):
+            if isinstance(edge_index, TargetSortedEdges):
+                edge_index = edge_index.edge_index
+            return super().edge_updater(edge_index, alpha=alpha, edge_attr=edge_attr, size=size)
         source, target = edge_index.edge_index
         ptr = edge_index.ptr
-        logits = alpha_src.index_select(0, source).add_(alpha_dst.index_select(0, target))
-        logits = torch.nn.functional.leaky_relu(logits, self.negative_slope)
-        peak = torch.segment_reduce(logits, "max", offsets=ptr)
-        weights = logits.sub_(peak.index_select(0, target)).exp_()
-        total = torch.segment_reduce(weights, "sum", offsets=ptr).add_(1e-16)
-        return weights.div_(total.index_select(0, target))
+        return self.edge_update(
+            alpha_src.index_select(0, source), alpha_dst.index_select(0, target), None,
+            index=target, ptr=ptr, dim_size=ptr.numel() - 1,
+        )
 
     def propagate(self, edge_index, size=None, **kwargs):
-        if not isinstance(edge_index, TargetSortedEdges):
-            return super().propagate(edge_index, size=size, **kwargs)
         x_src, alpha = kwargs["x"][0], kwargs["alpha"]
-        if not self._sorted_kernels(x_src):
-            return super().propagate(edge_index.edge_index, size=size, **kwargs)
-        num_nodes = edge_index.ptr.numel() - 1
-        source = edge_index.edge_index[0]
-        heads = x_src.size(1)
-        out = x_src.new_empty(num_nodes, heads, x_src.size(2))
-        by_head = alpha.t().contiguous()  # one contiguous row of edge values per head
-        with _quiet_sparse_csr(), torch.autocast(x_src.device.type, enabled=False):
-            for h in range(heads):
-                weights = torch.sparse_csr_tensor(edge_index.ptr, source, by_head[h],
-                                                  size=(num_nodes, x_src.size(0)))
-                out[:, h] = torch.mm(weights, x_src[:, h])
-        return out
+        if not self._sorted(edge_index, x_src):
+            if isinstance(edge_index, TargetSortedEdges):
+                edge_index = edge_index.edge_index
+            return super().propagate(edge_index, size=size, **kwargs)
+        with torch.autocast(x_src.device.type, enabled=False):
+            return _SortedAggregation.apply(alpha, x_src, edge_index)
 
 
 def _call_gat(conv: nn.Module, x: Tensor, graph: PreparedGraph) -> Tensor:

@@ -1028,7 +1028,8 @@ def build_table(only: list[str] | None = None, log=print) -> dict[str, Any]:
             for name in OPTIMIZER_CONFIGS
         }
     if failed:
-        log(f"{len(failed)} pieces failed: {', '.join(failed)}")
+        # a table without these pieces would make every estimate that needs them fail later
+        raise CalibrationError(f"{len(failed)} pieces failed: {', '.join(failed)}; nothing was written")
     return {
         "meta": {"version": TABLE_VERSION, "torch": torch.__version__, "torch_geometric": _pyg_version()},
         "pieces": dict(sorted(pieces.items())),
@@ -1049,7 +1050,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="recalibrate and compare with the checked-in table instead of writing (exit 1 if stale)")
     args = parser.parse_args(argv)
-    table = build_table(args.only)
+    try:
+        table = build_table(args.only)
+    except CalibrationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if args.check:
         current = json.loads(TABLE_PATH.read_text())
         stale = sorted(k for k, v in table["pieces"].items() if current["pieces"].get(k) != v)
