@@ -105,7 +105,8 @@ GRAPH_FORMS: dict[str, str] = {
     ),
     "self_loops": (
         "self-loops removed then one added per node, as GATConv(add_self_loops=True) does, the "
-        "columns sorted by target node (stable), with the row pointer of that order: "
+        "columns sorted by target node (stable), with the row pointers of that order and of the "
+        "source order (TargetSortedEdges): "
         "conv(x, edge_index)"
     ),
     "cheb_norm": (
@@ -252,6 +253,47 @@ class _CsrMatmul(torch.autograd.Function):
 
 
 @dataclass(frozen=True)
+class TargetSortedEdges:
+    """An ``edge_index [2, E]`` whose columns are sorted by target node (stably), with what a CSR
+    product by it and by its transpose needs: ``ptr [N + 1]`` (the edges into node ``i`` are
+    columns ``ptr[i]:ptr[i + 1]``), ``source_order [E]`` (the columns in source order, stably),
+    ``source_ptr [N + 1]`` (the same pointer over that order) and ``target_by_source [E]``
+    (``edge_index[1][source_order]``). The ``self_loops`` form as :class:`CsrGATConv` takes it."""
+
+    edge_index: Tensor
+    ptr: Tensor
+    source_order: Tensor
+    source_ptr: Tensor
+    target_by_source: Tensor
+
+    @classmethod
+    def from_edges(cls, edge_index: Tensor, num_nodes: int) -> "TargetSortedEdges":
+        """``edge_index``'s columns sorted by target, and the rest of the holder."""
+        edge_index = edge_index[:, torch.argsort(edge_index[1], stable=True)]
+        source, target = edge_index
+        source_order = torch.argsort(source, stable=True)
+        return cls(
+            edge_index=edge_index,
+            ptr=torch._convert_indices_from_coo_to_csr(target, num_nodes),
+            source_order=source_order,
+            source_ptr=torch._convert_indices_from_coo_to_csr(source[source_order], num_nodes),
+            target_by_source=target[source_order],
+        )
+
+    @classmethod
+    def placeholder(cls, edge_index: Tensor, num_nodes: int) -> "TargetSortedEdges":
+        """Uninitialised tensors of the sizes :meth:`from_edges` gives, around ``edge_index``."""
+        columns = edge_index.size(1)
+        return cls(edge_index, torch.empty(num_nodes + 1, dtype=torch.long), torch.empty(columns, dtype=torch.long),
+                   torch.empty(num_nodes + 1, dtype=torch.long), torch.empty(columns, dtype=torch.long))
+
+    @property
+    def index_tensors(self) -> list[Tensor]:
+        """The tensors held beside ``edge_index``."""
+        return [self.ptr, self.source_order, self.source_ptr, self.target_by_source]
+
+
+@dataclass(frozen=True)
 class PreparedGraph:
     """One graph in every form its convolutions need (see :data:`GRAPH_FORMS`).
 
@@ -264,7 +306,7 @@ class PreparedGraph:
     gcn_edge_index: Tensor | None = None
     gcn_edge_weight: Tensor | None = None
     loop_edge_index: Tensor | None = None
-    loop_ptr: Tensor | None = None
+    loop_sorted: TargetSortedEdges | None = None
     cheb_edge_index: Tensor | None = None
     cheb_edge_weight: Tensor | None = None
     gcn_adjacency: CsrAdjacency | None = None
@@ -303,8 +345,10 @@ class PreparedGraph:
 
     def prepared_tensors(self) -> list[Tensor]:
         """Every tensor held beyond the raw ``edge_index`` (the CSR matrices by their components)."""
-        out = [self.gcn_edge_index, self.gcn_edge_weight, self.loop_edge_index, self.loop_ptr,
-               self.cheb_edge_index, self.cheb_edge_weight]
+        out = [self.gcn_edge_index, self.gcn_edge_weight, self.loop_edge_index, self.cheb_edge_index,
+               self.cheb_edge_weight]
+        if self.loop_sorted is not None:
+            out += self.loop_sorted.index_tensors
         for name, _ in _CSR_FORMS.values():
             adjacency = getattr(self, name)
             if adjacency is not None:
@@ -328,8 +372,8 @@ class PreparedGraph:
             kw.update(gcn_edge_index=torch.empty(2, e + n, dtype=torch.long),
                       gcn_edge_weight=torch.empty(e + n, dtype=dtype))
         if "self_loops" in forms:
-            kw.update(loop_edge_index=torch.empty(2, e + n, dtype=torch.long),
-                      loop_ptr=torch.empty(n + 1, dtype=torch.long))
+            loops = torch.empty(2, e + n, dtype=torch.long)
+            kw.update(loop_edge_index=loops, loop_sorted=TargetSortedEdges.placeholder(loops, n))
         if "cheb_norm" in forms:
             kw.update(cheb_edge_index=torch.empty(2, e + n, dtype=torch.long),
                       cheb_edge_weight=torch.empty(e + n, dtype=dtype))
@@ -346,8 +390,8 @@ def prepared_bytes(
 
     An edge-index form has at most ``num_edges + num_nodes`` columns (the edges plus one self-loop
     per node; fewer when the input already has self-loops): an index ``[2, E + N]`` and, for the
-    weighted forms, a weight ``[E + N]`` of the feature dtype; ``self_loops`` also keeps its row
-    pointer ``[N + 1]``. A CSR form holds two matrices of
+    weighted forms, a weight ``[E + N]`` of the feature dtype; ``self_loops`` also keeps two row
+    pointers ``[N + 1]`` and two indices ``[E + N]`` (:class:`TargetSortedEdges`). A CSR form holds two matrices of
     ``nnz`` entries (:meth:`CsrAdjacency.nbytes_for`; ``nnz = E + N`` for ``gcn_csr``, ``E`` for
     ``mean_csr``). Exact for a graph without self-loops or duplicate edges.
     """
@@ -362,7 +406,7 @@ def prepared_bytes(
             continue
         total += 2 * columns * index_bytes
         if form == "self_loops":
-            total += (num_nodes + 1) * index_bytes
+            total += 2 * (num_nodes + 1 + columns) * index_bytes
         if form in ("gcn_norm", "cheb_norm"):
             total += columns * value_bytes
     return total
@@ -472,10 +516,8 @@ class GraphCache:
             if "self_loops" in forms:
                 loops, _ = remove_self_loops(ei)
                 looped, _ = add_self_loops(loops, num_nodes=n)
-                # sorted by target: CsrGATConv's no-grad kernels read each node's edges as a run
-                looped = looped[:, torch.argsort(looped[1], stable=True)]
-                new["loop_edge_index"] = looped
-                new["loop_ptr"] = torch._convert_indices_from_coo_to_csr(looped[1], n)
+                new["loop_sorted"] = TargetSortedEdges.from_edges(looped, n)
+                new["loop_edge_index"] = new["loop_sorted"].edge_index
             if "cheb_norm" in forms:
                 new["cheb_edge_index"], new["cheb_edge_weight"] = _cheb_laplacian(ei, n, dtype)
         return replace(graph, **new)
@@ -552,57 +594,72 @@ class CsrSAGEConv(CsrPropagation, SAGEConv):
     graph_form = "mean_csr"
 
 
-@dataclass(frozen=True)
-class TargetSortedEdges:
-    """An ``edge_index [2, E]`` whose columns are sorted by target node, with its row pointer
-    ``ptr [N + 1]`` (the edges into node ``i`` are columns ``ptr[i]:ptr[i + 1]``): the ``self_loops``
-    form as :class:`CsrGATConv` takes it."""
-
-    edge_index: Tensor
-    ptr: Tensor
-
-
 class _SortedAggregation(torch.autograd.Function):
     r"""``out[i, h] = sum over the edges e = (j -> i) of alpha[e, h] * x[j, h]`` for edges sorted by
-    target: one CSR product per head with ``alpha[:, h]`` as values. ``x [N, H, C]``, ``alpha [E, H]``.
+    target (:class:`TargetSortedEdges`): one CSR product per head with ``alpha[:, h]`` as values.
+    ``x [N, H, C]``, ``alpha [E, H]``.
 
-    Backward, with ``g = dL/dout``: ``dL/dalpha[e, h] = g[i, h] . x[j, h]`` and
-    ``dL/dx[j, h] = sum over the edges e = (j -> i) of alpha[e, h] g[i, h]`` (gathers and one
-    ``index_add``). Saves ``alpha`` and ``x`` (``x`` is already kept by the attention logits), not
-    the ``E x H x C`` messages torch-geometric's message passing saves. Under fake tensors it
-    allocates what the real products allocate (their outputs), so dry runs and the calibration
-    see the real path.
+    Backward, with ``g = dL/dout``, per head: ``dL/dalpha[e] = g[i] . x[j]`` for ``e = (j -> i)``
+    (a sampled dense-dense product on the sparsity of ``A``) and ``dL/dx = A^T g`` (a CSR product
+    by the transpose, from the source order kept with the graph). Saves ``alpha`` and ``x`` (``x`` is
+    kept by the attention logits anyway), not the ``E x H x C`` messages torch-geometric's message
+    passing saves, and makes no ``E x H x C`` temporaries.
+
+    Every product writes into a head-major buffer allocated before the loop over heads, so the
+    allocations are the same for any number of heads (the memory calibration needs that), and
+    under fake tensors (dry run, calibration) only those buffers are made: what the real path
+    allocates.
     """
 
     @staticmethod
-    def forward(ctx, alpha: Tensor, x: Tensor, edges: "TargetSortedEdges") -> Tensor:  # type: ignore[override]
+    def forward(ctx, alpha: Tensor, x: Tensor, edges: TargetSortedEdges) -> Tensor:  # type: ignore[override]
         ctx.edges = edges
         ctx.save_for_backward(alpha, x)
-        num_nodes, heads = edges.ptr.numel() - 1, x.size(1)
-        source = edges.edge_index[0]
-        # Head-major buffers written in place, so the allocations are the same for any number of
-        # heads (the memory calibration requires it) and a fake run makes exactly them.
-        # clone, not contiguous(): a copy for one head too, where the transpose is already contiguous
-        by_head = alpha.t().clone(memory_format=torch.contiguous_format)  # a row of values per head
-        out = x.new_empty(heads, num_nodes, x.size(2))
+        values = _head_major(alpha)
+        out = x.new_empty(x.size(1), edges.ptr.numel() - 1, x.size(2))
         if not isinstance(x, FakeTensor):
             with _quiet_sparse_csr():
-                for h in range(heads):
-                    weights = torch.sparse_csr_tensor(edges.ptr, source, by_head[h], size=(num_nodes, x.size(0)))
-                    torch.mm(weights, x[:, h], out=out[h])
-        return out.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+                for h in range(x.size(1)):
+                    torch.mm(_by_target(edges, values[h], x.size(0)), x[:, h], out=out[h])
+        return _node_major(out)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         alpha, x = ctx.saved_tensors
-        source, target = ctx.edges.edge_index
+        edges, heads, real = ctx.edges, x.size(1), not isinstance(x, FakeTensor)
         grad_alpha = grad_x = None
-        by_edge = grad.index_select(0, target)
-        if ctx.needs_input_grad[0]:
-            grad_alpha = (by_edge * x.index_select(0, source)).sum(-1)
-        if ctx.needs_input_grad[1]:
-            grad_x = torch.zeros_like(x).index_add_(0, source, by_edge.mul_(alpha.unsqueeze(-1)))
+        with _quiet_sparse_csr():
+            if ctx.needs_input_grad[0]:
+                by_head = alpha.new_zeros(alpha.t().shape)  # zeros: beta = 0 still reads the values
+                for h in range(heads if real else 0):
+                    sampled = _by_target(edges, by_head[h], x.size(0))
+                    torch.sparse.sampled_addmm(sampled, grad[:, h], x[:, h].t(), beta=0.0, out=sampled)
+                grad_alpha = by_head.t()
+            if ctx.needs_input_grad[1]:
+                values = _head_major(alpha)[:, edges.source_order]
+                by_head = x.new_empty(heads, x.size(0), x.size(2))
+                for h in range(heads if real else 0):
+                    transpose = torch.sparse_csr_tensor(edges.source_ptr, edges.target_by_source, values[h],
+                                                        size=(x.size(0), grad.size(0)))
+                    torch.mm(transpose, grad[:, h], out=by_head[h])
+                grad_x = _node_major(by_head)
         return grad_alpha, grad_x, None
+
+
+def _head_major(alpha: Tensor) -> Tensor:
+    # clone, not contiguous(): a copy for one head too, where the transpose is already contiguous,
+    # so the allocations do not depend on the number of heads
+    return alpha.t().clone(memory_format=torch.contiguous_format)
+
+
+def _node_major(by_head: Tensor) -> Tensor:
+    return by_head.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+
+
+def _by_target(edges: TargetSortedEdges, values: Tensor, num_sources: int) -> Tensor:
+    """The ``N x num_sources`` CSR matrix with ``values`` at ``(target, source)`` of each edge."""
+    return torch.sparse_csr_tensor(edges.ptr, edges.edge_index[0], values,
+                                   size=(edges.ptr.numel() - 1, num_sources))
 
 
 class CsrGATConv(GATConv):
@@ -657,7 +714,7 @@ class CsrGATConv(GATConv):
 def _call_gat(conv: nn.Module, x: Tensor, graph: PreparedGraph) -> Tensor:
     (edge_index,) = graph.tensors("self_loops")
     if isinstance(conv, CsrGATConv):
-        return conv(x, TargetSortedEdges(edge_index, graph.loop_ptr))
+        return conv(x, graph.loop_sorted)
     return conv(x, edge_index)
 
 

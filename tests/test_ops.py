@@ -414,7 +414,13 @@ def test_self_loop_form_is_sorted_by_target_with_its_row_pointer():
     source, target = graph.loop_edge_index
     assert bool((target[1:] >= target[:-1]).all())
     counts = torch.bincount(target, minlength=N)
-    assert graph.loop_ptr.tolist() == [0, *counts.cumsum(0).tolist()]
+    holder = graph.loop_sorted
+    assert holder.edge_index is graph.loop_edge_index
+    assert holder.ptr.tolist() == [0, *counts.cumsum(0).tolist()]
+    order = holder.source_order
+    assert bool((source[order][1:] >= source[order][:-1]).all())
+    assert torch.equal(holder.target_by_source, target[order])
+    assert holder.source_ptr.tolist() == [0, *torch.bincount(source, minlength=N).cumsum(0).tolist()]
     expected, _ = add_self_loops(remove_self_loops(edge_index)[0], num_nodes=N)
     assert sorted(zip(*expected.tolist())) == sorted(zip(source.tolist(), target.tolist()))
 
