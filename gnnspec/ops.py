@@ -49,6 +49,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import (
     APPNP,
@@ -636,7 +637,7 @@ class _SortedAggregation(torch.autograd.Function):
                     torch.sparse.sampled_addmm(sampled, grad[:, h], x[:, h].t(), beta=0.0, out=sampled)
                 grad_alpha = by_head.t()
             if ctx.needs_input_grad[1]:
-                values = _head_major(alpha)[:, edges.source_order]
+                values = _head_major(alpha).index_select(1, edges.source_order)
                 by_head = x.new_empty(heads, x.size(0), x.size(2))
                 for h in range(heads if real else 0):
                     transpose = torch.sparse_csr_tensor(edges.source_ptr, edges.target_by_source, values[h],
@@ -647,9 +648,28 @@ class _SortedAggregation(torch.autograd.Function):
 
 
 def _head_major(alpha: Tensor) -> Tensor:
+    """``alpha [E, H]`` as ``[H, E]`` rows; :class:`CsrGATConv` computes it head-major, so this
+    is a view (no allocation, for any number of heads)."""
+    return alpha.t().contiguous()
+
+
+def _head_major_copy(by_node: Tensor) -> Tensor:
     # clone, not contiguous(): a copy for one head too, where the transpose is already contiguous,
-    # so the allocations do not depend on the number of heads
-    return alpha.t().clone(memory_format=torch.contiguous_format)
+    # so the allocations do not depend on the number of heads (the memory calibration needs that)
+    return by_node.t().clone(memory_format=torch.contiguous_format)
+
+
+def _segment_softmax_by_head(logits: Tensor, edges: TargetSortedEdges) -> Tensor:
+    """``softmax`` over the edges into each node, per head, of head-major ``logits [H, E]``:
+    ``exp(l - max) / (sum exp(l - max) + 1e-16)``, torch-geometric's ``softmax(src, index, ptr)``
+    with the edges of a head contiguous (its gathers and reductions run along rows; the
+    edge-major layout gathers 4-element rows and copies a transpose for the CSR products)."""
+    offsets = edges.ptr.expand(logits.size(0), -1)
+    target = edges.edge_index[1]
+    peak = torch._segment_reduce(logits.detach(), "amax", offsets=offsets, axis=1)
+    shifted = (logits - peak.index_select(1, target)).exp()
+    total = torch.segment_reduce(shifted, "sum", offsets=offsets, axis=1) + 1e-16
+    return shifted / total.index_select(1, target)
 
 
 def _node_major(by_head: Tensor) -> Tensor:
@@ -669,11 +689,11 @@ class CsrGATConv(GATConv):
 
     The formula is torch-geometric's: ``e_ij = leaky_relu(a_src . W x_j + a_dst . W x_i)``,
     ``alpha_ij = softmax over the edges into i``, attention dropout, ``out_i = sum_j alpha_ij W x_j + b``
-    per head. Weights, bias, state dict and every step of ``forward`` are ``GATConv``'s;
-    ``edge_update`` (logits, softmax, dropout) is ``GATConv``'s too, given the row pointer, so it takes
-    torch-geometric's segment softmax instead of its scatter softmax; only the aggregation is
-    :class:`_SortedAggregation` (CPU, 5000 nodes, 55,000 edges, 4 heads of 8: forward 2x faster,
-    forward + backward about 1.2x, and the ``E x heads x C`` messages are not saved for backward).
+    per head. Weights, bias, state dict and every step of ``forward`` are ``GATConv``'s; the edge
+    update is ``GATConv.edge_update``'s formula (leaky ReLU, torch-geometric's segment softmax over
+    the row pointer, attention dropout drawn edge-major as the stock layer draws it) computed
+    head-major, ``[H, E]``, which is the layout the aggregation, :class:`_SortedAggregation`, takes
+    its CSR values in (the ``E x heads x C`` messages are never made).
     With a plain ``edge_index``, edge features or half-precision features (torch's CPU CSR product
     has no half kernels) it is the stock layer.
     """
@@ -695,11 +715,14 @@ class CsrGATConv(GATConv):
                 edge_index = edge_index.edge_index
             return super().edge_updater(edge_index, alpha=alpha, edge_attr=edge_attr, size=size)
         source, target = edge_index.edge_index
-        ptr = edge_index.ptr
-        return self.edge_update(
-            alpha_src.index_select(0, source), alpha_dst.index_select(0, target), None,
-            index=target, ptr=ptr, dim_size=ptr.numel() - 1,
-        )
+        logits = _head_major_copy(alpha_src).index_select(1, source)
+        logits = logits + _head_major_copy(alpha_dst).index_select(1, target)
+        alpha = _segment_softmax_by_head(F.leaky_relu(logits, self.negative_slope), edge_index)
+        if self.training and self.dropout > 0:
+            # drawn edge-major, as the stock layer draws its mask
+            dropped = F.dropout(alpha.t().contiguous(), p=self.dropout, training=True)
+            alpha = dropped.t().contiguous()
+        return alpha.t()
 
     def propagate(self, edge_index, size=None, **kwargs):
         x_src, alpha = kwargs["x"][0], kwargs["alpha"]
