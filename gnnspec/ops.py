@@ -622,7 +622,7 @@ class _SortedAggregation(torch.autograd.Function):
             with _quiet_sparse_csr():
                 for h in range(x.size(1)):
                     torch.mm(_by_target(edges, values[h], x.size(0)), x[:, h], out=out[h])
-        return _node_major(out)
+        return _swapped_copy(out)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -640,10 +640,8 @@ class _SortedAggregation(torch.autograd.Function):
                 values = _head_major(alpha).index_select(1, edges.source_order)
                 by_head = x.new_empty(heads, x.size(0), x.size(2))
                 for h in range(heads if real else 0):
-                    transpose = torch.sparse_csr_tensor(edges.source_ptr, edges.target_by_source, values[h],
-                                                        size=(x.size(0), grad.size(0)))
-                    torch.mm(transpose, grad[:, h], out=by_head[h])
-                grad_x = _node_major(by_head)
+                    torch.mm(_by_source(edges, values[h], grad.size(0)), grad[:, h], out=by_head[h])
+                grad_x = _swapped_copy(by_head)
         return grad_alpha, grad_x, None
 
 
@@ -651,12 +649,6 @@ def _head_major(alpha: Tensor) -> Tensor:
     """``alpha [E, H]`` as ``[H, E]`` rows; :class:`CsrGATConv` computes it head-major, so this
     is a view (no allocation, for any number of heads)."""
     return alpha.t().contiguous()
-
-
-def _head_major_copy(by_node: Tensor) -> Tensor:
-    # clone, not contiguous(): a copy for one head too, where the transpose is already contiguous,
-    # so the allocations do not depend on the number of heads (the memory calibration needs that)
-    return by_node.t().clone(memory_format=torch.contiguous_format)
 
 
 def _segment_softmax_by_head(logits: Tensor, edges: TargetSortedEdges) -> Tensor:
@@ -672,14 +664,24 @@ def _segment_softmax_by_head(logits: Tensor, edges: TargetSortedEdges) -> Tensor
     return shifted / total.index_select(1, target)
 
 
-def _node_major(by_head: Tensor) -> Tensor:
-    return by_head.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+def _swapped_copy(t: Tensor) -> Tensor:
+    """A contiguous copy of ``t`` with its first two dimensions swapped (node-major <-> head-major)."""
+    # clone, not contiguous(): a copy for one head too, where the swap is already contiguous, so
+    # the allocations do not depend on the number of heads (the memory calibration needs that)
+    return t.transpose(0, 1).clone(memory_format=torch.contiguous_format)
 
 
 def _by_target(edges: TargetSortedEdges, values: Tensor, num_sources: int) -> Tensor:
     """The ``N x num_sources`` CSR matrix with ``values`` at ``(target, source)`` of each edge."""
     return torch.sparse_csr_tensor(edges.ptr, edges.edge_index[0], values,
                                    size=(edges.ptr.numel() - 1, num_sources))
+
+
+def _by_source(edges: TargetSortedEdges, values: Tensor, num_targets: int) -> Tensor:
+    """The transpose of :func:`_by_target`: ``N x num_targets``, ``values`` (in source order) at
+    ``(source, target)`` of each edge."""
+    return torch.sparse_csr_tensor(edges.source_ptr, edges.target_by_source, values,
+                                   size=(edges.source_ptr.numel() - 1, num_targets))
 
 
 class CsrGATConv(GATConv):
@@ -715,8 +717,8 @@ class CsrGATConv(GATConv):
                 edge_index = edge_index.edge_index
             return super().edge_updater(edge_index, alpha=alpha, edge_attr=edge_attr, size=size)
         source, target = edge_index.edge_index
-        logits = _head_major_copy(alpha_src).index_select(1, source)
-        logits = logits + _head_major_copy(alpha_dst).index_select(1, target)
+        logits = _swapped_copy(alpha_src).index_select(1, source)
+        logits = logits + _swapped_copy(alpha_dst).index_select(1, target)
         alpha = _segment_softmax_by_head(F.leaky_relu(logits, self.negative_slope), edge_index)
         if self.training and self.dropout > 0:
             # drawn edge-major, as the stock layer draws its mask
