@@ -485,6 +485,36 @@ def test_gat_attention_dropout_draws_the_stock_layers_masks(monkeypatch):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["logits far below the bound", "negative slope", "float32"])
+def test_gat_softmax_off_the_fast_path_is_the_stock_layer(case: str, monkeypatch):
+    # The fused softmax shifts by one bound per head. Attention scores spread over 1e4 put some
+    # nodes' logits so far below it that exp underflows to 0: their 0/0 would be NaN without the
+    # per-node maximum it falls back to. A negative slope makes leaky ReLU non-monotone (no bound).
+    torch.manual_seed(0)
+    x, edge_index = _graph(channels=8)
+    conv, stock = _gat_pair(2)
+    dtype = torch.float32 if case == "float32" else torch.float64
+    conv, stock, x = conv.to(dtype), stock.to(dtype), x.to(dtype)
+    if case == "negative slope":  # (float32: the fast path, in single precision)
+        conv.negative_slope = stock.negative_slope = -0.5
+    elif case == "logits far below the bound":
+        with torch.no_grad():
+            for module in (conv, stock):
+                module.att_dst.mul_(1e4)
+    graph = GraphCache().prepare(edge_index, num_nodes=N, dtype=dtype, forms=["self_loops"])
+    xg = x.clone().requires_grad_()
+    expected = stock(xg, edge_index)
+    grad = torch.randn_like(expected)
+    expected_grads = _grads(expected, grad, xg, stock)
+    _refuse_messages(monkeypatch)
+    out = call_conv(conv, "gat", xg, graph)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-9}
+    assert bool(out.isfinite().all())
+    torch.testing.assert_close(out, expected, **tol)
+    for ours, theirs in zip(_grads(out, grad, xg, conv), expected_grads):
+        torch.testing.assert_close(ours, theirs, **tol)
+
+
 def test_gat_in_half_precision_runs_the_stock_kernels():
     # torch's CPU CSR product has no bfloat16 kernel
     x, edge_index = _graph(channels=8)
