@@ -711,7 +711,7 @@ class _EdgeSoftmax(torch.autograd.Function):
         source_index, target_index = _flat_edge_indices(edges, heads)
         dz = alpha * grad.contiguous()
         weighted = _segment_sums(dz, edges)
-        dz.sub_(alpha * _gather_node_major(_swapped_copy(weighted), target_index))
+        dz.addcmul_(alpha, _gather_node_major(_swapped_copy(weighted), target_index), value=-1)
         dz.mul_(torch.where(positive, dz.new_ones(()), dz.new_full((), ctx.slope)))  # leaky ReLU's
         grad_src = grad_dst = None
         if ctx.needs_input_grad[0]:
