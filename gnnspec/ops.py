@@ -666,7 +666,8 @@ class _EdgeSoftmax(torch.autograd.Function):
     which no logit exceeds (leaky ReLU is monotone for ``slope >= 0``), instead of a segment
     maximum over the edges. Where a node's denominator comes out below ``sqrt(tiny)`` of the dtype
     (its logits lie so far below the bound that their exponentials would lose precision) the call
-    is redone with the per-node maximum.
+    is redone with the per-node maximum. (The memory calibration records the first path and int32
+    indices, ``N * H < 2**31``; the redo adds two ``E x H`` temporaries to the forward's peak.)
 
     Gathers use flat indices into the node-major ``[N, H]`` tensors (a 1-D ``index_select``, 3-4x
     faster on CPU than gathering along the second dimension), built per call, so nothing
