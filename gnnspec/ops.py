@@ -638,7 +638,7 @@ class _SortedAggregation(torch.autograd.Function):
                     torch.sparse.sampled_addmm(sampled, grad[:, h], x[:, h].t(), beta=0.0, out=sampled)
                 grad_alpha = by_head.t()
             if ctx.needs_input_grad[1]:
-                values = _head_major(alpha).index_select(1, edges.source_order)
+                values = _gather_columns(_head_major(alpha), edges.source_order)
                 by_head = x.new_empty(heads, x.size(0), x.size(2))
                 for h in range(heads if real else 0):
                     torch.mm(_by_source(edges, values[h], grad.size(0)), grad[:, h], out=by_head[h])
@@ -727,18 +727,32 @@ class _EdgeSoftmax(torch.autograd.Function):
 def _flat_edge_indices(edges: TargetSortedEdges, heads: int) -> tuple[Tensor, Tensor]:
     """``[H * E]`` positions, head-major, of each edge's source and target rows in a flattened
     node-major ``[N, H]`` tensor: ``node[e] * H + h`` (int32 where that fits, halving the bytes)."""
-    num_nodes = edges.ptr.numel() - 1
-    dtype = torch.int32 if num_nodes * heads < 2**31 else torch.long
+    dtype = _flat_index_dtype((edges.ptr.numel() - 1) * heads)
     column = torch.arange(heads, dtype=dtype, device=edges.ptr.device).unsqueeze(1)
     return tuple(  # type: ignore[return-value]
         (nodes.to(dtype) * heads).unsqueeze(0).add(column).view(-1) for nodes in edges.edge_index
     )
 
 
+def _flat_index_dtype(numel: int) -> torch.dtype:
+    """int32 for flat positions into ``numel`` elements where they fit (half the bytes of int64)."""
+    return torch.int32 if numel < 2**31 else torch.long
+
+
 def _gather_node_major(values: Tensor, index: Tensor) -> Tensor:
     """Contiguous ``values [N, H]`` gathered at flat ``index`` from :func:`_flat_edge_indices`,
     as ``[H, E]``."""
     return values.view(-1).index_select(0, index).view(values.size(1), -1)
+
+
+def _gather_columns(values: Tensor, index: Tensor) -> Tensor:
+    """``values[:, index]`` of a contiguous head-major ``values [H, M]``, through flat positions
+    ``h * M + index`` (a 1-D ``index_select``, as :func:`_gather_node_major`, for the same reason)."""
+    heads, columns = values.shape
+    dtype = _flat_index_dtype(values.numel())
+    rows = torch.arange(heads, dtype=dtype, device=index.device).mul_(columns).unsqueeze(1)
+    flat = index.to(dtype).unsqueeze(0).add(rows).view(-1)
+    return values.view(-1).index_select(0, flat).view(heads, -1)
 
 
 def _edge_sums(alpha_src: Tensor, alpha_dst: Tensor, source_index: Tensor, target_index: Tensor) -> Tensor:
