@@ -166,6 +166,19 @@ def tie_needs_equal_widths(spec: ir.Spec) -> Iterator[SpecError]:
             )
 
 
+def dense_jk_over_equal_widths(spec: ir.Spec) -> Iterator[SpecError]:
+    """``jk=cat|max`` combine the layers' outputs; a ``dense`` stack's differ in width (layer ``i``
+    outputs ``hidden * (i + 1)`` columns), and its output already concatenates them all."""
+    for stage in spec.model:
+        if isinstance(stage, ir.Dense) and stage.jk in ("cat", "max") and stage.depth > 1:
+            yield _error(
+                stage.span("jk"),
+                f"`jk={stage.jk}` is not defined on a `dense` stack",
+                "a dense stack's layers output growing widths, and its output already concatenates "
+                "the input and every layer's features; use `jk=last` or leave `jk` out",
+            )
+
+
 def gcnii_uses_gcn(spec: ir.Spec) -> Iterator[SpecError]:
     for stage in spec.model:
         if isinstance(stage, ir.Gcnii) and stage.op.name != "gcn":
@@ -247,6 +260,7 @@ RULES: tuple[Rule, ...] = (
     op_argument_ranges,
     stage_number_ranges,
     tie_needs_equal_widths,
+    dense_jk_over_equal_widths,
     gcnii_uses_gcn,
     plans_fit_stages,
     plan_arguments,

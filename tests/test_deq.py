@@ -14,7 +14,9 @@ from torch.utils._pytree import tree_leaves
 from torch_geometric.nn import GCNConv
 from torch_geometric.nn.norm import BatchNorm
 
-from gnnspec.lower.deq import SOLVERS, DEQFixedPoint, SolverInfo, solve
+import warnings
+
+from gnnspec.lower.deq import SOLVERS, DEQFixedPoint, NotConvergedWarning, SolverInfo, solve
 
 N, D, E = 24, 8, 96
 TOL, MAX_ITER = 1e-10, 1000
@@ -95,6 +97,32 @@ def test_solve_stops_at_max_iter_and_reports_not_converged() -> None:
         _, info = solve(lambda z: f(z, x, edge_index), torch.zeros_like(x), solver=solver,
                         max_iter=4, tol=TOL)
         assert info.iterations == 4 and not info.converged and info.residual > TOL
+
+
+@pytest.mark.parametrize("mode", ["implicit", "unroll"])
+def test_a_solve_stopped_at_max_iter_warns_once_per_stage(mode: str) -> None:
+    x, edge_index = _graph()
+    deq = DEQFixedPoint(_layer(0.97, norm=False), max_iter=4, tol=TOL, mode=mode)
+    with pytest.warns(NotConvergedWarning) as caught:
+        _step(deq, x, edge_index)
+    messages = [str(w.message) for w in caught if issubclass(w.category, NotConvergedWarning)]
+    assert messages[0].startswith("deq: the forward solve did not converge: relative residual")
+    assert "after 4 iterations (tol 1e-10)" in messages[0] and "Raise max_iter" in messages[0]
+    assert ("gradients are inexact" in messages[0]) == (mode == "implicit")
+    if mode == "implicit":  # the adjoint solve stops at max_iter too
+        assert any(m.startswith("deq: the adjoint (backward) solve did not converge") for m in messages)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotConvergedWarning)
+        _step(deq, x, edge_index)  # once per stage: a training loop is not flooded
+
+
+def test_a_converged_solve_does_not_warn() -> None:
+    x, edge_index = _graph()
+    deq = DEQFixedPoint(_layer(0.5, norm=False), max_iter=MAX_ITER, tol=TOL, mode="implicit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotConvergedWarning)
+        _step(deq, x, edge_index)
+    assert deq.forward_info.converged and deq.backward_info.converged
 
 
 def test_anderson_beats_fixed_point_on_a_slow_contraction() -> None:

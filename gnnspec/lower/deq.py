@@ -19,6 +19,7 @@ state (SPEC.md section 3).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,7 +29,12 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gnnspec.lower.recompute import preserved_running_stats
 
-__all__ = ["SOLVERS", "MODES", "SolverInfo", "solve", "DEQFixedPoint"]
+__all__ = ["SOLVERS", "MODES", "SolverInfo", "solve", "DEQFixedPoint", "NotConvergedWarning"]
+
+
+class NotConvergedWarning(RuntimeWarning):
+    """A deq stage's solve stopped at ``max_iter`` above ``tol``: its output is not the fixed
+    point, and (under ``implicit``) its gradients are not the gradients of the fixed point."""
 
 SOLVERS = ("anderson", "fixed_point", "broyden")
 MODES = ("implicit", "unroll", "store")
@@ -271,6 +277,7 @@ class _ImplicitAdjoint(torch.autograd.Function):
             adjoint_map, grad, solver=owner.solver, max_iter=owner.max_iter, tol=owner.tol
         )
         owner.backward_info = info
+        owner._warn_if_not_converged(info, "adjoint (backward)")
         return u, None, None, None
 
 
@@ -324,6 +331,22 @@ class DEQFixedPoint(nn.Module):
         self.mode = mode
         self.forward_info: SolverInfo | None = None
         self.backward_info: SolverInfo | None = None
+        self._warned: set[str] = set()
+
+    def _warn_if_not_converged(self, info: SolverInfo, which: str) -> None:
+        """Warn once per stage and solve (forward, adjoint): every later step would repeat it."""
+        if info.converged or which in self._warned:
+            return
+        self._warned.add(which)
+        warnings.warn(
+            f"deq: the {which} solve did not converge: relative residual {info.residual:.2e} after "
+            f"{info.iterations} iterations (tol {self.tol:g}), so the output is not the fixed point"
+            + (" and the gradients are inexact" if self.mode == "implicit" else "")
+            + ". Raise max_iter, loosen tol, or make f contract (norm=layer, smaller weights). "
+            "Warned once per stage.",
+            NotConvergedWarning,
+            stacklevel=2,
+        )
 
     def forward(self, x: Tensor, *args: Tensor) -> Tensor:
         z0 = torch.zeros_like(x)
@@ -337,6 +360,7 @@ class DEQFixedPoint(nn.Module):
                 max_iter=self.max_iter,
                 tol=self.tol,
             )
+        self._warn_if_not_converged(self.forward_info, "forward")
         if not torch.is_grad_enabled():
             return self.f(z_star, x, *args)
         z_in = _BlockGradient.apply(z_star.requires_grad_())
@@ -354,6 +378,7 @@ class DEQFixedPoint(nn.Module):
                 break
             z = fz
         self.forward_info = SolverInfo(evaluations, residual, residual < self.tol)
+        self._warn_if_not_converged(self.forward_info, "forward")
         # Re-applying f to the accepted iterate costs one application but is the only way to have
         # exactly one running-statistics update without knowing in advance which iteration is last.
         return self.f(z, x, *args)
