@@ -545,6 +545,13 @@ class StageModel:
                     progs[i] = progs[i].relabel({progs[i].roles["GACC"]: progs[i + 1].roles["GACCP"]})
             final_acc, final_gacc = progs[-1].roles.get("ACC", acc_prev), progs[-1].roles.get("GACC")
         fwd, bwd, roles = _chain_marked(progs)
+        if jk_max and mode == "g" and first_layer + count < self.stage.depth:
+            # a checkpointed segment's recompute: torch stops it once the last saved tensor is
+            # back, and the last maximum saves its inputs before it runs, so its output is never
+            # made again (the forward's copy is the next segment's input)
+            fwd = [ev for ev in fwd if not (ev[0] == "a" and ev[1] == final_acc)]
+        elif jk_max:
+            roles["ACC_OUT"] = acc_prev  # the running maximum after the chain's last layer
         if jk_max and first_layer + count == self.stage.depth:
             # the stack returns the running maximum; the last layer's output goes with the frame
             fwd.append(("r", roles["Y"]))
@@ -589,15 +596,27 @@ class StageModel:
 
     def _with_max(self, p: Program, mode: str, acc_prev: int) -> tuple[Program, int]:
         """A layer followed by ``acc = maximum(acc, x)`` (saves both; its backward makes a
-        gradient for each, the layer's added in place to the one from above)."""
+        gradient for each, the layer's added in place to the one from above).
+
+        Each gradient is torch's formula ``where(a == b, grad / 2, grad).masked_fill_(a < b, 0)``:
+        while it is made, ``grad / 2`` and two boolean masks are alive beside it."""
         g = self.graph
         nh = _alloc(g, g.nodes * self.hidden * g.s)
         acc = new_sid()
         fwd = p.fwd + [("a", acc, nh, None)]
         if mode == "o":
             return Program(fwd + [("r", acc_prev)], [], dict(p.roles)), acc
+        nb = _alloc(g, g.nodes * self.hidden)  # a boolean mask
+
+        def gradient(out: int) -> list[tuple]:
+            half, equal, order = new_sid(), new_sid(), new_sid()
+            return [("a", half, nh, None), ("a", equal, nb, None), ("a", out, nh, None),
+                    ("a", order, nb, None), ("r", half), ("r", equal), ("r", order)]
+
         g_prev, g_x, g_acc = new_sid(), new_sid(), new_sid()
-        bwd = [("a", g_prev, nh, None), ("a", g_x, nh, None), ("r", g_acc), ("r", acc_prev), ("r", g_x)] + p.bwd
+        # the maximum holds both inputs until its backward: the layer's output may have no
+        # other holder (a last layer without activation, norm or dropout)
+        bwd = gradient(g_prev) + gradient(g_x) + [("r", g_acc), ("r", acc_prev), ("r", p.roles["Y"]), ("r", g_x)] + p.bwd
         roles = dict(p.roles)
         roles["GACC"], roles["ACC"], roles["GACCP"] = g_acc, acc, g_prev
         return Program(fwd, bwd, roles), acc
@@ -641,10 +660,16 @@ class StageModel:
         g = self.graph
         row = g.nodes * self.hidden * g.s
         jk_cat = getattr(self.stage, "jk", "none") == "cat"
-        if jk_cat:  # the running concatenation grows: segments are not alike
+        jk_max = getattr(self.stage, "jk", "none") == "max"
+        if jk_cat or jk_max:  # the running concatenation grows / maximum is threaded: explicit
             plan = [(*b, 1) for b in bounds]
         pre: list[tuple] = []
         extras = self._stage_extras(pre)
+        # jk=max: the running maximum is part of the state; each segment's checkpoint keeps the
+        # one it starts from (the first is the stage's -inf tensor) until its backward
+        acc_in = [new_sid()] if jk_max else []
+        if jk_max:
+            pre.append(("a", acc_in[0], _alloc(self.graph, self.graph.nodes * self.hidden * self.graph.s), None))
         x = new_sid()
         if self.kind == "gcnii":
             extras["X0"] = x
@@ -659,8 +684,11 @@ class StageModel:
         for index, (start, stop, repeat) in enumerate(plan):
             out = new_sid()
             is_last = index == len(plan) - 1
-            f_prog, _ = self._layers_chain(stop - start, "g" if is_last else "o", grad, extras, first_layer=start)
+            seg_extras = dict(extras, ACC=acc_in[-1]) if jk_max else extras
+            f_prog, _ = self._layers_chain(stop - start, "g" if is_last else "o", grad, seg_extras, first_layer=start)
             f_prog = f_prog.bind(X=inputs[-1], Y=out)
+            if jk_max and not is_last:
+                acc_in.append(f_prog.roles["ACC_OUT"])
             tape_bytes = 0 if is_last else self._tape_bytes(start, stop)
             tape = new_sid() if tape_bytes else None
             # the segment's dropout tape: counted from the segment's start (errs high by the masks
@@ -678,7 +706,8 @@ class StageModel:
                 counts[index] = repeat
                 part = [("<", index)] + part + [(">", index)]
             fwd += part
-            segs.append((index, start, stop, inputs[-1], grad, f_prog if is_last else None, tape))
+            segs.append((index, start, stop, inputs[-1], grad, f_prog if is_last else None, tape,
+                         acc_in[index] if jk_max else None))
             grad = True
             inputs.append(out)
         if len(plan) > 1:
@@ -696,14 +725,15 @@ class StageModel:
             g_next = gy
         if "X0BUF" in extras:
             bwd.append(("a", extras["X0BUF"], _alloc(g, row), None))
-        for index, start, stop, seg_in, seg_grad, plain, tape in reversed(segs):
+        for index, start, stop, seg_in, seg_grad, plain, tape, seg_acc in reversed(segs):
             g_prev = new_sid()
             if plain is not None:
                 q = plain.bind(GY=g_next, GX=g_prev)
                 part = list(q.bwd)
                 has_gx = "GX" in q.roles
             else:
-                r_prog, _ = self._layers_chain(stop - start, "g", seg_grad, extras, first_layer=start)
+                seg_extras = dict(extras, ACC=seg_acc) if jk_max else extras
+                r_prog, _ = self._layers_chain(stop - start, "g", seg_grad, seg_extras, first_layer=start)
                 y_re = new_sid()
                 r_prog = r_prog.bind(X=seg_in, Y=y_re, GY=g_next, GX=g_prev)
                 part = r_prog.fwd + [("r", y_re)]
@@ -711,6 +741,8 @@ class StageModel:
                     t = new_sid()
                     part += [("a", t, _alloc(g, row * (2 * stop - 1)), None), ("r", t)]
                 part += r_prog.bwd + [("r", seg_in)] + ([("r", tape)] if tape is not None else [])
+                if seg_acc is not None:
+                    part.append(("r", seg_acc))  # the checkpoint lets go of its running maximum
                 if jk_cat and index > 0:
                     part.append(("r", accs[index - 1]))  # the frame lets go of its concatenation
                 has_gx = "GX" in r_prog.roles
