@@ -107,13 +107,20 @@ def test_a_solve_stopped_at_max_iter_warns_once_per_stage(mode: str) -> None:
         _step(deq, x, edge_index)
     messages = [str(w.message) for w in caught if issubclass(w.category, NotConvergedWarning)]
     assert messages[0].startswith("deq: the forward solve did not converge: relative residual")
-    assert "after 4 iterations (tol 1e-10)" in messages[0] and "Raise max_iter" in messages[0]
+    assert "after 4 iterations (tol 1e-10)" in messages[0] and "raise max_iter" in messages[0]
     assert ("gradients are inexact" in messages[0]) == (mode == "implicit")
     if mode == "implicit":  # the adjoint solve stops at max_iter too
         assert any(m.startswith("deq: the adjoint (backward) solve did not converge") for m in messages)
     with warnings.catch_warnings():
         warnings.simplefilter("error", NotConvergedWarning)
         _step(deq, x, edge_index)  # once per stage: a training loop is not flooded
+
+
+def test_a_tolerance_below_the_dtype_resolution_is_named_in_the_warning() -> None:
+    x, edge_index = _graph(torch.float32)
+    deq = DEQFixedPoint(_layer(0.5, norm=False, dtype=torch.float32), max_iter=200, tol=1e-12, mode="implicit")
+    with pytest.warns(NotConvergedWarning, match=r"tol is below what float32 resolves \(eps 1\.2e-07\)"):
+        _step(deq, x, edge_index)
 
 
 def test_a_converged_solve_does_not_warn() -> None:

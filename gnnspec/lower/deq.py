@@ -277,7 +277,7 @@ class _ImplicitAdjoint(torch.autograd.Function):
             adjoint_map, grad, solver=owner.solver, max_iter=owner.max_iter, tol=owner.tol
         )
         owner.backward_info = info
-        owner._warn_if_not_converged(info, "adjoint (backward)")
+        owner._warn_if_not_converged(info, "adjoint (backward)", grad.dtype)
         return u, None, None, None
 
 
@@ -333,17 +333,20 @@ class DEQFixedPoint(nn.Module):
         self.backward_info: SolverInfo | None = None
         self._warned: set[str] = set()
 
-    def _warn_if_not_converged(self, info: SolverInfo, which: str) -> None:
+    def _warn_if_not_converged(self, info: SolverInfo, which: str, dtype: torch.dtype) -> None:
         """Warn once per stage and solve (forward, adjoint): every later step would repeat it."""
         if info.converged or which in self._warned:
             return
         self._warned.add(which)
+        eps = torch.finfo(dtype).eps
+        advice = (f"tol is below what {str(dtype).removeprefix('torch.')} resolves (eps {eps:.1e}): loosen it"
+                  if info.residual < 100 * eps else
+                  "raise max_iter, loosen tol, or make f contract (norm=layer, smaller weights)")
         warnings.warn(
             f"deq: the {which} solve did not converge: relative residual {info.residual:.2e} after "
             f"{info.iterations} iterations (tol {self.tol:g}), so the output is not the fixed point"
             + (" and the gradients are inexact" if self.mode == "implicit" else "")
-            + ". Raise max_iter, loosen tol, or make f contract (norm=layer, smaller weights). "
-            "Warned once per stage.",
+            + f"; {advice}. Warned once per stage.",
             NotConvergedWarning,
             stacklevel=2,
         )
@@ -360,7 +363,7 @@ class DEQFixedPoint(nn.Module):
                 max_iter=self.max_iter,
                 tol=self.tol,
             )
-        self._warn_if_not_converged(self.forward_info, "forward")
+        self._warn_if_not_converged(self.forward_info, "forward", z_star.dtype)
         if not torch.is_grad_enabled():
             return self.f(z_star, x, *args)
         z_in = _BlockGradient.apply(z_star.requires_grad_())
@@ -378,7 +381,7 @@ class DEQFixedPoint(nn.Module):
                 break
             z = fz
         self.forward_info = SolverInfo(evaluations, residual, residual < self.tol)
-        self._warn_if_not_converged(self.forward_info, "forward")
+        self._warn_if_not_converged(self.forward_info, "forward", z.dtype)
         # Re-applying f to the accepted iterate costs one application but is the only way to have
         # exactly one running-statistics update without knowing in advance which iteration is last.
         return self.f(z, x, *args)
