@@ -226,8 +226,8 @@ def stage_tokens(draw, kind: str, spec_hidden: int) -> Tokens:
             value = draw(plan_tokens(kind))
         elif f == "weight_decay":
             value = [draw(st.one_of(floats("nonneg"), st.just("none")))]
-        elif f == "jk":
-            value = [draw(enum(JKS))]
+        elif f == "jk":  # a dense stack's layers differ in width: jk=cat|max are refused there
+            value = [draw(enum(JKS if kind != "dense" else ("none", "last")))]
         elif f == "alpha":
             value = [draw(floats("unit_closed"))]
         elif f in ("theta", "tol"):
