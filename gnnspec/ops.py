@@ -258,12 +258,16 @@ class _CsrMatmul(torch.autograd.Function):
 class TargetSortedEdges:
     """An ``edge_index [2, E]`` whose columns are sorted by target node (stably), with what a CSR
     product by it and by its transpose needs: ``ptr [N + 1]`` (the edges into node ``i`` are
-    columns ``ptr[i]:ptr[i + 1]``), ``source_order [E]`` (the columns in source order, stably),
-    ``source_ptr [N + 1]`` (the same pointer over that order) and ``target_by_source [E]``
-    (``edge_index[1][source_order]``). The ``self_loops`` form as :class:`CsrGATConv` takes it."""
+    columns ``ptr[i]:ptr[i + 1]``), ``source [E]`` (``edge_index[0]``, the column indices of that
+    CSR), ``source_order [E]`` (the columns in source order, stably), ``source_ptr [N + 1]`` (the
+    same pointer over that order) and ``target_by_source [E]`` (``edge_index[1][source_order]``).
+    The five are int32 where ``N + 1`` and ``E`` fit (:func:`sorted_index_dtype`): torch's CPU
+    sparse kernels (MKL) take int32 indices and convert int64 ones on every call. The
+    ``self_loops`` form as :class:`CsrGATConv` takes it."""
 
     edge_index: Tensor
     ptr: Tensor
+    source: Tensor
     source_order: Tensor
     source_ptr: Tensor
     target_by_source: Tensor
@@ -273,26 +277,36 @@ class TargetSortedEdges:
         """``edge_index``'s columns sorted by target, and the rest of the holder."""
         edge_index = edge_index[:, torch.argsort(edge_index[1], stable=True)]
         source, target = edge_index
+        dtype = sorted_index_dtype(num_nodes, source.numel())
+        int32 = dtype == torch.int32
         source_order = torch.argsort(source, stable=True)
         return cls(
             edge_index=edge_index,
-            ptr=torch._convert_indices_from_coo_to_csr(target, num_nodes),
-            source_order=source_order,
-            source_ptr=torch._convert_indices_from_coo_to_csr(source[source_order], num_nodes),
-            target_by_source=target[source_order],
+            ptr=torch._convert_indices_from_coo_to_csr(target, num_nodes, out_int32=int32),
+            source=source.to(dtype),
+            source_order=source_order.to(dtype),
+            source_ptr=torch._convert_indices_from_coo_to_csr(source[source_order], num_nodes, out_int32=int32),
+            target_by_source=target[source_order].to(dtype),
         )
 
     @classmethod
     def placeholder(cls, edge_index: Tensor, num_nodes: int) -> "TargetSortedEdges":
         """Uninitialised tensors of the sizes :meth:`from_edges` gives, around ``edge_index``."""
         columns = edge_index.size(1)
-        return cls(edge_index, torch.empty(num_nodes + 1, dtype=torch.long), torch.empty(columns, dtype=torch.long),
-                   torch.empty(num_nodes + 1, dtype=torch.long), torch.empty(columns, dtype=torch.long))
+        dtype = sorted_index_dtype(num_nodes, columns)
+        return cls(edge_index, torch.empty(num_nodes + 1, dtype=dtype), torch.empty(columns, dtype=dtype),
+                   torch.empty(columns, dtype=dtype), torch.empty(num_nodes + 1, dtype=dtype),
+                   torch.empty(columns, dtype=dtype))
 
     @property
     def index_tensors(self) -> list[Tensor]:
         """The tensors held beside ``edge_index``."""
-        return [self.ptr, self.source_order, self.source_ptr, self.target_by_source]
+        return [self.ptr, self.source, self.source_order, self.source_ptr, self.target_by_source]
+
+
+def sorted_index_dtype(num_nodes: int, num_edges: int) -> torch.dtype:
+    """The index dtype of :class:`TargetSortedEdges`: int32 where ``N + 1`` and ``E`` fit."""
+    return torch.int32 if max(num_nodes + 1, num_edges) < 2**31 else torch.long
 
 
 @dataclass(frozen=True)
@@ -393,7 +407,7 @@ def prepared_bytes(
     An edge-index form has at most ``num_edges + num_nodes`` columns (the edges plus one self-loop
     per node; fewer when the input already has self-loops): an index ``[2, E + N]`` and, for the
     weighted forms, a weight ``[E + N]`` of the feature dtype; ``self_loops`` also keeps two row
-    pointers ``[N + 1]`` and two indices ``[E + N]`` (:class:`TargetSortedEdges`). A CSR form holds two matrices of
+    pointers ``[N + 1]`` and three indices ``[E + N]``, int32 where they fit (:class:`TargetSortedEdges`). A CSR form holds two matrices of
     ``nnz`` entries (:meth:`CsrAdjacency.nbytes_for`; ``nnz = E + N`` for ``gcn_csr``, ``E`` for
     ``mean_csr``). Exact for a graph without self-loops or duplicate edges.
     """
@@ -407,8 +421,9 @@ def prepared_bytes(
             total += CsrAdjacency.nbytes_for(num_nodes, nnz, value_bytes, index_bytes)
             continue
         total += 2 * columns * index_bytes
-        if form == "self_loops":
-            total += 2 * (num_nodes + 1 + columns) * index_bytes
+        if form == "self_loops":  # TargetSortedEdges: two pointers and three indices
+            sorted_bytes = torch.empty((), dtype=sorted_index_dtype(num_nodes, columns)).element_size()
+            total += (2 * (num_nodes + 1) + 3 * columns) * sorted_bytes
         if form in ("gcn_norm", "cheb_norm"):
             total += columns * value_bytes
     return total
@@ -765,8 +780,22 @@ def _offsets(edges: TargetSortedEdges, heads: int) -> Tensor:
 
 
 def _segment_sums(values: Tensor, edges: TargetSortedEdges) -> Tensor:
-    """``[H, N]``: the sum of head-major ``values [H, E]`` over the edges into each node."""
-    return torch.segment_reduce(values, "sum", offsets=_offsets(edges, values.size(0)), axis=1)
+    """``[H, N]``: the sum of head-major ``values [H, E]`` over the edges into each node.
+
+    In float32/float64, per head the row sums of the CSR matrix with ``values[h]`` on the graph's
+    sparsity (a product with a ones vector: 2x faster than ``segment_reduce`` on CPU); other dtypes,
+    which the sparse kernels lack, take ``segment_reduce``. Under fake tensors only the two
+    allocations of the product path are made."""
+    if values.dtype not in (torch.float32, torch.float64):
+        return torch.segment_reduce(values, "sum", offsets=_offsets(edges, values.size(0)), axis=1)
+    num_nodes = edges.ptr.numel() - 1
+    ones = values.new_ones(num_nodes)
+    out = values.new_empty(values.size(0), num_nodes)
+    if not isinstance(values, FakeTensor):
+        with _quiet_sparse_csr():
+            for h in range(values.size(0)):
+                torch.mv(_by_target(edges, values[h], num_nodes), ones, out=out[h])
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -783,7 +812,7 @@ def _swapped_copy(t: Tensor) -> Tensor:
 
 def _by_target(edges: TargetSortedEdges, values: Tensor, num_sources: int) -> Tensor:
     """The ``N x num_sources`` CSR matrix with ``values`` at ``(target, source)`` of each edge."""
-    return torch.sparse_csr_tensor(edges.ptr, edges.edge_index[0], values,
+    return torch.sparse_csr_tensor(edges.ptr, edges.source, values,
                                    size=(edges.ptr.numel() - 1, num_sources))
 
 
