@@ -157,8 +157,9 @@ class CsrAdjacency:
     ``A^T @ grad`` with the stored ``A^T`` (torch's own backward of a sparse product sorts and
     transposes ``A`` on every call). ``A``'s values never require grad. Both matrices are stored
     even when ``A`` is symmetric, so the size is a function of ``N`` and ``nnz`` alone
-    (:meth:`nbytes_for`): per matrix ``crow_indices [N + 1]`` and ``col_indices [nnz]`` (int64)
-    and ``values [nnz]`` in ``dtype`` (float32 for half-precision dtypes, which torch's CPU sparse
+    (:meth:`nbytes_for`): per matrix ``crow_indices [N + 1]`` and ``col_indices [nnz]`` (int32
+    where ``N + 1`` and ``nnz`` fit, :func:`sorted_index_dtype`: torch's MKL sparse kernels take
+    int32 and convert int64 indices on every product) and ``values [nnz]`` in ``dtype`` (float32 for half-precision dtypes, which torch's CPU sparse
     kernels lack; the product is then computed in float32).
 
     The holder is deliberately not a tensor: under ``FakeTensorMode`` (dry run, calibration) a
@@ -191,7 +192,8 @@ class CsrAdjacency:
             by_target = to_torch_csr_tensor(edge_index.flip(0), weight, size=size)
             by_source = to_torch_csr_tensor(edge_index, weight, size=size)
         # copies: a component may be a view into a larger storage (a row of a sorted [2, E] index)
-        parts = [(m.crow_indices().clone(), m.col_indices().clone(), m.values().clone())
+        index = sorted_index_dtype(num_nodes, by_target.values().numel())
+        parts = [(m.crow_indices().to(index, copy=True), m.col_indices().to(index, copy=True), m.values().clone())
                  for m in (by_target, by_source)]
         return cls(parts[0], parts[1], num_nodes, dtype)
 
@@ -199,16 +201,19 @@ class CsrAdjacency:
     def placeholder(cls, num_nodes: int, nnz: int, dtype: torch.dtype) -> "CsrAdjacency":
         """Uninitialised components of the sizes :meth:`from_edges` gives for ``nnz`` entries; under
         ``FakeTensorMode`` a holder with no matrices whose products only allocate their outputs."""
+        index = sorted_index_dtype(num_nodes, nnz)
+
         def parts() -> tuple[Tensor, Tensor, Tensor]:
-            return (torch.empty(num_nodes + 1, dtype=torch.long), torch.empty(nnz, dtype=torch.long),
+            return (torch.empty(num_nodes + 1, dtype=index), torch.empty(nnz, dtype=index),
                     torch.empty(nnz, dtype=_compute_dtype(dtype)))
 
         return cls(parts(), parts(), num_nodes, dtype)
 
     @staticmethod
-    def nbytes_for(num_nodes: int, nnz: int, value_bytes: int, index_bytes: int = 8) -> int:
+    def nbytes_for(num_nodes: int, nnz: int, value_bytes: int) -> int:
         """Bytes of both matrices for ``nnz`` entries, values of ``value_bytes`` (the dtype's size)."""
         value_bytes = max(value_bytes, 4)  # half-precision values are kept in float32
+        index_bytes = _index_bytes(num_nodes, nnz)
         return 2 * ((num_nodes + 1) * index_bytes + nnz * (index_bytes + value_bytes))
 
     @property
@@ -305,8 +310,13 @@ class TargetSortedEdges:
 
 
 def sorted_index_dtype(num_nodes: int, num_edges: int) -> torch.dtype:
-    """The index dtype of :class:`TargetSortedEdges`: int32 where ``N + 1`` and ``E`` fit."""
+    """The index dtype of :class:`TargetSortedEdges` and :class:`CsrAdjacency`: int32 where
+    ``N + 1`` and ``E`` (or ``nnz``) fit."""
     return torch.int32 if max(num_nodes + 1, num_edges) < 2**31 else torch.long
+
+
+def _index_bytes(num_nodes: int, num_edges: int) -> int:
+    return 4 if sorted_index_dtype(num_nodes, num_edges) == torch.int32 else 8
 
 
 @dataclass(frozen=True)
@@ -399,9 +409,7 @@ class PreparedGraph:
         return cls(edge_index=edge_index, num_nodes=n, **kw)
 
 
-def prepared_bytes(
-    forms: Iterable[str], num_nodes: int, num_edges: int, value_bytes: int, index_bytes: int = 8
-) -> int:
+def prepared_bytes(forms: Iterable[str], num_nodes: int, num_edges: int, value_bytes: int) -> int:
     """Analytic size of :attr:`PreparedGraph.nbytes` for a graph of ``num_edges`` edges.
 
     An edge-index form has at most ``num_edges + num_nodes`` columns (the edges plus one self-loop
@@ -418,12 +426,11 @@ def prepared_bytes(
             raise ValueError(f"unknown graph form {form!r}")
         if form in _CSR_FORMS:
             nnz = _CSR_FORMS[form][1](num_nodes, num_edges)
-            total += CsrAdjacency.nbytes_for(num_nodes, nnz, value_bytes, index_bytes)
+            total += CsrAdjacency.nbytes_for(num_nodes, nnz, value_bytes)
             continue
-        total += 2 * columns * index_bytes
+        total += 2 * columns * 8  # an int64 edge_index, as torch-geometric takes it
         if form == "self_loops":  # TargetSortedEdges: two pointers and three indices
-            sorted_bytes = torch.empty((), dtype=sorted_index_dtype(num_nodes, columns)).element_size()
-            total += (2 * (num_nodes + 1) + 3 * columns) * sorted_bytes
+            total += (2 * (num_nodes + 1) + 3 * columns) * _index_bytes(num_nodes, columns)
         if form in ("gcn_norm", "cheb_norm"):
             total += columns * value_bytes
     return total
