@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -497,6 +498,26 @@ def _normalise_specs(args: argparse.Namespace) -> None:
         args.specs = []
 
 
+@contextlib.contextmanager
+def _plain_gnnspec_warnings():
+    """gnnspec's own warnings (a deq solve that did not converge) as one ``warning: ...`` line on
+    stderr, not Python's ``file:line: Category: ...`` and the source line of our code; other
+    libraries' warnings are shown as Python shows them."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if category.__module__.startswith("gnnspec"):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -506,7 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run is None:
             parser.print_help(sys.stderr)
             return EXIT_INVALID
-        return run(args)
+        with _plain_gnnspec_warnings():
+            return run(args)
     except UsageError as err:
         print(f"{err}\n(see `gnnspec --help`)", file=sys.stderr)
         return EXIT_INVALID

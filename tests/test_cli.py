@@ -220,6 +220,17 @@ def test_estimate_mem_takes_the_graph_from_data(capsys):
     assert code == 2 and "edgez" in err
 
 
+def test_a_deq_solve_that_stops_at_max_iter_warns_in_one_plain_line(capsys):
+    sbm = "sbm(nodes=300, edges=2000, classes=4, features=16)"
+    expr = "linear >> deq(op=gcn, solver=fixed_point, max_iter=2, tol=1e-6) >> linear"
+    code, _, err = run(capsys, "train", "--expr", expr, "--data", sbm, "--epochs", "2", "--json")
+    assert code == 0
+    lines = [line for line in err.splitlines() if "did not converge" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: deq: the forward solve did not converge")
+    assert "after 2 iterations (tol 1e-06)" in lines[0] and "NotConvergedWarning" not in err
+    assert "_warn_if_not_converged" not in err  # no source line of gnnspec's code
+
+
 def test_train_with_a_budget_runs_the_planned_plan(capsys):
     sbm = "sbm(nodes=1500, edges=12000, classes=4, features=16)"
     code, out, _ = run(capsys, "estimate-mem", "--expr", TWO, "--data", sbm, "--json")
