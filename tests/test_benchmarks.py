@@ -47,3 +47,16 @@ def test_plans_benchmark_quick_run(tmp_path: Path) -> None:
         assert "matplotlib is not installed" in proc.stdout
     else:
         assert (tmp_path / "plans.png").exists()
+
+
+def test_plan_sweep_finds_every_plan_equal_to_store() -> None:
+    """A small run of the random differential sweep (all ops, stack kinds, norms, activations)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "plan_sweep.py"), "--count", "25", "--seed", "7"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith("25 specs, ") and ": 0 failed;" in summary, summary
+    compared = int(summary.split(", ")[1].split(" ")[0])
+    assert compared >= 25, summary  # every spec that builds compares at least one plan
