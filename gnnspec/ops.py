@@ -158,7 +158,7 @@ class CsrAdjacency:
     transposes ``A`` on every call). ``A``'s values never require grad. Both matrices are stored
     even when ``A`` is symmetric, so the size is a function of ``N`` and ``nnz`` alone
     (:meth:`nbytes_for`): per matrix ``crow_indices [N + 1]`` and ``col_indices [nnz]`` (int32
-    where ``N + 1`` and ``nnz`` fit, :func:`sorted_index_dtype`: torch's MKL sparse kernels take
+    where ``N + 1`` and ``nnz`` fit, :func:`graph_index_dtype`: torch's MKL sparse kernels take
     int32 and convert int64 indices on every product) and ``values [nnz]`` in ``dtype`` (float32 for half-precision dtypes, which torch's CPU sparse
     kernels lack; the product is then computed in float32).
 
@@ -192,7 +192,7 @@ class CsrAdjacency:
             by_target = to_torch_csr_tensor(edge_index.flip(0), weight, size=size)
             by_source = to_torch_csr_tensor(edge_index, weight, size=size)
         # copies: a component may be a view into a larger storage (a row of a sorted [2, E] index)
-        index = sorted_index_dtype(num_nodes, by_target.values().numel())
+        index = graph_index_dtype(num_nodes, by_target.values().numel())
         parts = [(m.crow_indices().to(index, copy=True), m.col_indices().to(index, copy=True), m.values().clone())
                  for m in (by_target, by_source)]
         return cls(parts[0], parts[1], num_nodes, dtype)
@@ -201,7 +201,7 @@ class CsrAdjacency:
     def placeholder(cls, num_nodes: int, nnz: int, dtype: torch.dtype) -> "CsrAdjacency":
         """Uninitialised components of the sizes :meth:`from_edges` gives for ``nnz`` entries; under
         ``FakeTensorMode`` a holder with no matrices whose products only allocate their outputs."""
-        index = sorted_index_dtype(num_nodes, nnz)
+        index = graph_index_dtype(num_nodes, nnz)
 
         def parts() -> tuple[Tensor, Tensor, Tensor]:
             return (torch.empty(num_nodes + 1, dtype=index), torch.empty(nnz, dtype=index),
@@ -213,7 +213,7 @@ class CsrAdjacency:
     def nbytes_for(num_nodes: int, nnz: int, value_bytes: int) -> int:
         """Bytes of both matrices for ``nnz`` entries, values of ``value_bytes`` (the dtype's size)."""
         value_bytes = max(value_bytes, 4)  # half-precision values are kept in float32
-        index_bytes = _index_bytes(num_nodes, nnz)
+        index_bytes = graph_index_dtype(num_nodes, nnz).itemsize
         return 2 * ((num_nodes + 1) * index_bytes + nnz * (index_bytes + value_bytes))
 
     @property
@@ -266,7 +266,7 @@ class TargetSortedEdges:
     columns ``ptr[i]:ptr[i + 1]``), ``source [E]`` (``edge_index[0]``, the column indices of that
     CSR), ``source_order [E]`` (the columns in source order, stably), ``source_ptr [N + 1]`` (the
     same pointer over that order) and ``target_by_source [E]`` (``edge_index[1][source_order]``).
-    The five are int32 where ``N + 1`` and ``E`` fit (:func:`sorted_index_dtype`): torch's CPU
+    The five are int32 where ``N + 1`` and ``E`` fit (:func:`graph_index_dtype`): torch's CPU
     sparse kernels (MKL) take int32 indices and convert int64 ones on every call. The
     ``self_loops`` form as :class:`CsrGATConv` takes it."""
 
@@ -282,7 +282,7 @@ class TargetSortedEdges:
         """``edge_index``'s columns sorted by target, and the rest of the holder."""
         edge_index = edge_index[:, torch.argsort(edge_index[1], stable=True)]
         source, target = edge_index
-        dtype = sorted_index_dtype(num_nodes, source.numel())
+        dtype = graph_index_dtype(num_nodes, source.numel())
         int32 = dtype == torch.int32
         source_order = torch.argsort(source, stable=True)
         return cls(
@@ -298,7 +298,7 @@ class TargetSortedEdges:
     def placeholder(cls, edge_index: Tensor, num_nodes: int) -> "TargetSortedEdges":
         """Uninitialised tensors of the sizes :meth:`from_edges` gives, around ``edge_index``."""
         columns = edge_index.size(1)
-        dtype = sorted_index_dtype(num_nodes, columns)
+        dtype = graph_index_dtype(num_nodes, columns)
         return cls(edge_index, torch.empty(num_nodes + 1, dtype=dtype), torch.empty(columns, dtype=dtype),
                    torch.empty(columns, dtype=dtype), torch.empty(num_nodes + 1, dtype=dtype),
                    torch.empty(columns, dtype=dtype))
@@ -308,15 +308,15 @@ class TargetSortedEdges:
         """The tensors held beside ``edge_index``."""
         return [self.ptr, self.source, self.source_order, self.source_ptr, self.target_by_source]
 
+    @property
+    def num_nodes(self) -> int:
+        return self.ptr.numel() - 1
 
-def sorted_index_dtype(num_nodes: int, num_edges: int) -> torch.dtype:
+
+def graph_index_dtype(num_nodes: int, num_edges: int) -> torch.dtype:
     """The index dtype of :class:`TargetSortedEdges` and :class:`CsrAdjacency`: int32 where
-    ``N + 1`` and ``E`` (or ``nnz``) fit."""
-    return torch.int32 if max(num_nodes + 1, num_edges) < 2**31 else torch.long
-
-
-def _index_bytes(num_nodes: int, num_edges: int) -> int:
-    return 4 if sorted_index_dtype(num_nodes, num_edges) == torch.int32 else 8
+    ``N + 1`` and ``E`` (or ``nnz``) fit (:func:`_flat_index_dtype`'s rule)."""
+    return _flat_index_dtype(max(num_nodes + 1, num_edges))
 
 
 @dataclass(frozen=True)
@@ -430,7 +430,7 @@ def prepared_bytes(forms: Iterable[str], num_nodes: int, num_edges: int, value_b
             continue
         total += 2 * columns * 8  # an int64 edge_index, as torch-geometric takes it
         if form == "self_loops":  # TargetSortedEdges: two pointers and three indices
-            total += (2 * (num_nodes + 1) + 3 * columns) * _index_bytes(num_nodes, columns)
+            total += (2 * (num_nodes + 1) + 3 * columns) * graph_index_dtype(num_nodes, columns).itemsize
         if form in ("gcn_norm", "cheb_norm"):
             total += columns * value_bytes
     return total
@@ -640,7 +640,7 @@ class _SortedAggregation(torch.autograd.Function):
         ctx.edges = edges
         ctx.save_for_backward(alpha, x)
         values = _head_major(alpha)
-        out = x.new_empty(x.size(1), edges.ptr.numel() - 1, x.size(2))
+        out = x.new_empty(x.size(1), edges.num_nodes, x.size(2))
         if not isinstance(x, FakeTensor):
             with _quiet_sparse_csr():
                 for h in range(x.size(1)):
@@ -738,7 +738,7 @@ class _EdgeSoftmax(torch.autograd.Function):
         dz.mul_(torch.where(positive, dz.new_ones(()), dz.new_full((), ctx.slope)))  # leaky ReLU's
         grad_src = grad_dst = None
         if ctx.needs_input_grad[0]:
-            num_nodes = edges.ptr.numel() - 1
+            num_nodes = edges.num_nodes
             grad_src = dz.new_zeros(num_nodes * heads).index_add_(0, source_index, dz.view(-1))
             grad_src = grad_src.view(num_nodes, heads)
         if ctx.needs_input_grad[1]:
@@ -749,7 +749,7 @@ class _EdgeSoftmax(torch.autograd.Function):
 def _flat_edge_indices(edges: TargetSortedEdges, heads: int) -> tuple[Tensor, Tensor]:
     """``[H * E]`` positions, head-major, of each edge's source and target rows in a flattened
     node-major ``[N, H]`` tensor: ``node[e] * H + h`` (int32 where that fits, halving the bytes)."""
-    dtype = _flat_index_dtype((edges.ptr.numel() - 1) * heads)
+    dtype = _flat_index_dtype(edges.num_nodes * heads)
     column = torch.arange(heads, dtype=dtype, device=edges.ptr.device).unsqueeze(1)
     return tuple(  # type: ignore[return-value]
         (nodes.to(dtype) * heads).unsqueeze(0).add(column).view(-1) for nodes in edges.edge_index
@@ -795,7 +795,7 @@ def _segment_sums(values: Tensor, edges: TargetSortedEdges) -> Tensor:
     allocations of the product path are made."""
     if values.dtype not in (torch.float32, torch.float64):
         return torch.segment_reduce(values, "sum", offsets=_offsets(edges, values.size(0)), axis=1)
-    num_nodes = edges.ptr.numel() - 1
+    num_nodes = edges.num_nodes
     ones = values.new_ones(num_nodes)
     out = values.new_empty(values.size(0), num_nodes)
     if not isinstance(values, FakeTensor):
@@ -820,7 +820,7 @@ def _swapped_copy(t: Tensor) -> Tensor:
 def _by_target(edges: TargetSortedEdges, values: Tensor, num_sources: int) -> Tensor:
     """The ``N x num_sources`` CSR matrix with ``values`` at ``(target, source)`` of each edge."""
     return torch.sparse_csr_tensor(edges.ptr, edges.source, values,
-                                   size=(edges.ptr.numel() - 1, num_sources))
+                                   size=(edges.num_nodes, num_sources))
 
 
 def _by_source(edges: TargetSortedEdges, values: Tensor, num_targets: int) -> Tensor:

@@ -669,7 +669,7 @@ class StageModel:
         # one it starts from (the first is the stage's -inf tensor) until its backward
         acc_in = [new_sid()] if jk_max else []
         if jk_max:
-            pre.append(("a", acc_in[0], _alloc(self.graph, self.graph.nodes * self.hidden * self.graph.s), None))
+            pre.append(("a", acc_in[0], _alloc(g, row), None))
         x = new_sid()
         if self.kind == "gcnii":
             extras["X0"] = x
