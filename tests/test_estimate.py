@@ -56,6 +56,14 @@ GRID = [
     ("deq(op=gcn, norm=layer, dropout=0.1, max_iter=5, tol=1e-30, hidden=16)", 700, 4000, 16, 4, "implicit"),
     ("deq(op=sage, max_iter=4, tol=1e-30, hidden=16)", 700, 4000, 16, 4, "unroll"),
     ("dense(op=sage(aggr=max), depth=3, norm=batch, hidden=16) >> linear", 600, 4000, 12, 4, "store"),
+    # jk=cat: the last concatenation runs while the loop still holds the last layer's input (6-12%
+    # low where no norm/act saved it); over one layer the gradient is a view gone with its use
+    # (16% high); a checkpoint of one segment is the store program (18% high)
+    ("gcnii(depth=3, jk=cat, norm=none, act=none, dropout=0, hidden=64)", 2000, 10000, 32, 8, "store"),
+    ("gcnii(depth=4, jk=cat, norm=none, act=none, dropout=0, hidden=32)", 2000, 10000, 32, 8,
+     "checkpoint(segments=2)"),
+    ("gcnii(depth=1, jk=cat, hidden=64)", 2000, 10000, 32, 8, "store"),
+    ("gcnii(depth=1, hidden=64)", 2000, 10000, 32, 8, "checkpoint(segments=2)"),
 ]
 
 

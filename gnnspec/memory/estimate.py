@@ -544,7 +544,10 @@ class StageModel:
                 if "GACC" in progs[i].roles:
                     progs[i] = progs[i].relabel({progs[i].roles["GACC"]: progs[i + 1].roles["GACCP"]})
             final_acc, final_gacc = progs[-1].roles.get("ACC", acc_prev), progs[-1].roles.get("GACC")
-        fwd, bwd, roles = _chain_marked(progs)
+        tail, cat_out = self._last_cat(first_layer + count)
+        fwd, bwd, roles = _chain_marked(progs, tail)
+        if cat_out is not None:
+            roles["ACAT"] = cat_out
         if jk_max and mode == "g" and first_layer + count < self.stage.depth:
             # a checkpointed segment's recompute: torch stops it once the last saved tensor is
             # back, and the last maximum saves its inputs before it runs, so its output is never
@@ -576,6 +579,21 @@ class StageModel:
             return _strip_marks(prog), grad
         keep = set(prog.roles.values()) | set(extras.values())
         return _compress(prog, count, keep), grad
+
+    def _last_cat(self, stop: int) -> tuple[list[tuple], int | None]:
+        """``jk=cat``: the events of the stack's last ``acc = cat([acc, x])`` when a chain ends at
+        layer ``stop == depth``, and its output (else none). It runs inside the loop's last step,
+        while the loop still holds its previous state (the last layer's input and the
+        ``(depth - 1) * hidden`` concatenation), which goes when the step returns."""
+        if getattr(self.stage, "jk", "none") != "cat" or stop != self.stage.depth:
+            return [], None
+        g, depth = self.graph, self.stage.depth
+        row = g.nodes * self.hidden * g.s
+        prev, out = new_sid(), new_sid()
+        if depth == 1:
+            return [("a", out, _alloc(g, row), None)], out
+        return [("a", prev, _alloc(g, row * (depth - 1)), None), ("a", out, _alloc(g, row * depth), None),
+                ("r", prev)], out
 
     def _stack_program(self, grad_in: bool) -> tuple[Program, bool]:
         pre: list[tuple] = []
@@ -622,18 +640,17 @@ class StageModel:
         return Program(fwd, bwd, roles), acc
 
     def _cat_output(self, prog: Program) -> Program:
-        """``acc = cat([acc, x])`` after every layer: the output is ``depth * hidden`` wide and
-        the previous one is alive while it is made; its backward only takes views."""
-        g, depth = self.graph, self.stage.depth
-        row = g.nodes * self.hidden * g.s
-        prev, out = new_sid(), new_sid()
-        fwd = ([("a", prev, _alloc(g, row * (depth - 1)), None)] if depth > 1 else []) + prog.fwd
-        fwd += [("a", out, _alloc(g, row * depth), None), ("r", prev), ("r", prog.roles["Y"])]
-        gy = new_sid()
-        bwd = prog.bwd + [("r", gy)]
+        """``acc = cat([acc, x])`` after every layer: the output is ``depth * hidden`` wide (made
+        by the chain, :meth:`_last_cat`); its backward only takes views."""
+        out = prog.roles["ACAT"]
+        fwd = prog.fwd + [("r", prog.roles["Y"])]
         roles = dict(prog.roles)
-        roles["Y"], roles["GY"] = out, gy
-        return Program(fwd, bwd, roles)
+        roles["Y"] = out
+        if self.stage.depth == 1:  # the layer's gradient is a view of the whole: gone with its use
+            return Program(fwd, prog.bwd, roles)
+        gy = new_sid()
+        roles["GY"] = gy
+        return Program(fwd, prog.bwd + [("r", gy)], roles)
 
     def _checkpoint_program(self, segments: int, grad_in: bool) -> tuple[Program, bool]:
         """Segments (:func:`gnnspec.lower.checkpoint.run_segments`): each but the last runs
@@ -642,6 +659,8 @@ class StageModel:
         are composed from three, the middle one repeated in closed form."""
         depth = self.steps()
         bounds = _segment_bounds(depth, segments)
+        if len(bounds) == 1:  # one segment runs plainly (run_segments): the store program
+            return self._stack_program(grad_in)
         last = len(bounds) - 1
         # (start, stop, repeat): runs of equal checkpointed segments reduced to first, middle, last
         plan: list[tuple[int, int, int]] = []
@@ -718,9 +737,8 @@ class StageModel:
         bwd: list[tuple] = []
         if jk_cat:
             # the last segment runs plainly: its concatenations; the output is depth * hidden wide
-            prev, out = new_sid(), new_sid()
-            fwd += [("a", prev, _alloc(g, row * (depth - 1)), None), ("a", out, _alloc(g, row * depth), None),
-                    ("r", prev), ("r", inputs[-1])] + ([("r", accs[-1])] if accs else [])
+            out = segs[-1][5].roles["ACAT"]  # made by the last segment's chain (_last_cat)
+            fwd += [("r", inputs[-1])] + ([("r", accs[-1])] if accs else [])
             stage_y, stage_gy, gy = out, gy, new_sid()  # the layers' gradients are views of it
             g_next = gy
         if "X0BUF" in extras:
@@ -909,8 +927,9 @@ def _alloc(graph: Graph, nbytes: int) -> int:
     return nbytes
 
 
-def _chain_marked(progs: list[Program]) -> tuple[list[tuple], list[tuple], dict[str, int]]:
-    """:func:`chain` of layer programs with ``("|",)`` between layers in both lists."""
+def _chain_marked(progs: list[Program], tail: Sequence[tuple] = ()) -> tuple[list[tuple], list[tuple], dict[str, int]]:
+    """:func:`chain` of layer programs with ``("|",)`` between layers in both lists; ``tail``
+    events come after the last layer's forward, before the loop lets go of that layer's input."""
     x = progs[0].roles.get("X", new_sid())
     gy = new_sid()
     outs = [x] + [new_sid() for _ in progs]
@@ -923,6 +942,8 @@ def _chain_marked(progs: list[Program]) -> tuple[list[tuple], list[tuple], dict[
         if i:
             fwd.append(("|",))
         fwd += q.fwd
+        if i == len(progs) - 1:
+            fwd += tail
         if i > 0:
             fwd.append(("r", outs[i]))
     bwd: list[tuple] = []
