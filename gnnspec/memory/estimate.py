@@ -495,7 +495,8 @@ class StageModel:
         times; a reuse gets fresh storage ids."""
         if self.kind == "dense":
             return self._build_layers_chain(count, mode, grad_in, extras, first_layer)
-        key = (count, mode, grad_in, first_layer == 0, first_layer + count == self.steps(), tuple(sorted(extras)))
+        key = (count, mode, grad_in, first_layer == 0, first_layer + count == self.steps(), tuple(sorted(extras)),
+               first_layer if getattr(self.stage, "jk", "none") == "cat" else None)  # jk=cat: widths grow
         cache = self.__dict__.setdefault("_chain_cache", {})
         if key not in cache:
             placeholders = {k: new_sid() for k in extras}
@@ -536,7 +537,7 @@ class StageModel:
                 layer_extras["GX0"] = gx0s[-1]
             p, grad = self.layer_program(layer, mode, grad, accum, layer_extras)
             if jk_max:
-                p, acc_prev = self._with_max(p, mode, acc_prev)
+                p, acc_prev = self._with_max(p, mode, acc_prev, first=layer == 0)
             progs.append(p)
         final_acc = final_gacc = None
         if jk_max:
@@ -544,10 +545,13 @@ class StageModel:
                 if "GACC" in progs[i].roles:
                     progs[i] = progs[i].relabel({progs[i].roles["GACC"]: progs[i + 1].roles["GACCP"]})
             final_acc, final_gacc = progs[-1].roles.get("ACC", acc_prev), progs[-1].roles.get("GACC")
-        tail, cat_out = self._last_cat(first_layer + count)
-        fwd, bwd, roles = _chain_marked(progs, tail)
+        tail, cat_out = self._last_cat(first_layer, count)
+        head = self._recomputed_cats(first_layer, count) if mode == "g" else []
+        fwd, bwd, roles = _chain_marked(progs, tail, head)
         if cat_out is not None:
             roles["ACAT"] = cat_out
+        if head:
+            roles["RCAT"] = next(ev[1] for ev in reversed(head) if ev[0] == "a")
         if jk_max and mode == "g" and first_layer + count < self.stage.depth:
             # a checkpointed segment's recompute: torch stops it once the last saved tensor is
             # back, and the last maximum saves its inputs before it runs, so its output is never
@@ -580,20 +584,43 @@ class StageModel:
         keep = set(prog.roles.values()) | set(extras.values())
         return _compress(prog, count, keep), grad
 
-    def _last_cat(self, stop: int) -> tuple[list[tuple], int | None]:
-        """``jk=cat``: the events of the stack's last ``acc = cat([acc, x])`` when a chain ends at
-        layer ``stop == depth``, and its output (else none). It runs inside the loop's last step,
-        while the loop still holds its previous state (the last layer's input and the
-        ``(depth - 1) * hidden`` concatenation), which goes when the step returns."""
-        if getattr(self.stage, "jk", "none") != "cat" or stop != self.stage.depth:
+    def _last_cat(self, start: int, count: int) -> tuple[list[tuple], int | None]:
+        """``jk=cat``: the events of the stack's last ``acc = cat([acc, x])`` when a chain of
+        layers ``start .. start + count - 1`` ends at the last layer, and its output (else
+        nothing). It runs inside the loop's last step, while the loop still holds its previous
+        state (the last layer's input and the ``(depth - 1) * hidden`` concatenation), which goes
+        when the step returns. A checkpoint's last segment of one layer starts from that previous
+        concatenation: the segment's input, held by ``run_segments`` (not made here)."""
+        depth = self.stage.depth
+        if getattr(self.stage, "jk", "none") != "cat" or start + count != depth:
             return [], None
-        g, depth = self.graph, self.stage.depth
+        g = self.graph
         row = g.nodes * self.hidden * g.s
-        prev, out = new_sid(), new_sid()
-        if depth == 1:
-            return [("a", out, _alloc(g, row), None)], out
-        return [("a", prev, _alloc(g, row * (depth - 1)), None), ("a", out, _alloc(g, row * depth), None),
-                ("r", prev)], out
+        out = new_sid()
+        made = ("a", out, _alloc(g, row * depth), None)
+        if depth == 1 or (start > 0 and count == 1):
+            return [made], out
+        prev = new_sid()
+        return [("a", prev, _alloc(g, row * (depth - 1)), None), made, ("r", prev)], out
+
+    def _recomputed_cats(self, start: int, count: int) -> list[tuple]:
+        """``jk=cat``: the concatenations a checkpointed segment of layers ``start .. stop - 1``
+        (``stop < depth``) makes again when it is recomputed, placed before its last layer: torch
+        stops the recomputation at the last saved tensor, before the last layer's concatenation
+        (a concatenation saves nothing), so the largest one made is ``stop - 1`` rows wide, made
+        while the one before it (``stop - 2`` rows, when that is not the segment's input) is
+        alive; it is held until the recomputation is left (role ``RCAT`` of the chain), with the
+        segment's activations."""
+        stop = start + count
+        if getattr(self.stage, "jk", "none") != "cat" or stop == self.stage.depth or count < 2:
+            return []
+        g = self.graph
+        row = g.nodes * self.hidden * g.s
+        last, before = new_sid(), new_sid()
+        made = [("a", last, _alloc(g, row * (stop - 1)), None)]
+        if count >= 3:
+            made = [("a", before, _alloc(g, row * (stop - 2)), None)] + made + [("r", before)]
+        return made
 
     def _stack_program(self, grad_in: bool) -> tuple[Program, bool]:
         pre: list[tuple] = []
@@ -612,9 +639,10 @@ class StageModel:
             prog = self._cat_output(prog)
         return _with_stage_storages(prog, pre, {k: v for k, v in extras.items() if k == "M"}), grad
 
-    def _with_max(self, p: Program, mode: str, acc_prev: int) -> tuple[Program, int]:
+    def _with_max(self, p: Program, mode: str, acc_prev: int, first: bool = False) -> tuple[Program, int]:
         """A layer followed by ``acc = maximum(acc, x)`` (saves both; its backward makes a
-        gradient for each, the layer's added in place to the one from above).
+        gradient for each, the layer's added in place to the one from above; after the ``first``
+        layer none for ``acc``, the stage's ``-inf`` tensor, which needs none).
 
         Each gradient is torch's formula ``where(a == b, grad / 2, grad).masked_fill_(a < b, 0)``:
         while it is made, ``grad / 2`` and two boolean masks are alive beside it."""
@@ -634,7 +662,8 @@ class StageModel:
         g_prev, g_x, g_acc = new_sid(), new_sid(), new_sid()
         # the maximum holds both inputs until its backward: the layer's output may have no
         # other holder (a last layer without activation, norm or dropout)
-        bwd = gradient(g_prev) + gradient(g_x) + [("r", g_acc), ("r", acc_prev), ("r", p.roles["Y"]), ("r", g_x)] + p.bwd
+        bwd = ([] if first else gradient(g_prev)) + gradient(g_x)
+        bwd += [("r", g_acc), ("r", acc_prev), ("r", p.roles["Y"]), ("r", g_x)] + p.bwd
         roles = dict(p.roles)
         roles["GACC"], roles["ACC"], roles["GACCP"] = g_acc, acc, g_prev
         return Program(fwd, bwd, roles), acc
@@ -755,9 +784,8 @@ class StageModel:
                 y_re = new_sid()
                 r_prog = r_prog.bind(X=seg_in, Y=y_re, GY=g_next, GX=g_prev)
                 part = r_prog.fwd + [("r", y_re)]
-                if jk_cat:  # the recomputed concatenations, dropped once recomputed
-                    t = new_sid()
-                    part += [("a", t, _alloc(g, row * (2 * stop - 1)), None), ("r", t)]
+                if "RCAT" in r_prog.roles:  # the recomputed concatenation goes with the recomputation
+                    part.append(("r", r_prog.roles["RCAT"]))
                 part += r_prog.bwd + [("r", seg_in)] + ([("r", tape)] if tape is not None else [])
                 if seg_acc is not None:
                     part.append(("r", seg_acc))  # the checkpoint lets go of its running maximum
@@ -927,9 +955,11 @@ def _alloc(graph: Graph, nbytes: int) -> int:
     return nbytes
 
 
-def _chain_marked(progs: list[Program], tail: Sequence[tuple] = ()) -> tuple[list[tuple], list[tuple], dict[str, int]]:
-    """:func:`chain` of layer programs with ``("|",)`` between layers in both lists; ``tail``
-    events come after the last layer's forward, before the loop lets go of that layer's input."""
+def _chain_marked(progs: list[Program], tail: Sequence[tuple] = (), head: Sequence[tuple] = ()
+                  ) -> tuple[list[tuple], list[tuple], dict[str, int]]:
+    """:func:`chain` of layer programs with ``("|",)`` between layers in both lists; ``head``
+    events come just before the last layer's forward, ``tail`` events after it, before the loop
+    lets go of that layer's input."""
     x = progs[0].roles.get("X", new_sid())
     gy = new_sid()
     outs = [x] + [new_sid() for _ in progs]
@@ -941,9 +971,10 @@ def _chain_marked(progs: list[Program], tail: Sequence[tuple] = ()) -> tuple[lis
         bound.append(q)
         if i:
             fwd.append(("|",))
-        fwd += q.fwd
         if i == len(progs) - 1:
-            fwd += tail
+            fwd += [*head, *q.fwd, *tail]
+        else:
+            fwd += q.fwd
         if i > 0:
             fwd.append(("r", outs[i]))
     bwd: list[tuple] = []
