@@ -13,6 +13,7 @@ shapes of its own, under fake tensors): nothing is fitted to these configuration
     python benchmarks/estimator_accuracy.py              # the full sample (>= 60 configurations)
     python benchmarks/estimator_accuracy.py --quick      # a dozen small ones
     python benchmarks/estimator_accuracy.py --count 100 --seed 3
+    python benchmarks/estimator_accuracy.py --jk --count 80     # also jk and act, small graphs
 
 Output: a table on stdout, the error distribution (median, p90, max of |relative error|),
 ``benchmarks/out/estimator_accuracy.json`` and ``.png``. Targets: median <= 2%, max <= 5%.
@@ -72,6 +73,8 @@ class Config:
     norm: str
     dropout: float
     groups: int = 2
+    jk: str = "none"
+    act: str | None = None  # None: the stack's default
 
     def expr(self) -> str:
         args = [f"depth={self.depth}"] if self.stack != "deq" else []
@@ -82,6 +85,10 @@ class Config:
         if self.stack == "deq":
             # a solve that never converges runs max_iter iterations: the estimate's worst case
             args += ["max_iter=6", "tol=1e-30"]
+        if self.jk != "none":
+            args.append(f"jk={self.jk}")
+        if self.act is not None:
+            args.append(f"act={self.act}")
         args += [f"norm={self.norm}", f"dropout={self.dropout}", f"hidden={self.width}"]
         return f"{self.stack}({', '.join(args)})"
 
@@ -99,9 +106,15 @@ def _work(c: Config) -> float:
     return depth * (c.edges + c.nodes) * c.width * edge_cost * extra
 
 
-def sample(count: int, seed: int) -> list[Config]:
+JK_STACKS = ("plain", "res", "res+", "gcnii")
+
+
+def sample(count: int, seed: int, jk: bool = False) -> list[Config]:
     """``count`` configurations: every (stack, op, plan) in turn, sizes drawn at random and shrunk
-    (depth first for deep stacks, then the graph) until the step is cheap and small enough."""
+    (depth first for deep stacks, then the graph) until the step is cheap and small enough.
+    ``jk``: the stacks that take it also draw ``jk`` (none, cat, max) and ``act`` (relu, none),
+    at most 12 layers deep on at most 20k nodes (a ``jk=cat`` output is ``depth * hidden`` wide),
+    where a layer without norm, activation or dropout meets a concatenation or a maximum."""
     rng = random.Random(seed)
     combos = [(s, op, plan) for s, (ops, plans) in STACKS.items() for op in ops for plan in plans]
     rng.shuffle(combos)
@@ -124,6 +137,12 @@ def sample(count: int, seed: int) -> list[Config]:
         c = Config(stack, op, plan, nodes, nodes * density, width, depth, rng.choice([16, 32, 64, 100]),
                    rng.choice([8, 16, 40]), rng.choice(["none", "batch", "layer"]), rng.choice([0.0, 0.1, 0.5]),
                    groups)
+        if jk:  # drawn after the default sample's draws, which stay as they were
+            if stack not in JK_STACKS:
+                continue
+            c.jk, c.act = rng.choice(["none", "cat", "max"]), rng.choice(["relu", "none"])
+            c.depth, c.nodes = min(c.depth, 12), min(c.nodes, 20_000)
+            c.edges = c.nodes * density
         # half the configurations keep their graph and give up depth, half keep their depth
         keep_graph = rng.random() < 0.5
         while _work(c) > MAX_WORK:
@@ -187,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--quick", action="store_true", help="a dozen small configurations")
+    parser.add_argument("--jk", action="store_true", help="plain/res/res+/gcnii stacks with jk and act drawn")
     parser.add_argument("--out", default=str(OUT / "estimator_accuracy"))
     args = parser.parse_args(argv)
     # deq configurations run max_iter iterations on purpose (tol=1e-30: the estimate's worst case)
@@ -196,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.count = 12
         MAX_WORK = 2e8
-    configs = sample(args.count, args.seed)
+    configs = sample(args.count, args.seed, jk=args.jk)
     rows = []
     header = f"{'#':>3} {'spec':78s} {'plan':24s} {'N':>7} {'E':>9} {'predicted':>11} {'measured':>11} {'error':>7}"
     print(header)
