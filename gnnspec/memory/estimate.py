@@ -304,6 +304,8 @@ class StageModel:
         self.index = index
         self.hidden = stack_hidden(spec, self.stage) if isinstance(self.stage, ir.Stack) else spec.hidden
         self.is_stack = isinstance(self.stage, ir.Stack)
+        self.jk = getattr(self.stage, "jk", "none")  # jumping knowledge: none for stages without it
+        self.row = graph.nodes * self.hidden * graph.s  # bytes of one [N, hidden] tensor
 
     # -- plans
 
@@ -496,7 +498,7 @@ class StageModel:
         if self.kind == "dense":
             return self._build_layers_chain(count, mode, grad_in, extras, first_layer)
         key = (count, mode, grad_in, first_layer == 0, first_layer + count == self.steps(), tuple(sorted(extras)),
-               first_layer if getattr(self.stage, "jk", "none") == "cat" else None)  # jk=cat: widths grow
+               first_layer if self.jk == "cat" else None)  # jk=cat: widths grow
         cache = self.__dict__.setdefault("_chain_cache", {})
         if key not in cache:
             placeholders = {k: new_sid() for k in extras}
@@ -527,7 +529,7 @@ class StageModel:
         progs: list[Program] = []
         gx0s: list[int] = []
         grad = grad_in
-        jk_max = getattr(self.stage, "jk", "none") == "max"
+        jk_max = self.jk == "max"
         acc_prev = extras.get("ACC")
         for layer in chosen:
             accum = tie and layer != indices[-1]
@@ -546,12 +548,12 @@ class StageModel:
                     progs[i] = progs[i].relabel({progs[i].roles["GACC"]: progs[i + 1].roles["GACCP"]})
             final_acc, final_gacc = progs[-1].roles.get("ACC", acc_prev), progs[-1].roles.get("GACC")
         tail, cat_out = self._last_cat(first_layer, count)
-        head = self._recomputed_cats(first_layer, count) if mode == "g" else []
+        head, recomputed_cat = self._recomputed_cats(first_layer, count) if mode == "g" else ([], None)
         fwd, bwd, roles = _chain_marked(progs, tail, head)
         if cat_out is not None:
             roles["ACAT"] = cat_out
-        if head:
-            roles["RCAT"] = next(ev[1] for ev in reversed(head) if ev[0] == "a")
+        if recomputed_cat is not None:
+            roles["RCAT"] = recomputed_cat
         if jk_max and mode == "g" and first_layer + count < self.stage.depth:
             # a checkpointed segment's recompute: torch stops it once the last saved tensor is
             # back, and the last maximum saves its inputs before it runs, so its output is never
@@ -592,50 +594,45 @@ class StageModel:
         when the step returns. A checkpoint's last segment of one layer starts from that previous
         concatenation: the segment's input, held by ``run_segments`` (not made here)."""
         depth = self.stage.depth
-        if getattr(self.stage, "jk", "none") != "cat" or start + count != depth:
+        if self.jk != "cat" or start + count != depth:
             return [], None
-        g = self.graph
-        row = g.nodes * self.hidden * g.s
         out = new_sid()
-        made = ("a", out, _alloc(g, row * depth), None)
+        made = ("a", out, _alloc(self.graph, self.row * depth), None)
         if depth == 1 or (start > 0 and count == 1):
             return [made], out
         prev = new_sid()
-        return [("a", prev, _alloc(g, row * (depth - 1)), None), made, ("r", prev)], out
+        return [("a", prev, _alloc(self.graph, self.row * (depth - 1)), None), made, ("r", prev)], out
 
-    def _recomputed_cats(self, start: int, count: int) -> list[tuple]:
+    def _recomputed_cats(self, start: int, count: int) -> tuple[list[tuple], int | None]:
         """``jk=cat``: the concatenations a checkpointed segment of layers ``start .. stop - 1``
-        (``stop < depth``) makes again when it is recomputed, placed before its last layer: torch
+        (``stop < depth``) makes again when it is recomputed, and the one it keeps (else
+        nothing), placed before its last layer: torch
         stops the recomputation at the last saved tensor, before the last layer's concatenation
         (a concatenation saves nothing), so the largest one made is ``stop - 1`` rows wide, made
         while the one before it (``stop - 2`` rows, when that is not the segment's input) is
         alive; it is held until the recomputation is left (role ``RCAT`` of the chain), with the
         segment's activations."""
         stop = start + count
-        if getattr(self.stage, "jk", "none") != "cat" or stop == self.stage.depth or count < 2:
-            return []
-        g = self.graph
-        row = g.nodes * self.hidden * g.s
-        last, before = new_sid(), new_sid()
-        made = [("a", last, _alloc(g, row * (stop - 1)), None)]
+        if self.jk != "cat" or stop == self.stage.depth or count < 2:
+            return [], None
+        last = new_sid()
+        made = [("a", last, _alloc(self.graph, self.row * (stop - 1)), None)]
         if count >= 3:
-            made = [("a", before, _alloc(g, row * (stop - 2)), None)] + made + [("r", before)]
-        return made
+            before = new_sid()
+            made = [("a", before, _alloc(self.graph, self.row * (stop - 2)), None)] + made + [("r", before)]
+        return made, last
 
     def _stack_program(self, grad_in: bool) -> tuple[Program, bool]:
         pre: list[tuple] = []
         extras = self._stage_extras(pre)
         if self.kind == "gcnii":
             extras["X0"] = new_sid()
-        jk = getattr(self.stage, "jk", "none")
-        g = self.graph
-        nh = _alloc(g, g.nodes * self.hidden * g.s)
-        if jk == "max":
+        if self.jk == "max":
             # the running maximum starts as a full -inf tensor, saved by the first maximum
             extras["ACC"] = new_sid()
-            pre.append(("a", extras["ACC"], nh, None))
+            pre.append(("a", extras["ACC"], _alloc(self.graph, self.row), None))
         prog, grad = self._layers_chain(self.stage.depth, "g", grad_in, extras)
-        if jk == "cat":
+        if self.jk == "cat":
             prog = self._cat_output(prog)
         return _with_stage_storages(prog, pre, {k: v for k, v in extras.items() if k == "M"}), grad
 
@@ -647,7 +644,7 @@ class StageModel:
         Each gradient is torch's formula ``where(a == b, grad / 2, grad).masked_fill_(a < b, 0)``:
         while it is made, ``grad / 2`` and two boolean masks are alive beside it."""
         g = self.graph
-        nh = _alloc(g, g.nodes * self.hidden * g.s)
+        nh = _alloc(g, self.row)
         acc = new_sid()
         fwd = p.fwd + [("a", acc, nh, None)]
         if mode == "o":
@@ -705,10 +702,8 @@ class StageModel:
                 plan += [(*b, 1) for b in run]
             i = j
         plan.append((*bounds[last], 1))
-        g = self.graph
-        row = g.nodes * self.hidden * g.s
-        jk_cat = getattr(self.stage, "jk", "none") == "cat"
-        jk_max = getattr(self.stage, "jk", "none") == "max"
+        g, row = self.graph, self.row
+        jk_cat, jk_max = self.jk == "cat", self.jk == "max"
         if jk_cat or jk_max:  # the running concatenation grows / maximum is threaded: explicit
             plan = [(*b, 1) for b in bounds]
         pre: list[tuple] = []
@@ -876,7 +871,7 @@ class StageModel:
             events, outs = piece(False, inputs_from(outs), 1)
             segments.append(events)
         gx = new_sid()
-        tail = [("a", gx, _alloc(g, g.nodes * self.hidden * g.s), None)]
+        tail = [("a", gx, _alloc(g, self.row), None)]
         tail += [("r", outs[f"Yx{i}"]) for i in range(groups)] + [("r", outs[f"Yg{i}"]) for i in range(groups)]
         tail.append(("r", gy))  # the engine held the incoming gradient until now
         if "M" in extras:
