@@ -24,7 +24,10 @@ the way gnnspec prepares it (GCN normalisation / self-loops computed once and ca
 so it counts as input data for every method alike); before timing, each peer's eval-mode output
 is compared with gnnspec's (column ``|dout|``), so all methods of a row group compute one function.
 
-Timing: ``torch.set_num_threads(1)``; one warm-up step, then ``--repeats`` rounds in which every
+Timing: ``torch.set_num_threads(1)``; glibc keeps freed memory mapped (``mallopt``, see
+``_keep_freed_memory_mapped``: otherwise whichever method runs after a smaller one pays page
+faults a single-model training loop does not; the faults of each timed step are recorded); one
+warm-up step, then ``--repeats`` rounds in which every
 method of an (op, depth) cell runs one step, in an order rotated every round. A method's time
 ratio is the median over rounds of its step time divided by the same round's step time of
 gnnspec ``store`` of the same stack kind (paired, so machine load drifts cancel). ``floor`` is
@@ -335,17 +338,26 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, ei: Tens
     training_step(model, opt, x, ei, y)
 
 
-def timed(fn: Callable[[], None]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this thread) of ``fn()``, with the cyclic collector off."""
+def timed(fn: Callable[[], None]) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this thread, minor page faults) of ``fn()``, with the cyclic
+    collector off."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        t0, c0 = time.perf_counter(), time.thread_time()
+        f0, t0, c0 = _minor_faults(), time.perf_counter(), time.thread_time()
         fn()
-        return time.perf_counter() - t0, time.thread_time() - c0
+        return time.perf_counter() - t0, time.thread_time() - c0, _minor_faults() - f0
     finally:
         if enabled:
             gc.enable()
+
+
+def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # ------------------------------------------------------------------------------------ one cell
@@ -371,6 +383,7 @@ class Row:
     is_base: bool
     times: list[float] = field(default_factory=list)  # wall seconds per round
     cpu_times: list[float] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)  # minor page faults per timed step
 
 
 def run_cell(op: str, depth: int, args: argparse.Namespace, data) -> list[Row]:
@@ -393,8 +406,8 @@ def run_cell(op: str, depth: int, args: argparse.Namespace, data) -> list[Row]:
     peaks = {id(m): measure_step_peak(m.model, x, ei, y, m.optimizer) for m in methods}
 
     # Interleaved timing rounds, order rotated each round; plus the store models' no_grad forward.
-    times: dict[int, list[tuple[float, float]]] = {id(m): [] for m in methods}
-    fwd: dict[str, list[tuple[float, float]]] = {k: [] for k in args.kinds}
+    times: dict[int, list[tuple[float, float, int]]] = {id(m): [] for m in methods}
+    fwd: dict[str, list[tuple[float, float, int]]] = {k: [] for k in args.kinds}
     bases = {m.kind: m for m in methods if m.is_base}
 
     def forward_only(model: nn.Module) -> None:
@@ -426,6 +439,7 @@ def run_cell(op: str, depth: int, args: argparse.Namespace, data) -> list[Row]:
             floor=floor, peak_bytes=peaks[id(m)], peak_ratio=peaks[id(m)] / peaks[id(base)],
             out_diff=diffs[id(m)], is_base=m.is_base,
             times=[t[0] for t in times[id(m)]], cpu_times=[t[1] for t in times[id(m)]],
+            faults=[t[2] for t in times[id(m)]],
         ))
     return rows
 
@@ -618,6 +632,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _keep_freed_memory_mapped() -> bool:
+    """Make glibc keep freed heap memory mapped for reuse (no-op elsewhere); True if set.
+
+    By default glibc serves every allocation above 128 KiB (an ``[N, hidden]`` activation) with
+    its own ``mmap`` and unmaps it on free, or trims freed memory off the top of the heap, so
+    the next step touches fresh pages: a minor page fault per 4 KiB, measured at 3-8 us each on
+    this VM. A training loop that runs one model settles into a fault-free steady state within a
+    few steps; rounds that alternate methods of different footprints do not, and the larger
+    method (``store``, the peers) kept paying up to 13,000 faults a step after a smaller one ran
+    (gat ``res+`` depth 64). Serving allocations below 32 MiB from the heap and never trimming it
+    automatically gives every method its steady-state speed; ``_return_freed_memory`` still trims
+    between cells.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 32 * MiB) and libc.mallopt(m_trim_threshold, 2**31 - 1)
+                    and libc.mallopt(m_top_pad, 64 * MiB))
+    except (OSError, AttributeError):
+        return False
+
+
 def _return_freed_memory() -> None:
     """glibc keeps freed heap pages for reuse; hand them back so the next cell starts from the
     memory it needs (no-op elsewhere)."""
@@ -635,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(width=200)
     torch.set_num_threads(args.threads)
+    allocator = "glibc: freed memory kept mapped" if _keep_freed_memory_mapped() else "default allocator"
     # Everything imported so far is permanent: keeps gc.collect() (here and in measure_step_peak)
     # from walking torch's module graph, which takes ~0.25 s a call.
     gc.collect()
@@ -643,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"graph: {args.nodes} nodes, {args.edges} edges, {args.features} features, {args.classes} classes; "
         f"hidden {args.hidden}, groups {args.groups}, norm layer, dropout {args.dropout}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.repeats} rounds per cell"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {allocator}; {args.repeats} rounds per cell"
     )
     start = time.perf_counter()
     rows: list[Row] = []
@@ -672,6 +711,11 @@ def main(argv: list[str] | None = None) -> int:
                 _return_freed_memory()
     console.print()
     print_table(rows, console)
+    faults = [f for r in rows for f in r.faults]
+    if faults:
+        worst = max(rows, key=lambda r: max(r.faults, default=0))
+        console.print(f"minor page faults per timed step: median {statistics.median(faults):.0f}, largest "
+                      f"{max(faults)} ({worst.op} depth {worst.depth} {worst.kind}, {worst.method})")
     result = summary(rows, console)
     if skipped:
         console.print("\nskipped (budget --budget-s {:.0f}s): ".format(args.budget_s)
