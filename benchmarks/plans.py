@@ -66,6 +66,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+try:
+    import resource
+except ImportError:  # not on POSIX
+    resource = None  # type: ignore[assignment]
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -353,9 +358,7 @@ def timed(fn: Callable[[], None]) -> tuple[float, float, int]:
 
 
 def _minor_faults() -> int:
-    try:
-        import resource
-    except ImportError:  # not on POSIX
+    if resource is None:  # not on POSIX
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -632,6 +635,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _glibc_malloc():
+    """glibc's ``mallopt`` and ``malloc_trim`` as ``(mallopt, malloc_trim)``, or None where the C
+    library is not glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def _keep_freed_memory_mapped() -> bool:
     """Make glibc keep freed heap memory mapped for reuse (no-op elsewhere); True if set.
 
@@ -645,26 +660,22 @@ def _keep_freed_memory_mapped() -> bool:
     automatically gives every method its steady-state speed; ``_return_freed_memory`` still trims
     between cells.
     """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, 32 * MiB) and libc.mallopt(m_trim_threshold, 2**31 - 1)
-                    and libc.mallopt(m_top_pad, 64 * MiB))
-    except (OSError, AttributeError):
+    glibc = _glibc_malloc()
+    if glibc is None:
         return False
+    mallopt, _ = glibc
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 32 * MiB) and mallopt(m_trim_threshold, 2**31 - 1)
+                and mallopt(m_top_pad, 64 * MiB))
 
 
 def _return_freed_memory() -> None:
     """glibc keeps freed heap pages for reuse; hand them back so the next cell starts from the
     memory it needs (no-op elsewhere)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    glibc = _glibc_malloc()
+    if glibc is not None:
+        _, malloc_trim = glibc
+        malloc_trim(0)
 
 
 def main(argv: list[str] | None = None) -> int:
