@@ -15,7 +15,7 @@ import gnnspec.check as _check_module
 import gnnspec.format as _format_module
 from gnnspec.errors import SpecError
 from gnnspec.ir import Spec
-from gnnspec.syntax import YAML_SUFFIXES, parse_plan, parse_text, read_spec_file
+from gnnspec.syntax import YAML_SUFFIXES, parse_text, read_spec_file
 from gnnspec.syntax.comments import source_layout
 
 __all__ = ["Spec", "SpecError", "parse", "load", "format", "check", "build", "estimate", "register_op"]
@@ -92,8 +92,6 @@ def build(
 
     if isinstance(spec, str):
         spec = parse(spec)
-    if isinstance(plan, (list, tuple)):
-        plan = [parse_plan(p) if isinstance(p, str) else p for p in plan]
     plan = plans_for_build(spec, plan, nodes=nodes, edges=edges, budget=budget, in_channels=in_channels,
                            out_channels=out_channels, device=device)
     model = build_model(spec, in_channels, out_channels, plan)

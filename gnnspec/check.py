@@ -192,29 +192,38 @@ def gcnii_uses_gcn(spec: ir.Spec) -> Iterator[SpecError]:
 def plans_fit_stages(spec: ir.Spec) -> Iterator[SpecError]:
     for stage in spec.model:
         plan = getattr(stage, "plan", None)
-        if plan is None:
-            continue
-        if plan.kind == "auto":
-            yield _error(
-                plan.span("name"),
-                "`auto` chooses plans for the whole spec; it is not a stage's plan",
-                "write `plan: auto(budget=...)` at the top level",
-            )
-            continue
-        valid = PLAN_VALID_FOR[plan.kind]
-        if valid is not None and stage.kind not in valid:
-            yield _error(
-                plan.span("name"),
-                f"plan `{plan.kind}` is not valid for `{stage.kind}`",
-                f"`{plan.kind}` applies to {', '.join(f'`{k}`' for k in valid)}; valid here: "
-                + ", ".join(k for k, v in PLAN_VALID_FOR.items() if v is None or stage.kind in v),
-            )
-    plan = spec.plan
+        if plan is not None:
+            yield from _stage_plan_errors(stage, plan)
+    yield from _plan_without_stage(spec, spec.plan, spec.span("plan"))
+
+
+def _stage_plan_errors(stage: ir.Stage, plan: ir.Plan) -> Iterator[SpecError]:
+    """``plan`` given for ``stage`` alone: ``auto`` is not a stage's plan, and the plan must be
+    valid for the stage's kind."""
+    if plan.kind == "auto":
+        yield _error(
+            plan.span("name"),
+            "`auto` chooses plans for the whole spec; it is not a stage's plan",
+            "write `plan: auto(budget=...)` at the top level",
+        )
+        return
+    valid = PLAN_VALID_FOR[plan.kind]
+    if valid is not None and stage.kind not in valid:
+        yield _error(
+            plan.span("name"),
+            f"plan `{plan.kind}` is not valid for `{stage.kind}`",
+            f"`{plan.kind}` applies to {', '.join(f'`{k}`' for k in valid)}; valid here: "
+            + ", ".join(k for k, v in PLAN_VALID_FOR.items() if v is None or stage.kind in v),
+        )
+
+
+def _plan_without_stage(spec: ir.Spec, plan: ir.Plan, span: Span | None) -> Iterator[SpecError]:
+    """``plan`` given for the whole model when no stage of it can run that plan."""
     valid = PLAN_VALID_FOR.get(plan.kind)
     if valid is not None and not any(s.kind in valid for s in spec.model):
         usable = ["store", "auto"] + (["checkpoint"] if any(isinstance(s, ir.Stack) for s in spec.model) else [])
         yield _error(
-            spec.span("plan"),
+            span,
             f"plan `{plan.kind}` applies to {', '.join(f'`{k}`' for k in valid)} stages; this model has none",
             "use " + " or ".join(f"`{k}`" for k in usable),
         )
@@ -223,10 +232,30 @@ def plans_fit_stages(spec: ir.Spec) -> Iterator[SpecError]:
 def plan_arguments(spec: ir.Spec) -> Iterator[SpecError]:
     plans = [spec.plan] + [getattr(s, "plan", None) for s in spec.model]
     for plan in plans:
-        if isinstance(plan, ir.Checkpoint) and plan.segments is not None and plan.segments < 1:
-            yield _error(plan.span("segments"), f"`segments` must be at least 1, got {plan.segments}")
-        if isinstance(plan, ir.Auto) and plan.budget is not None and plan.budget < 1:
-            yield _error(plan.span("budget"), f"`budget` must be positive, got {plan.budget}")
+        if plan is not None:
+            yield from plan_argument_errors(plan)
+
+
+def plan_argument_errors(plan: ir.Plan) -> Iterator[SpecError]:
+    """``plan``'s arguments out of range: ``segments`` below 1, a ``budget`` that is not positive."""
+    if isinstance(plan, ir.Checkpoint) and plan.segments is not None and plan.segments < 1:
+        yield _error(plan.span("segments"), f"`segments` must be at least 1, got {plan.segments}")
+    if isinstance(plan, ir.Auto) and plan.budget is not None and plan.budget < 1:
+        yield _error(plan.span("budget"), f"`budget` must be positive, got {plan.budget}")
+
+
+def requested_plan_errors(spec: ir.Spec, plan: ir.Plan, stage: ir.Stage | None = None) -> list[SpecError]:
+    """What is wrong with a plan requested from outside the spec (``build(plan=...)``,
+    ``estimate(plan=...)``, ``--plan``), with spans in the plan's own text (SPEC.md section 2, as
+    for a plan in a spec): an argument out of range; for one plan for the whole model
+    (``stage`` None), no stage that can run it (the stages it does not apply to run ``store``);
+    for a plan given for one ``stage`` (a list with one plan per stack), not valid for it."""
+    errors = list(plan_argument_errors(plan))
+    if stage is None:
+        errors += _plan_without_stage(spec, plan, plan.span("name"))
+    else:
+        errors += _stage_plan_errors(stage, plan)
+    return errors
 
 
 def graph_and_training(spec: ir.Spec) -> Iterator[SpecError]:

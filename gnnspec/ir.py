@@ -13,7 +13,7 @@ of torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
@@ -233,6 +233,20 @@ PLAN_MODELS: dict[str, type[IRModel]] = {
     "unroll": Unroll,
     "auto": Auto,
 }
+
+
+def plans_per_stage(plans: Sequence[Any], stages: Sequence[Any]) -> list[Any]:
+    """One plan per stage from a list given per stage or per stack (``stages`` are IR stages):
+    a list with one plan per stack gives each stack its plan, in order, and every other stage
+    ``store``. ValueError for any other length."""
+    stacks = [i for i, stage in enumerate(stages) if isinstance(stage, Stack)]
+    if len(plans) != len(stages) and len(plans) == len(stacks):
+        per_stack = dict(zip(stacks, plans))
+        return [per_stack.get(i, Store(kind="store")) for i in range(len(stages))]
+    if len(plans) != len(stages):
+        raise ValueError(f"got {len(plans)} plans for {len(stages)} stages ({len(stacks)} stacks)")
+    return list(plans)
+
 
 # ---------------------------------------------------------------------------- stages
 

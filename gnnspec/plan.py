@@ -25,6 +25,7 @@ import math
 from typing import Any, Sequence
 
 from gnnspec import ir
+from gnnspec.errors import SpecError
 
 MAX_COMBINATIONS = 64
 
@@ -75,7 +76,7 @@ def _candidates(model, stage) -> list[ir.Plan]:
 
 
 def candidate_assignments(model, fixed=None) -> list[list[ir.Plan]]:
-    """The plan assignments to estimate: ``fixed`` (a plan or one per stage) if given; else, per
+    """The plan assignments to estimate: ``fixed`` (a plan, or one per stage or per stack) if given; else, per
     stage, its own ``plan=``, the spec's plan, or (``auto``) every valid plan."""
     if fixed is not None:
         return [model.assignment(fixed)]
@@ -308,6 +309,7 @@ def estimate_with_planner(spec, *, nodes, edges, budget=None, plan=None, in_chan
         import gnnspec
 
         spec = gnnspec.parse(spec)
+    plan = requested_plan(spec, plan)
     budget_bytes, device = resolve_budget(spec, budget, device=device, device_memory=plan is None)
     est = estimate_spec(spec, nodes=nodes, edges=edges, in_channels=in_channels, out_channels=out_channels,
                         budget=budget_bytes, plan=plan, dtype=dtype, optimizer=optimizer, device=device or "cpu")
@@ -430,6 +432,76 @@ def split_plan_name(text: str) -> list[str]:
     return parts
 
 
+def requested_plan(spec: ir.Spec, plan: Any) -> Any:
+    """A plan given to ``build`` or ``estimate`` (``--plan`` on the command line) as IR, checked
+    against ``spec`` (:func:`gnnspec.check.requested_plan_errors`): a plan or its text, or a list
+    of either, one per resolved stage or one per stack. A planner's name such as
+    ``"checkpoint(segments=4), reversible"`` is one plan per stack.
+
+    Raises the first error as a `SpecError` located in the plan's text (``<plan>``), as a syntax
+    error in it is. None and an ``Estimate`` pass through.
+    """
+    stacks = [stage for stage in spec.model if isinstance(stage, ir.Stack)]
+    if isinstance(plan, str):
+        texts = split_plan_name(plan)
+        if len(texts) > 1 and len(texts) != len(stacks):
+            raise SpecError(
+                f"{len(texts)} plans given for a model with {len(stacks)} stack{'s' * (len(stacks) != 1)}",
+                end_column=len(plan) + 1,
+                hint=f"give one plan for the whole model, or {len(stacks)} separated by commas "
+                     "(one per stack, in order)",
+            ).located("<plan>", plan)
+        if len(texts) > 1:
+            return _checked_plans_in_text(spec, plan, texts, stacks)
+        plan = texts[0]
+    if not isinstance(plan, (list, tuple)):
+        return _checked_plan(spec, plan, None)
+    if len(plan) == len(stacks):
+        return [_checked_plan(spec, p, stack) for p, stack in zip(plan, stacks)]
+    # one per resolved stage, as the planner gives them: those include inserted stages the spec
+    # does not list, so only the arguments are checked here
+    return [_checked_plan(spec, p, _RANGES_ONLY) for p in plan]
+
+
+def _checked_plans_in_text(spec: ir.Spec, text: str, items: list[str], stacks: list[ir.Stack]) -> list[ir.Plan]:
+    """One plan per stack from ``text``'s comma-separated ``items``; an error in an item is
+    located in the whole text, under the item."""
+    plans, start = [], 0
+    for item, stack in zip(items, stacks):
+        start = text.index(item, start)
+        try:
+            plans.append(_checked_plan(spec, item, stack))
+        except SpecError as err:
+            if err.line == 1:
+                err.column += start
+                err.end_column = None if err.end_column is None else err.end_column + start
+            raise err.located("<plan>", text) from None
+        start += len(item)
+    return plans
+
+
+_RANGES_ONLY = object()
+
+
+def _checked_plan(spec: ir.Spec, plan: Any, stage: Any) -> Any:
+    """``plan`` (IR or text) as IR, checked for the whole model (``stage`` None), for ``stage``,
+    or for its argument ranges only (``_RANGES_ONLY``)."""
+    from gnnspec.check import plan_argument_errors, requested_plan_errors
+    from gnnspec.syntax import parse_plan
+
+    if not isinstance(plan, (str, *ir.PLAN_MODELS.values())):
+        return plan  # None, an Estimate
+    text = plan if isinstance(plan, str) else None
+    parsed = parse_plan(text) if text is not None else plan
+    if stage is _RANGES_ONLY:
+        errors = list(plan_argument_errors(parsed))
+    else:
+        errors = requested_plan_errors(spec, parsed, stage)
+    if errors:
+        raise errors[0].located("<plan>", text)
+    return parsed
+
+
 def plans_for_build(spec: ir.Spec, plan: Any = None, *, nodes: int | None = None, edges: int | None = None,
                     budget: int | str | None = None, in_channels: int | None = None,
                     out_channels: int | None = None, device: str | None = None) -> Any:
@@ -442,11 +514,7 @@ def plans_for_build(spec: ir.Spec, plan: Any = None, *, nodes: int | None = None
 
     if isinstance(plan, Estimate):
         return plan.chosen_assignment
-    if isinstance(plan, str):
-        from gnnspec.syntax import parse_plan
-
-        texts = split_plan_name(plan)
-        plan = parse_plan(texts[0]) if len(texts) == 1 else [parse_plan(t) for t in texts]
+    plan = requested_plan(spec, plan)
     auto = plan if isinstance(plan, ir.Auto) else spec.plan if plan is None and isinstance(spec.plan, ir.Auto) else None
     if auto is None:
         return plan

@@ -195,6 +195,49 @@ def test_compile_budget_errors(capsys):
     assert code == 2 and "cannot be combined with --plan store" in err
 
 
+@pytest.mark.parametrize("command", ["compile", "estimate-mem"])
+def test_a_plan_option_is_checked_like_a_plan_in_a_spec(capsys, command):
+    res_plus = "res+(op=gcn, depth=3, hidden=32)"
+    code, out, err = run(capsys, command, "--expr", res_plus, *SIZE, "--plan", "checkpoint(segments=0)")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.splitlines()[:3] == [
+        "<plan>:1:21: `segments` must be at least 1, got 0",
+        "  checkpoint(segments=0)",
+        "                      ^",
+    ]
+    code, out, err = run(capsys, command, "--expr", res_plus, *SIZE, "--plan", "implicit")
+    assert code == 2 and out == ""
+    assert err.splitlines()[:3] == [
+        "<plan>:1:1: plan `implicit` applies to `deq` stages; this model has none",
+        "  implicit",
+        "  ^^^^^^^^",
+    ]
+    assert "hint: use `store` or `auto` or `checkpoint`" in err
+    code, out, err = run(capsys, command, "--expr", TWO, *SIZE, "--plan", "store, store, store")
+    assert code == 2 and out == ""
+    assert err.splitlines()[0] == "<plan>:1:1: 3 plans given for a model with 2 stacks"
+    assert "or 2 separated by commas (one per stack, in order)" in err
+    code, out, err = run(capsys, command, "--expr", TWO, *SIZE, "--plan", "reversible, checkpoint(segmets=2)")
+    assert code == 2 and out == ""
+    assert err.splitlines()[:4] == [
+        "<plan>:1:24: `checkpoint` has no argument `segmets`",
+        "  reversible, checkpoint(segmets=2)",
+        "                         ^^^^^^^",
+        "hint: did you mean `segments`? valid: segments",
+    ]
+
+
+def test_one_plan_per_stack_on_the_command_line(capsys):
+    code, out, _ = run(capsys, "compile", "--expr", TWO, *SIZE, "--plan", "reversible, checkpoint(segments=2)", "--json")
+    assert code == 0
+    stages = json.loads(out)["stages"]
+    assert [s["plan"] for s in stages if s["kind"] in ("rev", "res+")] == ["reversible", "checkpoint"]
+    data = _estimate_json(capsys, "--plan", "reversible, checkpoint(segments=2)", "--measure")
+    (plan,) = data["plans"]
+    assert plan["name"] == "reversible, checkpoint(segments=2)"
+    assert abs(data["measured_peak_bytes"] - plan["peak_bytes"]) <= 0.05 * plan["peak_bytes"]
+
+
 def test_estimate_mem_measure_and_dry_run_sit_beside_the_estimate(capsys):
     data = _estimate_json(capsys, "--plan", "reversible", "--measure", "--dry-run")
     (plan,) = data["plans"]

@@ -153,3 +153,43 @@ def test_build_auto_without_any_budget_runs_store(monkeypatch) -> None:
     monkeypatch.setattr("gnnspec.plan.default_budget", lambda: None)
     model = gnnspec.build(REV, 128, 40, plan="auto")
     assert model.plans == ("store", "store", "store")
+
+
+# ---------------------------------------------------------------------------- a plan given from outside the spec
+
+
+@pytest.mark.parametrize("api", ["build", "estimate"])
+def test_a_requested_plan_is_checked_against_the_spec(api) -> None:
+    def request(plan):
+        if api == "build":
+            return gnnspec.build("res+(op=gcn, depth=3)", 8, 3, plan=plan)
+        return gnnspec.estimate("res+(op=gcn, depth=3)", nodes=100, edges=400, in_channels=8, out_channels=3, plan=plan)
+
+    with pytest.raises(gnnspec.SpecError, match=r"`segments` must be at least 1, got 0") as err:
+        request("checkpoint(segments=0)")
+    assert (err.value.filename, err.value.line, err.value.column) == ("<plan>", 1, 21)
+    with pytest.raises(gnnspec.SpecError, match=r"`segments` must be at least 1, got -2"):
+        request(ir.Checkpoint(kind="checkpoint", segments=-2))
+    for plan in ("reversible", "implicit", ir.Unroll(kind="unroll")):
+        with pytest.raises(gnnspec.SpecError, match="stages; this model has none"):
+            request(plan)
+    # valid somewhere is enough: a stage the plan does not apply to runs store
+    plans = gnnspec.build(f"{RESPLUS} >> {REV}", 8, 3, plan="reversible").plans
+    assert plans[1:3] == ("store", "reversible")
+
+
+def test_one_plan_per_stack_is_estimated_as_built() -> None:
+    est = gnnspec.estimate(TWO_STACKS, in_channels=16, out_channels=4, plan="reversible, checkpoint(segments=2)", **SMALL)
+    (only,) = est.plans
+    assert only.name == "reversible, checkpoint(segments=2)" and est.chosen == only.name
+    model = gnnspec.build(TWO_STACKS, 16, 4, plan=["reversible", ir.Checkpoint(kind="checkpoint", segments=2)])
+    assert gnnspec.build(TWO_STACKS, 16, 4, plan=est).plans == model.plans
+    assert [p.split("(")[0] for p in model.plans if p != "store"] == ["reversible", "checkpoint"]
+    # each listed plan must be valid for its stack (`res+` cannot run reversible)
+    with pytest.raises(gnnspec.SpecError, match="plan `reversible` is not valid for `res\\+`") as err:
+        gnnspec.build(TWO_STACKS, 16, 4, plan="checkpoint(segments=2), reversible")
+    assert str(err.value).splitlines()[:3] == [
+        "<plan>:1:25: plan `reversible` is not valid for `res+`",
+        "  checkpoint(segments=2), reversible",
+        "                          ^^^^^^^^^^",
+    ]

@@ -115,13 +115,8 @@ def build_model(
     if plan is not None and not isinstance(plan, (list, tuple)):
         plans = [stage_plan(r.stage, plan) for r in resolved]
     elif plan is not None:
-        stacks = [i for i, r in enumerate(resolved) if isinstance(r.stage, ir.Stack)]
-        if len(plan) != len(resolved) and len(plan) == len(stacks):  # one per stack: the others store
-            per_stack = dict(zip(stacks, plan))
-            plan = [per_stack.get(i, ir.Store(kind="store")) for i in range(len(resolved))]
-        if len(plan) != len(resolved):
-            raise ValueError(f"got {len(plan)} plans for {len(resolved)} stages ({len(stacks)} stacks)")
-        plans = [stage_plan(r.stage, p) for r, p in zip(resolved, plan)]
+        per_stage = ir.plans_per_stage(plan, [r.stage for r in resolved])
+        plans = [stage_plan(r.stage, p) for r, p in zip(resolved, per_stage)]
     else:
         plans = [stage_plan(r.stage, getattr(r.stage, "plan", None) or spec.plan) for r in resolved]
     stages = [build_stage(r, _hidden(spec, r), p) for r, p in zip(resolved, plans)]

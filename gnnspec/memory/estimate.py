@@ -1128,9 +1128,8 @@ class ModelEstimator:
 
     def assignment(self, plan: ir.Plan | Sequence[ir.Plan]) -> list[ir.Plan]:
         if isinstance(plan, (list, tuple)):
-            if len(plan) != len(self.stages):
-                raise ValueError(f"got {len(plan)} plans for {len(self.stages)} stages")
-            return [self.stage_plan(s, p) for s, p in zip(self.stages, plan)]
+            per_stage = ir.plans_per_stage(plan, [s.stage for s in self.stages])
+            return [self.stage_plan(s, p) for s, p in zip(self.stages, per_stage)]
         return [self.stage_plan(s, plan) for s in self.stages]
 
     # -- the step
@@ -1247,7 +1246,7 @@ def estimate_spec(spec: ir.Spec | str, *, nodes: int, edges: int, in_channels: i
                   optimizer: str | None = None, device: str = "cpu") -> Estimate:
     """Every candidate plan assignment of ``spec`` on a graph of ``nodes``/``edges``, and the
     fastest whose peak fits ``budget`` (see :mod:`gnnspec.plan`). ``plan`` fixes the assignment
-    (one plan, or one per resolved stage); else the spec's plans are used where it fixes them
+    (one plan, or one per resolved stage or per stack); else the spec's plans are used where it fixes them
     and every candidate is estimated where it says ``auto``."""
     from gnnspec.plan import candidate_assignments, choose
 
