@@ -249,3 +249,13 @@ def test_optimizer_state_follows_the_optimizer() -> None:
     params = estimate_spec(spec, **kw).plans[0].breakdown["parameters"]
     assert sgd == 0
     assert 2 * params <= adam <= 2 * params + 4 * 64  # two moments, plus a step counter per tensor
+
+
+@pytest.mark.parametrize("graph, message", [
+    (dict(nodes=0, edges=10), "nodes >= 1 and edges >= 0"),
+    (dict(nodes=10, edges=-1), "nodes >= 1 and edges >= 0"),
+    (dict(nodes=10, edges=10, dtype="float8"), "unknown dtype 'float8'; valid: float32, float64, bfloat16, float16"),
+])
+def test_estimate_rejects_a_graph_or_dtype_it_cannot_estimate(graph, message):
+    with pytest.raises(ValueError, match=message):
+        gnnspec.estimate("res+(op=gcn, depth=2)", in_channels=8, out_channels=3, **graph)

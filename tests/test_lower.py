@@ -211,6 +211,13 @@ def test_widths_insert_projections_and_take_data_widths():
         resolve_widths(fixed, 7, 3)
 
 
+@pytest.mark.parametrize("in_channels, out_channels, bad", [(0, 3, "in_channels"), (-1, 3, "in_channels"),
+                                                            (8, 2.5, "out_channels"), (True, 3, "in_channels")])
+def test_build_rejects_widths_that_are_not_positive_integers(in_channels, out_channels, bad):
+    with pytest.raises(ValueError, match=f"{bad} must be a positive integer, got {'2.5' if bad == 'out_channels' else ''}"):
+        gnnspec.build("res+(op=gcn, depth=2)", in_channels, out_channels)
+
+
 def test_plain_without_projection_starts_at_the_input_width():
     """`project=false`: no linear in front; the first convolution maps the input width itself, as
     torch-geometric's GAT model does, with the same parameter shapes."""

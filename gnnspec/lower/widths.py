@@ -84,6 +84,8 @@ def resolve_widths(spec: ir.Spec, in_channels: int | None = None, out_channels: 
 
 
 def _width(spec: ir.Spec, key: str, declared: int | str, given: int | None) -> int:
+    if given is not None and (isinstance(given, bool) or int(given) != given or given < 1):
+        raise ValueError(f"{key}_channels must be a positive integer, got {given!r}")
     if declared == "auto":
         if given is None:
             raise SpecError(

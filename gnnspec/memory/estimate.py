@@ -1100,6 +1100,10 @@ class ModelEstimator:
                  device: str = "cpu") -> None:
         from gnnspec.lower.widths import declared_widths, resolve_widths
 
+        if int(nodes) != nodes or nodes < 1 or int(edges) != edges or edges < 0:
+            raise ValueError(f"a graph needs nodes >= 1 and edges >= 0 (integers), got nodes={nodes!r}, edges={edges!r}")
+        if dtype is not None and dtype not in DTYPE_BYTES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_BYTES)}")
         self.spec = spec
         self.dtype = dtype or spec.dtype
         self.resolved = resolve_widths(spec, *declared_widths(spec, in_channels, out_channels))
