@@ -459,7 +459,7 @@ def build_parser() -> ArgumentParser:
     train_.add_argument("--data", required=True, metavar="DATA", help="cora, citeseer, pubmed, sbm(...), rmat(...) or a .pt file")
     train_.add_argument("--data-root", metavar="DIR", help="folder holding Cora/raw/ind.cora.* etc. (default $GNNSPEC_DATA)")
     train_.add_argument("--epochs", type=_positive_int, metavar="N", help="override the spec's train.epochs")
-    train_.add_argument("--seed", type=int, metavar="N", help="override the spec's seed")
+    train_.add_argument("--seed", type=_non_negative_int, metavar="N", help="override the spec's seed")
     train_.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     train_.add_argument("--plan", metavar="PLAN", help="plan for every stage, e.g. reversible")
     train_.add_argument("--budget", type=_size, metavar="SIZE", help="let the planner choose plans that fit, e.g. 16GiB")

@@ -103,6 +103,10 @@ def train(
     settings = spec.train
     epochs = epochs if epochs is not None else settings.epochs
     seed = seed if seed is not None else spec.seed
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if seed < 0:
+        raise ValueError(f"seed must be at least 0, got {seed}")
     torch.manual_seed(seed)
     model = build(spec, data.num_features, data.num_classes, plan=plan, nodes=data.num_nodes, edges=data.num_edges,
                   budget=budget, device=device).to(device)

@@ -87,6 +87,7 @@ def test_train_prints_a_summary_and_saves(capsys, tmp_path):
         (["--data", "/nonexistent/graph.pt"], "/nonexistent/graph.pt"),
         (["--data", "citeseer", "--data-root", "/nonexistent"], "CiteSeer"),
         (["--data", SBM, "--device", "tpu"], "invalid choice"),
+        (["--data", SBM, "--seed", "-1"], "argument --seed: expected a non-negative integer, got -1"),
     ],
 )
 def test_bad_data_arguments_exit_2(capsys, argv, message):
@@ -99,3 +100,12 @@ def test_widths_that_contradict_the_data_exit_2(capsys, tmp_path):
     spec.write_text("in: 99\nmodel: rev\n")
     code, _, err = run(capsys, "train", str(spec), "--data", SBM, "--epochs", "1")
     assert code == 2 and f"{spec}:1:5:" in err and "99" in err and "16" in err
+
+
+def test_train_rejects_a_negative_seed_and_no_epochs():
+    data = load_data(SBM)
+    spec = gnnspec.parse("rev")
+    with pytest.raises(ValueError, match="seed must be at least 0, got -1"):
+        train(spec, data, seed=-1)
+    with pytest.raises(ValueError, match="epochs must be at least 1, got 0"):
+        train(spec, data, epochs=0)
