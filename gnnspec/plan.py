@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from gnnspec import ir
 from gnnspec.errors import SpecError
@@ -441,36 +441,40 @@ def requested_plan(spec: ir.Spec, plan: Any) -> Any:
     Raises the first error as a `SpecError` located in the plan's text (``<plan>``), as a syntax
     error in it is. None and an ``Estimate`` pass through.
     """
+    from gnnspec.check import plan_argument_errors, requested_plan_errors
+
     stacks = [stage for stage in spec.model if isinstance(stage, ir.Stack)]
     if isinstance(plan, str):
         texts = split_plan_name(plan)
-        if len(texts) > 1 and len(texts) != len(stacks):
-            raise SpecError(
-                f"{len(texts)} plans given for a model with {len(stacks)} stack{'s' * (len(stacks) != 1)}",
-                end_column=len(plan) + 1,
-                hint=f"give one plan for the whole model, or {len(stacks)} separated by commas "
-                     "(one per stack, in order)",
-            ).located("<plan>", plan)
         if len(texts) > 1:
+            if len(texts) != len(stacks):
+                raise SpecError(
+                    f"{len(texts)} plans given for a model with {len(stacks)} stack{'s' * (len(stacks) != 1)}",
+                    end_column=len(plan) + 1,
+                    hint=f"give one plan for the whole model, or {len(stacks)} separated by commas "
+                         "(one per stack, in order)",
+                ).located("<plan>", plan)
             return _checked_plans_in_text(spec, plan, texts, stacks)
         plan = texts[0]
     if not isinstance(plan, (list, tuple)):
-        return _checked_plan(spec, plan, None)
+        return _checked_plan(plan, lambda p: requested_plan_errors(spec, p))
     if len(plan) == len(stacks):
-        return [_checked_plan(spec, p, stack) for p, stack in zip(plan, stacks)]
+        return [_checked_plan(p, lambda q, s=stack: requested_plan_errors(spec, q, s)) for p, stack in zip(plan, stacks)]
     # one per resolved stage, as the planner gives them: those include inserted stages the spec
     # does not list, so only the arguments are checked here
-    return [_checked_plan(spec, p, _RANGES_ONLY) for p in plan]
+    return [_checked_plan(p, plan_argument_errors) for p in plan]
 
 
 def _checked_plans_in_text(spec: ir.Spec, text: str, items: list[str], stacks: list[ir.Stack]) -> list[ir.Plan]:
     """One plan per stack from ``text``'s comma-separated ``items``; an error in an item is
     located in the whole text, under the item."""
+    from gnnspec.check import requested_plan_errors
+
     plans, start = [], 0
     for item, stack in zip(items, stacks):
         start = text.index(item, start)
         try:
-            plans.append(_checked_plan(spec, item, stack))
+            plans.append(_checked_plan(item, lambda p, s=stack: requested_plan_errors(spec, p, s)))
         except SpecError as err:
             if err.line == 1:
                 err.column += start
@@ -480,25 +484,16 @@ def _checked_plans_in_text(spec: ir.Spec, text: str, items: list[str], stacks: l
     return plans
 
 
-_RANGES_ONLY = object()
-
-
-def _checked_plan(spec: ir.Spec, plan: Any, stage: Any) -> Any:
-    """``plan`` (IR or text) as IR, checked for the whole model (``stage`` None), for ``stage``,
-    or for its argument ranges only (``_RANGES_ONLY``)."""
-    from gnnspec.check import plan_argument_errors, requested_plan_errors
+def _checked_plan(plan: Any, errors_of: Callable[[ir.Plan], Iterable[SpecError]]) -> Any:
+    """``plan`` (IR or text) as IR; the first of ``errors_of(plan)`` raised, located in its text."""
     from gnnspec.syntax import parse_plan
 
     if not isinstance(plan, (str, *ir.PLAN_MODELS.values())):
         return plan  # None, an Estimate
     text = plan if isinstance(plan, str) else None
     parsed = parse_plan(text) if text is not None else plan
-    if stage is _RANGES_ONLY:
-        errors = list(plan_argument_errors(parsed))
-    else:
-        errors = requested_plan_errors(spec, parsed, stage)
-    if errors:
-        raise errors[0].located("<plan>", text)
+    for error in errors_of(parsed):
+        raise error.located("<plan>", text)
     return parsed
 
 
