@@ -11,19 +11,9 @@ from typing import Callable, Iterator
 
 from gnnspec import ir
 from gnnspec.errors import SpecError
-from gnnspec.ir import Span
+from gnnspec.ir import PLAN_VALID_FOR, Span
 
 Rule = Callable[[ir.Spec], Iterator[SpecError]]
-
-# Which stage kinds each plan is valid for (SPEC.md section 4); None: every stage.
-PLAN_VALID_FOR: dict[str, tuple[str, ...] | None] = {
-    "store": None,
-    "checkpoint": ir.STACK_KINDS,
-    "reversible": ("rev",),
-    "implicit": ("deq",),
-    "unroll": ("deq",),
-}
-
 
 def _error(span: Span | None, message: str, hint: str | None = None) -> SpecError:
     if span is None:

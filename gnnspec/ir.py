@@ -403,6 +403,32 @@ STAGE_MODELS: dict[str, type[IRModel]] = {
 }
 STACK_KINDS = tuple(k for k, m in STAGE_MODELS.items() if issubclass(m, Stack))
 
+# Which stage kinds each plan is valid for (SPEC.md section 4); None: every stage.
+PLAN_VALID_FOR: dict[str, tuple[str, ...] | None] = {
+    "store": None,
+    "checkpoint": STACK_KINDS,
+    "reversible": ("rev",),
+    "implicit": ("deq",),
+    "unroll": ("deq",),
+}
+
+
+def runnable_plan(stage: Any, plan: Any) -> Any:
+    """The plan ``stage`` runs under ``plan``: ``plan`` where it is valid for the stage's kind
+    (:data:`PLAN_VALID_FOR`), ``store`` elsewhere; ``auto`` without a planner decision runs
+    ``store``."""
+    if plan.kind == "auto":
+        return Store(kind="store")
+    valid = PLAN_VALID_FOR[plan.kind]
+    return plan if valid is None or stage.kind in valid else Store(kind="store")
+
+
+def runnable_plans(stages: Sequence[Any], plan: Any) -> list[Any]:
+    """:func:`runnable_plan` of each stage, from one plan for the whole model or a list of one plan
+    per stage or per stack (:func:`plans_per_stage`)."""
+    per_stage = plans_per_stage(plan, stages) if isinstance(plan, (list, tuple)) else [plan] * len(stages)
+    return [runnable_plan(stage, p) for stage, p in zip(stages, per_stage)]
+
 # ---------------------------------------------------------------------------- spec
 
 

@@ -193,3 +193,24 @@ def test_one_plan_per_stack_is_estimated_as_built() -> None:
         "  checkpoint(segments=2), reversible",
         "                          ^^^^^^^^^^",
     ]
+
+
+@pytest.mark.parametrize("plan", ["store", "reversible", "checkpoint(segments=2)", "implicit",
+                                  "reversible, checkpoint(segments=3)"])
+def test_the_estimator_assigns_each_stage_the_plan_the_lowering_runs(plan) -> None:
+    from gnnspec.memory.estimate import ModelEstimator
+    from gnnspec.syntax import parse_plan
+
+    text = "rev(op=gcn, depth=2, groups=2) >> plain(op=gcn, depth=3) >> deq(op=gcn)"
+    if plan == "reversible, checkpoint(segments=3)":
+        text = "rev(op=gcn, depth=2, groups=2) >> plain(op=gcn, depth=3)"
+    spec = gnnspec.parse(text)
+    plans = [p.strip() for p in plan.split(",")] if "," in plan else plan
+    built = gnnspec.build(spec, 8, 3, plan=plans).plans
+    estimator = ModelEstimator(spec, in_channels=8, out_channels=3, nodes=50, edges=200)
+    parsed = [parse_plan(p) for p in plans] if isinstance(plans, list) else parse_plan(plans)
+    modelled = [p.kind for p in estimator.assignment(parsed)]
+    # a deq stage under store keeps every iteration's graph: the estimator models it as unroll
+    expected = ["unroll" if (b == "store" and s.kind == "deq") else b
+                for b, s in zip(built, estimator.stages)]
+    assert modelled == expected

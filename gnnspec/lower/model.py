@@ -11,7 +11,6 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from gnnspec import ir
-from gnnspec.check import PLAN_VALID_FOR
 from gnnspec.lower.stages import Stage, build_stage
 from gnnspec.lower.widths import ResolvedStage, resolve_widths
 from gnnspec.ops import GraphCache
@@ -93,16 +92,6 @@ def _count(parameters) -> int:
     return sum(p.numel() for p in {id(p): p for p in parameters}.values())
 
 
-def stage_plan(stage: ir.Stage, plan: ir.Plan) -> ir.Plan:
-    """``plan`` where it is valid for ``stage`` (SPEC.md section 4); ``store`` elsewhere.
-
-    ``auto`` without a planner decision runs ``store``."""
-    if plan.kind == "auto":
-        return ir.Store(kind="store")
-    valid = PLAN_VALID_FOR[plan.kind]
-    return plan if valid is None or stage.kind in valid else ir.Store(kind="store")
-
-
 def build_model(
     spec: ir.Spec,
     in_channels: int | None,
@@ -112,13 +101,10 @@ def build_model(
     """The model of ``spec``. ``plan``: one plan for every stage (where valid), one per resolved
     stage or one per stack, or None for the spec's plans (a stage's own ``plan=`` over the spec-level ``plan``)."""
     resolved = resolve_widths(spec, in_channels, out_channels)
-    if plan is not None and not isinstance(plan, (list, tuple)):
-        plans = [stage_plan(r.stage, plan) for r in resolved]
-    elif plan is not None:
-        per_stage = ir.plans_per_stage(plan, [r.stage for r in resolved])
-        plans = [stage_plan(r.stage, p) for r, p in zip(resolved, per_stage)]
+    if plan is not None:
+        plans = ir.runnable_plans([r.stage for r in resolved], plan)
     else:
-        plans = [stage_plan(r.stage, getattr(r.stage, "plan", None) or spec.plan) for r in resolved]
+        plans = [ir.runnable_plan(r.stage, getattr(r.stage, "plan", None) or spec.plan) for r in resolved]
     stages = [build_stage(r, _hidden(spec, r), p) for r, p in zip(resolved, plans)]
     return GNNModel(spec, resolved, stages)
 

@@ -1118,23 +1118,13 @@ class ModelEstimator:
     # -- the candidates
 
     def stage_plan(self, stage: StageModel, plan: ir.Plan) -> ir.Plan:
-        """``plan`` where valid for the stage, else ``store`` (as the lowering does)."""
-        from gnnspec.check import PLAN_VALID_FOR
-
-        if plan.kind == "auto":
-            return ir.Store(kind="store")
-        valid = PLAN_VALID_FOR[plan.kind]
-        if valid is None or stage.kind in valid:
-            if plan.kind == "store" and stage.kind == "deq":
-                return ir.Unroll(kind="unroll")
-            return plan
-        return ir.Store(kind="store")
+        """The plan ``stage`` runs under ``plan`` (:func:`gnnspec.ir.runnable_plan`, as the
+        lowering does), as the estimator models it."""
+        return _modelled(stage, ir.runnable_plan(stage.stage, plan))
 
     def assignment(self, plan: ir.Plan | Sequence[ir.Plan]) -> list[ir.Plan]:
-        if isinstance(plan, (list, tuple)):
-            per_stage = ir.plans_per_stage(plan, [s.stage for s in self.stages])
-            return [self.stage_plan(s, p) for s, p in zip(self.stages, per_stage)]
-        return [self.stage_plan(s, plan) for s in self.stages]
+        runnable = ir.runnable_plans([s.stage for s in self.stages], plan)
+        return [_modelled(s, p) for s, p in zip(self.stages, runnable)]
 
     # -- the step
 
@@ -1288,3 +1278,8 @@ def _parse_plans(plan) -> list[ir.Plan] | ir.Plan | None:
     if isinstance(plan, (list, tuple)):
         return [parse_plan(p) if isinstance(p, str) else p for p in plan]
     return plan
+
+
+def _modelled(stage: StageModel, plan: ir.Plan) -> ir.Plan:
+    """A ``deq`` stage under ``store`` keeps every iteration's graph: it is modelled as ``unroll``."""
+    return ir.Unroll(kind="unroll") if plan.kind == "store" and stage.kind == "deq" else plan
