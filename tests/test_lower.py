@@ -115,6 +115,12 @@ def test_jumping_knowledge_under_checkpoint(kind, jk):
     assert_same_step(text, "checkpoint(segments=2)")
 
 
+@pytest.mark.parametrize("text", ["dense(op=gcn, depth=1, jk=max)", "plain(op=sage, depth=3, jk=max, project=false)"])
+def test_jk_max_over_layers_wider_or_narrower_than_the_stage_input(text):
+    # dense's layer outputs are wider than its input; project=false starts at the input width
+    assert_same_step(f"hidden: {HIDDEN}\nmodel: {text} >> linear", "checkpoint(segments=2)")
+
+
 def test_tie_makes_parameter_count_independent_of_depth():
     def count(depth, kind):
         op = "" if kind == "gcnii" else "op=gat(heads=2), "

@@ -286,6 +286,44 @@ def test_graph_prepared_in_inference_mode_is_not_reused_for_training():
     assert conv.lin.weight.grad is not None
 
 
+def test_an_inference_tensor_edited_in_place_is_prepared_again():
+    # inference tensors have no version counter: an in-place edit is invisible to the cache key
+    torch.manual_seed(0)
+    x = torch.randn(N, 6)
+    text = "hidden: 8\nmodel: plain(op=gcn, depth=2)"
+    model, fresh = gnnspec.build(text, 6, 3).eval(), gnnspec.build(text, 6, 3).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        edge_index = torch.randint(0, N, (2, E))
+        model(x, edge_index)
+        edge_index[0, : E // 2] = (edge_index[0, : E // 2] + 7) % N
+        torch.testing.assert_close(model(x, edge_index), fresh(x, edge_index.clone()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", BUILTIN)
+def test_int32_edge_index_gives_the_gradients_of_int64(op):
+    # torch's scatter backward with int32 indices accumulates into wrong rows; the raw form is int64
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 6, dtype=torch.float64, generator=g)
+    edge_index = torch.randint(0, N, (2, E), generator=g)
+    grads = []
+    for dtype in (torch.int64, torch.int32):
+        torch.manual_seed(0)
+        model = gnnspec.build(f"hidden: 8\nmodel: plain(op={op}, depth=2, norm=none, dropout=0)", 6, 3).double()
+        (model(x, edge_index.to(dtype)) ** 2).sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["float", "one row", "transposed", "bool"])
+def test_an_edge_index_that_is_not_integer_2_by_e_is_a_value_error(bad):
+    _, edge_index = _graph()
+    wrong = {"float": edge_index.float(), "one row": edge_index[0], "transposed": edge_index[:, :5].t(),
+             "bool": edge_index.bool()}[bad]
+    with pytest.raises(ValueError, match=r"edge_index must be an integer tensor of shape \[2, E\]"):
+        gnnspec.build("plain(op=gcn, depth=1)", 4, 3)(torch.randn(N, 4), wrong)
+
+
 def test_prepared_bytes_matches_the_prepared_tensors():
     _, edge_index = _graph(loops=False)
     graph = _prepare(edge_index)

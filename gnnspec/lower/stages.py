@@ -108,6 +108,7 @@ class LayerStack(Stage):
         super().__init__(stage.kind, plan.kind, stage.weight_decay)
         self.depth = stage.depth
         self.jk = getattr(stage, "jk", "none")
+        self.out_width = resolved.out_width
         self.op_name = "gcn2" if stage.kind == "gcnii" else stage.op.name
         self.form = graph_form("gcn2" if stage.kind == "gcnii" else stage.op)
         self.segments = _segments(plan if isinstance(plan, ir.Checkpoint) else None, stage.depth)
@@ -133,7 +134,10 @@ class LayerStack(Stage):
         return x, x0, acc
 
     def forward(self, x: Tensor, graph: PreparedGraph) -> Tensor:
-        acc = x.new_empty(x.shape[0], 0) if self.jk == "cat" else x.new_full(x.shape, -math.inf) if self.jk == "max" else x[:, :0]
+        if self.jk == "max":  # every layer outputs the stage's output width, which may differ from x's
+            acc = x.new_full((x.shape[0], self.out_width), -math.inf)
+        else:
+            acc = x.new_empty(x.shape[0], 0) if self.jk == "cat" else x[:, :0]
         state = (x, x, acc)
         steps = [partial(self._step, i) for i in range(self.depth)]
         if self.plan == "checkpoint":
