@@ -159,6 +159,24 @@ def test_another_random_op_in_the_segment_makes_the_recomputation_redraw(noisy_o
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
+def test_a_random_op_under_reversible_is_refused_not_given_wrong_gradients(noisy_op) -> None:
+    # reversible recomputes each group function in backward with no RNG replay: its noise would
+    # be drawn again, different, and the gradients wrong (13.9 off before this was refused)
+    spec = "rev(op=noisy, depth=2, groups=2, dropout=0.4, hidden=8)"
+    with pytest.raises(RuntimeError, match="drew random numbers in training mode.*`checkpoint`"):
+        _model_grads("reversible", spec)
+    model = gnnspec.build(spec, IN, OUT, plan="reversible").double()
+    x, edge_index = torch.randn(N, IN, dtype=torch.float64), torch.randint(0, N, (2, 60))
+    assert model.eval()(x, edge_index).shape == (N, OUT)  # eval and no_grad run plainly
+    with torch.no_grad():
+        model.train()(x, edge_index)
+    ref_out, ref_grads, _ = _model_grads("store", spec)
+    out, grads, _ = _model_grads("checkpoint(segments=2)", spec)  # the suggested plan is exact
+    assert torch.equal(out, ref_out)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
 def test_tape_bytes_are_one_bit_per_mask_element_of_the_checkpointed_segments() -> None:
     """After a forward of 6 steps in 3 segments, the live storage with dropout minus without is
     the two checkpointed segments' packed masks plus, for each dropout of the last (plain) segment,

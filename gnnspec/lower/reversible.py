@@ -27,7 +27,8 @@ class ReversibleStack(nn.Module):
 
     Contract for each ``f``: ``f(x_group, *args)`` returns a tensor of ``x_group``'s shape, does not
     modify its inputs in place, and is deterministic given its inputs (randomness such as dropout
-    comes in through ``args``, e.g. a mask from ``SharedDropout.draw``). ``args`` are passed
+    comes in through ``args``, e.g. a mask from ``SharedDropout.draw``); a reversible forward in
+    which the default generator of the input's device advanced raises a RuntimeError. ``args`` are passed
     unchanged to every ``f`` and receive no gradient. A module may appear in several layers (tied
     weights); it is stored once, so ``parameters()`` and the state dict do not depend on depth.
 
@@ -130,6 +131,13 @@ class _FunctionState(NamedTuple):
     buffers: list[Tensor]
 
 
+def _rng_state(device: torch.device) -> Tensor:
+    """The state of the default generator that draws for tensors on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
 def _sum(tensors: Sequence[Tensor]) -> Tensor:
     # Left to right, so the forward and its reconstruction round identically.
     total = tensors[0]
@@ -166,11 +174,20 @@ class _ReversibleStackFunction(torch.autograd.Function):
         )
         # Nothing is saved, so the layers pass group lists on and the output is concatenated once
         # (the plain stack concatenates every layer's output, which autograd needs as one tensor).
+        rng_before = _rng_state(x.device)
         with torch.no_grad():
             groups = x.chunk(stack.groups, dim=-1)
             for layer in stack.table:
                 groups = stack._layer_groups(layer, groups, args)
             x = torch.cat(groups, dim=-1)
+        if not torch.equal(_rng_state(x.device), rng_before):
+            # backward would recompute each f with other random numbers: wrong gradients
+            raise RuntimeError(
+                "a group function of a reversible stack drew random numbers in training mode; "
+                "the reversible plan recomputes every function in backward and needs them "
+                "deterministic (pass randomness in as an argument, as the stack's dropout mask is), "
+                "or run this stack under `checkpoint`, which replays the random state"
+            )
         # Tensors go through save_for_backward; other arguments (a prepared graph) stay on ctx.
         ctx.tensor_positions = [k for k, a in enumerate(args) if isinstance(a, Tensor)]
         ctx.other_args = [None if isinstance(a, Tensor) else a for a in args]
