@@ -22,8 +22,13 @@ __all__ = ["Spec", "SpecError", "parse", "load", "format", "check", "build", "es
 __version__ = "0.1.0"
 
 
-def check(spec: Spec) -> Spec:
-    """``spec`` unchanged when it satisfies every semantic rule; else the first rule's `SpecError`."""
+def check(spec: Spec | str) -> Spec:
+    """``spec`` unchanged when it satisfies every semantic rule; else the first rule's `SpecError`.
+    Spec text is parsed first (:func:`parse`, which checks it)."""
+    if isinstance(spec, str):
+        return parse(spec)
+    if not isinstance(spec, Spec):
+        raise TypeError(f"check() takes a Spec or spec text, got {type(spec).__name__}")
     errors = _check_module.violations(spec)
     if errors:
         raise errors[0]

@@ -268,6 +268,8 @@ def graph_and_training(spec: ir.Spec) -> Iterator[SpecError]:
             yield _error(node.span(name), f"`{name}` must be {words}, got {getattr(node, name)}")
     if spec.seed < 0:
         yield _error(spec.span("seed"), f"`seed` must be at least 0, got {spec.seed}")
+    elif spec.seed > ir.MAX_SEED:
+        yield _error(spec.span("seed"), f"`seed` must be at most 2**63 - 1, got {spec.seed}")
 
 
 RULES: tuple[Rule, ...] = (

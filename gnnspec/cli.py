@@ -16,12 +16,12 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import gnnspec
 from gnnspec.errors import SpecError
 from gnnspec.format import format_node
-from gnnspec.ir import ir_json
+from gnnspec.ir import MAX_SEED, ir_json
 from gnnspec.schema import yaml_form_schema
 from gnnspec.syntax import YAML_SUFFIXES, read_spec_file
 
@@ -98,11 +98,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_fmt(args: argparse.Namespace) -> int:
-    status = EXIT_OK
+    status, invalid = EXIT_OK, False
     for path in _spec_inputs(args):
-        text, shown = _read(args, path)
-        form = "yaml" if shown.endswith(YAML_SUFFIXES) else "gnn"
-        canonical = gnnspec.format(text, filename=shown, form=form)
+        try:  # as `check` does: report each file's first error and go on with the next file
+            text, shown = _read(args, path)
+            form = "yaml" if shown.endswith(YAML_SUFFIXES) else "gnn"
+            canonical = gnnspec.format(text, filename=shown, form=form)
+        except SpecError as err:
+            print(err.render(), file=sys.stderr)
+            invalid = True
+            continue
         if args.check:
             if canonical != text:
                 diff = difflib.unified_diff(
@@ -117,7 +122,7 @@ def cmd_fmt(args: argparse.Namespace) -> int:
                 print(f"reformatted {shown}", file=sys.stderr)
         else:
             sys.stdout.write(canonical)
-    return status
+    return EXIT_INVALID if invalid else status
 
 
 def _channels(args: argparse.Namespace, spec: gnnspec.Spec) -> tuple[int | None, int | None]:
@@ -178,7 +183,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     model, label = _build(args, spec, text, shown, in_channels, out_channels, args.nodes, args.edges)
     summary = model.summary(label)
     if args.save:
-        _save_state(model, Path(args.save))
+        _save_state(model, args.save)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -240,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except SpecError as err:
         raise _located(err, shown, text) from None
     if args.save:
-        _save_state(model, Path(args.save))
+        _save_state(model, args.save)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -285,13 +290,24 @@ def _print_train_summary(result, saved: str | None) -> None:
 
 
 def _save_state(model, target: Path) -> None:
-    """``torch.save`` of the state dict, written atomically."""
+    """``torch.save`` of the state dict, written atomically (:func:`_write_atomically`)."""
     import torch
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".tmp") as handle:
-        torch.save(model.state_dict(), handle)
-    os.replace(handle.name, target)
+    _write_atomically(target, lambda handle: torch.save(model.state_dict(), handle), binary=True)
+
+
+def _save_target(text: str) -> Path:
+    """``--save FILE``: a path that can be written, checked before any work is done."""
+    if not text:
+        raise argparse.ArgumentTypeError("needs a file name")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    parent = path.resolve().parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is a file, not a directory")
+    return path
 
 
 def cmd_estimate_mem(args: argparse.Namespace) -> int:
@@ -376,16 +392,32 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a failure leaves the old file, never half a new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _write_atomically(path: Path, content: str | Callable[[Any], None], binary: bool = False) -> None:
+    """Write ``content`` (text, or a function writing into a file handle) to ``path`` so that a
+    failure leaves the old file, never half a new one, and no temporary file. A symbolic link is
+    written through to its target; an existing file keeps its permissions, a new one gets the
+    usual ``0666 & ~umask``. An OSError is a UsageError (exit 2)."""
+    target = Path(os.path.realpath(path))
+    tmp: str | None = None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
+            content(handle) if callable(content) else handle.write(content)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 # ---------------------------------------------------------------------------- parser
@@ -398,13 +430,13 @@ def _add_spec_arguments(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument("--expr", metavar="TEXT", help="a spec given as a bare expression instead of a file")
 
 
-def _integer_at_least(lowest: int, what: str) -> Callable[[str], int]:
+def _integer_at_least(lowest: int, what: str, highest: int | None = None) -> Callable[[str], int]:
     def convert(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
-        if value < lowest:
+        if value < lowest or (highest is not None and value > highest):
             raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value}")
         return value
 
@@ -450,7 +482,7 @@ def build_parser() -> ArgumentParser:
     compile_.add_argument("--budget", type=_size, metavar="SIZE", help="let the planner choose plans that fit, e.g. 16GiB")
     compile_.add_argument("--nodes", type=_positive_int, metavar="N", help="graph size for the planner")
     compile_.add_argument("--edges", type=_non_negative_int, metavar="E")
-    compile_.add_argument("--save", metavar="FILE", help="write the initial state dict (torch.save)")
+    compile_.add_argument("--save", metavar="FILE", type=_save_target, help="write the initial state dict (torch.save)")
     compile_.add_argument("--json", action="store_true", help="print JSON (SPEC.md section 6)")
     compile_.set_defaults(run=cmd_compile)
 
@@ -459,11 +491,11 @@ def build_parser() -> ArgumentParser:
     train_.add_argument("--data", required=True, metavar="DATA", help="cora, citeseer, pubmed, sbm(...), rmat(...) or a .pt file")
     train_.add_argument("--data-root", metavar="DIR", help="folder holding Cora/raw/ind.cora.* etc. (default $GNNSPEC_DATA)")
     train_.add_argument("--epochs", type=_positive_int, metavar="N", help="override the spec's train.epochs")
-    train_.add_argument("--seed", type=_non_negative_int, metavar="N", help="override the spec's seed")
+    train_.add_argument("--seed", type=_integer_at_least(0, "non-negative", MAX_SEED), metavar="N", help="override the spec's seed")
     train_.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     train_.add_argument("--plan", metavar="PLAN", help="plan for every stage, e.g. reversible")
     train_.add_argument("--budget", type=_size, metavar="SIZE", help="let the planner choose plans that fit, e.g. 16GiB")
-    train_.add_argument("--save", metavar="FILE", help="write the trained state dict (torch.save)")
+    train_.add_argument("--save", metavar="FILE", type=_save_target, help="write the trained state dict (torch.save)")
     train_.add_argument("--json", action="store_true", help="print JSON (SPEC.md section 6), no progress bar")
     train_.set_defaults(run=cmd_train)
 

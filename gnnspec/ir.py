@@ -402,6 +402,8 @@ STAGE_MODELS: dict[str, type[IRModel]] = {
     "sgc": Sgc,
 }
 STACK_KINDS = tuple(k for k, m in STAGE_MODELS.items() if issubclass(m, Stack))
+# torch's generators take 64-bit seeds; the data generators derive seeds from it, so stay signed
+MAX_SEED = 2**63 - 1
 
 # Which stage kinds each plan is valid for (SPEC.md section 4); None: every stage.
 PLAN_VALID_FOR: dict[str, tuple[str, ...] | None] = {

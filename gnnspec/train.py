@@ -107,6 +107,8 @@ def train(
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     if seed < 0:
         raise ValueError(f"seed must be at least 0, got {seed}")
+    if seed > ir.MAX_SEED:
+        raise ValueError(f"seed must be at most 2**63 - 1, got {seed}")
     torch.manual_seed(seed)
     model = build(spec, data.num_features, data.num_classes, plan=plan, nodes=data.num_nodes, edges=data.num_edges,
                   budget=budget, device=device).to(device)

@@ -79,6 +79,61 @@ def test_fmt_write_rewrites_and_never_half_writes(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["m.gnn"]
 
 
+def test_fmt_reports_each_invalid_file_and_formats_the_others(tmp_path, capsys):
+    bad, good = tmp_path / "bad.gnn", tmp_path / "good.gnn"
+    bad.write_text("model: rev(op=gatt)\n")
+    good.write_text("model:   linear>>rev\n")
+    code, _, err = run(capsys, "fmt", "--write", str(bad), str(good))
+    assert code == 2 and "bad.gnn:1:15: unknown op `gatt`" in err
+    assert good.read_text() == "model: linear >> rev\n"
+
+
+def test_fmt_write_keeps_permissions_and_writes_through_a_symlink(tmp_path, capsys):
+    target, link = tmp_path / "t.gnn", tmp_path / "l.gnn"
+    target.write_text("model:   rev\n")
+    target.chmod(0o640)
+    link.symlink_to(target)
+    assert run(capsys, "fmt", "--write", str(link))[0] == 0
+    assert link.is_symlink() and target.read_text() == "model: rev\n"
+    assert target.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("where, message", [
+    ("dir", "is a directory, not a file"), ("", "needs a file name"),
+    ("file.pt/sub.pt", "is a file, not a directory"),
+])
+def test_save_to_an_unwritable_path_is_refused_before_any_work(tmp_path, capsys, monkeypatch, where, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file.pt").write_bytes(b"x")
+    code, _, err = run(capsys, "compile", "--expr", "rev", "--in", "3", "--out", "2", "--save", where)
+    assert code == 2 and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file.pt"]  # no temporary left
+    assert (tmp_path / "file.pt").read_bytes() == b"x"
+
+
+def test_a_yaml_spec_nested_too_deeply_is_a_located_error(tmp_path, capsys):
+    path = tmp_path / "deep.yaml"
+    path.write_text("model: " + "[" * 900 + "linear" + "]" * 900 + "\n")
+    code, _, err = run(capsys, "check", str(path))
+    assert code == 2 and "deep.yaml:1:1: YAML nested too deeply to read" in err
+
+
+def test_a_seed_beyond_64_bits_is_refused(tmp_path, capsys):
+    path = tmp_path / "s.gnn"
+    path.write_text("model: linear\nseed: 99999999999999999999999\n")
+    code, _, err = run(capsys, "check", str(path))
+    assert code == 2 and "s.gnn:2:7: `seed` must be at most 2**63 - 1" in err
+    code, _, err = run(capsys, "train", "--expr", "linear", "--seed", str(2**64), "--data", "sbm(nodes=50)")
+    assert code == 2 and "--seed" in err
+
+
+def test_estimating_an_op_at_uncalibrated_arguments_calibrates_it(capsys):
+    code, out, _ = run(capsys, "estimate-mem", "--expr", "plain(depth=2, op=cheb(k=3))",
+                       "--nodes", "10", "--edges", "5", "--in", "4", "--out", "2", "--json")
+    assert code == 0 and json.loads(out)["chosen"] == "store"
+
+
 def test_schema_is_json(capsys):
     code, out, _ = run(capsys, "schema")
     assert code == 0 and json.loads(out)["title"].startswith("gnnspec")

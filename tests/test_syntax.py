@@ -211,3 +211,13 @@ def test_schema_describes_the_yaml_form():
 
 def test_a_leading_byte_order_mark_is_not_part_of_the_text():
     assert gnnspec.parse("\ufeffmodel: linear") == gnnspec.parse("model: linear")
+
+
+def test_check_takes_spec_text_as_build_and_estimate_do():
+    import gnnspec
+
+    assert gnnspec.check("rev(depth=2)") == gnnspec.parse("rev(depth=2)")
+    with pytest.raises(gnnspec.SpecError, match="did you mean `gat`"):
+        gnnspec.check("rev(op=gatt)")
+    with pytest.raises(TypeError, match="check\\(\\) takes a Spec or spec text, got NoneType"):
+        gnnspec.check(None)

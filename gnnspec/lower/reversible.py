@@ -7,6 +7,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils._mode_utils import no_dispatch
 
 from gnnspec.lower.recompute import preserved_buffers, running_stat_buffers
 
@@ -138,6 +139,13 @@ def _rng_state(device: torch.device) -> Tensor:
     return torch.get_rng_state()
 
 
+def _rng_advanced(before: Tensor, device: torch.device) -> bool:
+    """Whether the generator of ``device`` moved since its state was ``before``. Compared outside
+    any dispatch mode: under a dry run's fake tensors (or a tracker) the states stay real tensors."""
+    with no_dispatch():
+        return not torch.equal(_rng_state(device), before)
+
+
 def _sum(tensors: Sequence[Tensor]) -> Tensor:
     # Left to right, so the forward and its reconstruction round identically.
     total = tensors[0]
@@ -180,7 +188,7 @@ class _ReversibleStackFunction(torch.autograd.Function):
             for layer in stack.table:
                 groups = stack._layer_groups(layer, groups, args)
             x = torch.cat(groups, dim=-1)
-        if not torch.equal(_rng_state(x.device), rng_before):
+        if _rng_advanced(rng_before, x.device):
             # backward would recompute each f with other random numbers: wrong gradients
             raise RuntimeError(
                 "a group function of a reversible stack drew random numbers in training mode; "

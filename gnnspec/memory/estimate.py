@@ -332,6 +332,7 @@ class StageModel:
 
         op = self.stage.op
         key = op_key(op.name, dict(op.args))
+        _calibrated(key, op)
         g = self.graph
         shape = {"N": g.nodes, "E": g.edges, "O": width, "s": g.s}
         heads = op.heads
@@ -521,9 +522,9 @@ class StageModel:
         Y, GY, GX. Up to three layers (or a ``dense`` stack) explicitly; more as the first, the
         middle one repeated ``count - 2`` times in closed form, and the last."""
         tie = self.stage.tie
-        indices = list(range(first_layer, first_layer + count))
+        indices = range(first_layer, first_layer + count)  # not a list: depth may be huge
         explicit = count <= 3 or self.kind == "dense"
-        chosen = indices if explicit else [indices[0], indices[1], indices[-1]]
+        chosen = list(indices) if explicit else [indices[0], indices[1], indices[-1]]
         gcnii = self.kind == "gcnii" and mode != "o"
         x0 = extras.get("X0")
         progs: list[Program] = []
@@ -1283,3 +1284,16 @@ def _parse_plans(plan) -> list[ir.Plan] | ir.Plan | None:
 def _modelled(stage: StageModel, plan: ir.Plan) -> ir.Plan:
     """A ``deq`` stage under ``store`` keeps every iteration's graph: it is modelled as ``unroll``."""
     return ir.Unroll(kind="unroll") if plan.kind == "store" and stage.kind == "deq" else plan
+
+
+def _calibrated(key: str, op: ir.Op) -> None:
+    """Make sure the table holds ``key``, the pieces of ``op`` at its arguments: the shipped table
+    has the built-in ops at the arguments that change memory only at their defaults (``cheb(k=2)``,
+    ``egc(bases=4)``), so other arguments, and registered ops, are calibrated here on first use
+    (a few seconds, once per process; :func:`gnnspec.memory.calibrate.calibrate_op`)."""
+    from gnnspec.memory import pieces
+
+    if key not in pieces.table():
+        from gnnspec.memory.calibrate import calibrate_op
+
+        calibrate_op(op.name, **dict(op.args))

@@ -16,7 +16,7 @@ import yaml
 from gnnspec.errors import SpecError
 from gnnspec.ir import Span
 from gnnspec.syntax.cst import Arg, Atom, Entry, Kwargs, ListNode, Node, Pipeline
-from gnnspec.syntax.parser import check_text, parse_cst
+from gnnspec.syntax.parser import MAX_NESTING, check_text, parse_cst
 
 _TAG = "tag:yaml.org,2002:"
 # What YAML may put between two characters of a scalar's value: folding, quotes, block headers.
@@ -32,6 +32,11 @@ def entries_from_yaml(text: str) -> tuple[Entry, ...] | Node:
         raise _yaml_error(err) from None
     except yaml.YAMLError as err:
         raise SpecError(f"invalid YAML: {err}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise SpecError(
+            "YAML nested too deeply to read",
+            hint=f"a spec nests at most {MAX_NESTING} levels; write the model as a pipeline string",
+        ) from None
     if root is None:
         raise SpecError("empty spec", hint="write `model: <pipeline>` as a YAML mapping")
     if isinstance(root, yaml.ScalarNode) and root.tag == _TAG + "str":
