@@ -15,7 +15,7 @@ import gnnspec.check as _check_module
 import gnnspec.format as _format_module
 from gnnspec.errors import SpecError
 from gnnspec.ir import Spec
-from gnnspec.syntax import YAML_SUFFIXES, parse_text, read_spec_file
+from gnnspec.syntax import is_yaml_name, parse_text, read_spec_file
 from gnnspec.syntax.comments import source_layout
 
 __all__ = ["Spec", "SpecError", "parse", "load", "format", "check", "build", "estimate", "register_op"]
@@ -60,7 +60,7 @@ def format(spec: Spec | str, *, filename: str = "<spec>", form: str | None = Non
     (``form="yaml"`` or a `.yaml`/`.yml` ``filename``) stays YAML; a `Spec` gives `.gnn` text."""
     if not isinstance(spec, str):
         return _format_module.format_spec(spec)
-    form = form or ("yaml" if filename.endswith(YAML_SUFFIXES) else "gnn")
+    form = form or ("yaml" if is_yaml_name(filename) else "gnn")
     parsed = parse(spec, filename=filename, form=form)
     layout = source_layout(spec, form=form)
     return _format_module.format_spec(parsed, layout, style=form)

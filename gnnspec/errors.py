@@ -62,14 +62,26 @@ class SpecError(Exception):
             width = 1
             if self.end_column is not None and self.end_column > self.column:
                 width = min(self.end_column, len(shown) + 1) - self.column
+            column = self.column
+            if len(shown) > SHOWN_LINE:  # a window around the column, not a megabyte of line
+                start = max(0, min(column - 1 - SHOWN_LINE // 2, len(shown) - SHOWN_LINE))
+                before = "..." if start > 0 else ""
+                after = "..." if start + SHOWN_LINE < len(shown) else ""
+                shown = before + shown[start : start + SHOWN_LINE] + after
+                column = column - start + len(before)
+                width = min(width, len(shown) - len(after) - column + 1)
             parts.append("  " + shown)
-            parts.append("  " + " " * (self.column - 1) + "^" * max(width, 1))
+            parts.append("  " + " " * (column - 1) + "^" * max(width, 1))
         if self.hint:
             parts.append(f"hint: {self.hint}")
         return "\n".join(parts)
 
     def __str__(self) -> str:
         return self.render()
+
+
+# The longest source line an error shows whole; longer ones are cut to this many characters.
+SHOWN_LINE = 160
 
 
 def nearest(name: str, known: Iterable[str]) -> str | None:

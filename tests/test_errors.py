@@ -23,6 +23,7 @@ import pytest
 
 import gnnspec
 from gnnspec import SpecError
+from gnnspec.errors import SHOWN_LINE
 
 
 def bug(reason: str):
@@ -346,9 +347,17 @@ def check_rendering(err: SpecError, text: str) -> None:
     assert rendered.startswith(f"<spec>:{err.line}:{err.column}: "), rendered
     shown = rendered.split("\n")
     source = quoted_line(text, err.line)
-    assert "  " + source in shown, f"the source line {source!r} is not quoted:\n{rendered}"
-    caret = shown[shown.index("  " + source) + 1]
-    assert re.fullmatch(r"  " + " " * (err.column - 1) + r"\^+", caret), f"bad caret line {caret!r}:\n{rendered}"
+    if len(source) > SHOWN_LINE:  # a window of the line, the caret under the same character
+        quoted = next(line for line in shown[1:] if line.startswith("  ") and line.strip("  ^") != "")
+        window = quoted[2:]
+        caret = shown[shown.index(quoted) + 1]
+        at = caret.index("^") - 2
+        assert len(window) <= SHOWN_LINE + 6 and window.strip(".") in source, rendered[:500]
+        assert window[at] == source[err.column - 1], f"caret under {window[at]!r}, not {source[err.column - 1]!r}"
+    else:
+        assert "  " + source in shown, f"the source line {source!r} is not quoted:\n{rendered}"
+        caret = shown[shown.index("  " + source) + 1]
+        assert re.fullmatch(r"  " + " " * (err.column - 1) + r"\^+", caret), f"bad caret line {caret!r}:\n{rendered}"
     assert not LARK_NAMES.search(err.message), err.message
     assert not LARK_NAMES.search(err.hint or ""), err.hint
 

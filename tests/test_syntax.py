@@ -221,3 +221,22 @@ def test_check_takes_spec_text_as_build_and_estimate_do():
         gnnspec.check("rev(op=gatt)")
     with pytest.raises(TypeError, match="check\\(\\) takes a Spec or spec text, got NoneType"):
         gnnspec.check(None)
+
+
+def test_an_error_on_a_very_long_line_shows_a_window_around_the_column():
+    import gnnspec
+
+    text = "model: linear" + " >> linear" * 8000 + " >> rev(op=gatt)"
+    with pytest.raises(gnnspec.SpecError) as err:
+        gnnspec.parse(text)
+    _, source, caret, _ = str(err.value).splitlines()
+    assert source.startswith("  ...") and source.endswith("rev(op=gatt)") and len(source) <= 170
+    assert source[caret.index("^"):][:4] == "gatt" and caret.strip() == "^^^^"
+
+
+def test_an_upper_case_yaml_suffix_is_read_as_yaml(tmp_path):
+    import gnnspec
+
+    path = tmp_path / "m.YML"
+    path.write_text("model: linear >> rev(depth=2)\nhidden: 8\n")
+    assert gnnspec.load(path).hidden == 8

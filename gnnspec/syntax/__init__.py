@@ -19,10 +19,15 @@ from gnnspec.syntax.yaml_front import entries_from_yaml
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
+def is_yaml_name(filename: str) -> bool:
+    """Whether ``filename`` names a YAML spec (its suffix, in any case: ``x.YAML``)."""
+    return filename.lower().endswith(YAML_SUFFIXES)
+
+
 def parse_text(text: str, *, filename: str = "<spec>", form: str | None = None, name: str | None = None) -> Spec:
     """The IR of ``text``; ``form`` is "gnn", "yaml" or None (from ``filename``'s suffix)."""
     if form is None:
-        form = "yaml" if filename.endswith(YAML_SUFFIXES) else "gnn"
+        form = "yaml" if is_yaml_name(filename) else "gnn"
     default_name = name or "model"
     if text.startswith("\ufeff"):  # a byte order mark is not part of the text
         text = text[1:]
