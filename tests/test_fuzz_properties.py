@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import gnnspec
 from gnnspec import ir
+from gnnspec.errors import SHOWN_LINE
 from gnnspec.format import format_spec
 
 FUZZ = settings(
@@ -600,7 +601,12 @@ def test_error_shows_the_line_it_points_at(text):
         if err.line <= len(lines):
             shown = lines[err.line - 1].rstrip("\r").expandtabs(1)
             shown = "".join(c if c.isprintable() else " " for c in shown)
-            assert "\n  " + shown + "\n" in str(err) + "\n", str(err)
+            if len(shown) <= SHOWN_LINE:
+                assert "\n  " + shown + "\n" in str(err) + "\n", str(err)
+            else:  # a window of the line around the column
+                window, n = str(err).split("\n")[1][2:], SHOWN_LINE
+                assert any(window == ("..." if i else "") + shown[i : i + n] + ("..." if i + n < len(shown) else "")
+                           for i in range(len(shown) - n + 1)), str(err)
 
 
 # ------------------------------------------------------------------------------------ regressions
