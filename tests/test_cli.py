@@ -253,28 +253,29 @@ def test_compile_budget_errors(capsys):
 @pytest.mark.parametrize("command", ["compile", "estimate-mem"])
 def test_a_plan_option_is_checked_like_a_plan_in_a_spec(capsys, command):
     res_plus = "res+(op=gcn, depth=3, hidden=32)"
-    code, out, err = run(capsys, command, "--expr", res_plus, *SIZE, "--plan", "checkpoint(segments=0)")
-    assert code == 2 and out == "" and "Traceback" not in err
-    assert err.splitlines()[:3] == [
+
+    def refused(expr: str, plan: str) -> str:
+        """Standard error of ``command`` refusing ``--plan plan`` (exit 2, nothing on stdout)."""
+        code, out, err = run(capsys, command, "--expr", expr, *SIZE, "--plan", plan)
+        assert code == 2 and out == "" and "Traceback" not in err
+        return err
+
+    assert refused(res_plus, "checkpoint(segments=0)").splitlines()[:3] == [
         "<plan>:1:21: `segments` must be at least 1, got 0",
         "  checkpoint(segments=0)",
         "                      ^",
     ]
-    code, out, err = run(capsys, command, "--expr", res_plus, *SIZE, "--plan", "implicit")
-    assert code == 2 and out == ""
+    err = refused(res_plus, "implicit")
     assert err.splitlines()[:3] == [
         "<plan>:1:1: plan `implicit` applies to `deq` stages; this model has none",
         "  implicit",
         "  ^^^^^^^^",
     ]
     assert "hint: use `store` or `auto` or `checkpoint`" in err
-    code, out, err = run(capsys, command, "--expr", TWO, *SIZE, "--plan", "store, store, store")
-    assert code == 2 and out == ""
+    err = refused(TWO, "store, store, store")
     assert err.splitlines()[0] == "<plan>:1:1: 3 plans given for a model with 2 stacks"
     assert "or 2 separated by commas (one per stack, in order)" in err
-    code, out, err = run(capsys, command, "--expr", TWO, *SIZE, "--plan", "reversible, checkpoint(segmets=2)")
-    assert code == 2 and out == ""
-    assert err.splitlines()[:4] == [
+    assert refused(TWO, "reversible, checkpoint(segmets=2)").splitlines()[:4] == [
         "<plan>:1:24: `checkpoint` has no argument `segmets`",
         "  reversible, checkpoint(segmets=2)",
         "                         ^^^^^^^",
