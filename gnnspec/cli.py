@@ -23,7 +23,7 @@ from gnnspec.errors import SpecError
 from gnnspec.format import format_node
 from gnnspec.ir import MAX_SEED, ir_json
 from gnnspec.schema import yaml_form_schema
-from gnnspec.syntax import is_yaml_name, read_spec_file
+from gnnspec.syntax import read_spec_file
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_NO_FIT = 0, 1, 2, 3
 
@@ -102,8 +102,7 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     for path in _spec_inputs(args):
         try:  # as `check` does: report each file's first error and go on with the next file
             text, shown = _read(args, path)
-            form = "yaml" if is_yaml_name(shown) else "gnn"
-            canonical = gnnspec.format(text, filename=shown, form=form)
+            canonical = gnnspec.format(text, filename=shown)  # the form follows the file's suffix
         except SpecError as err:
             print(err.render(), file=sys.stderr)
             invalid = True
