@@ -150,6 +150,25 @@ def test_reversible_is_flat_in_depth() -> None:
     assert store[1] > 3 * store[0] * 0.9
 
 
+@pytest.mark.parametrize("stack", ["plain(op=gcn, project=false, dropout=0.2", "rev(op=gat(heads=2), groups=2",
+                                   "res+(op=gen, norm=batch, dropout=0.1"])
+def test_parameters_and_state_are_linear_in_depth_at_any_depth(stack: str) -> None:
+    """Every layer after the first is alike, so depth 10**12 is answered by arithmetic: parameters
+    and optimizer state are those of depth 2 plus 10**12 - 2 layers. (The estimator had kept one
+    entry per parameter tensor: a MemoryError at this depth.)"""
+    def breakdown(depth: int, plan: str = "store") -> dict[str, int]:
+        return estimate_spec(f"{stack}, depth={depth})", nodes=500, edges=3000, in_channels=12, out_channels=4,
+                             plan=plan).plans[0].breakdown
+
+    two, three, deep = breakdown(2), breakdown(3), breakdown(10**12)
+    for key in ("parameters", "optimizer"):
+        per_layer = three[key] - two[key]
+        assert per_layer > 0
+        assert deep[key] == two[key] + (10**12 - 2) * per_layer
+    segments = breakdown(10**12, "checkpoint")  # 10**6 segments, each with its dropout tape
+    assert segments["parameters"] == deep["parameters"]
+
+
 def test_checkpoint_sits_between_reversible_and_store() -> None:
     expr = "rev(op=gcn, depth=64, norm=layer)"
     assert _peak(expr, "reversible") < _peak(expr, "checkpoint(segments=8)") < _peak(expr, "store")

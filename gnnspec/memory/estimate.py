@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -401,38 +402,45 @@ class StageModel:
 
     # -- parameters
 
-    def params(self) -> list[int]:
-        """Bytes of each parameter tensor of the stage (shared ones once)."""
+    def params(self) -> Counter[int]:
+        """The stage's parameter tensors as ``{bytes: count}`` (shared ones once). A multiset, not a
+        list, so that a stack of ``depth`` identical layers costs one entry, whatever ``depth``."""
         return self._tensors("params")
 
-    def buffers(self) -> list[int]:
+    def buffers(self) -> Counter[int]:
         return self._tensors("buffers")
 
-    def _tensors(self, what: str) -> list[int]:
+    def _tensors(self, what: str) -> Counter[int]:
         kind, st, g = self.kind, self.stage, self.graph
         s = g.s
         get = (lambda u: u.params()) if what == "params" else (lambda u: u.buffers())  # noqa: E731
+
+        def of(units: Sequence[Unit], times: int = 1) -> Counter[int]:
+            return Counter({b: n * times for b, n in Counter(b for u in units for b in get(u)).items()})
+
         if kind == "linear":
             if what == "buffers":
-                return []
+                return Counter()
             r = self.resolved
-            return [r.out_width * r.in_width * s] + ([r.out_width * s] if st.bias else [])
+            return Counter([r.out_width * r.in_width * s] + ([r.out_width * s] if st.bias else []))
         if kind == "mlp":
-            return [b for u in self._mlp_units() for b in get(u)]
+            return of(self._mlp_units())
         if kind == "norm":
-            return get(Unit(f"norm:{st.type}", N=g.nodes, D=self.resolved.in_width, s=s)) if st.type != "none" else []
+            return of([Unit(f"norm:{st.type}", N=g.nodes, D=self.resolved.in_width, s=s)] if st.type != "none" else [])
         if kind == "act":
-            return get(Unit(f"act:{st.fn}", N=g.nodes, D=self.resolved.in_width, s=s)) if st.fn != "none" else []
+            return of([Unit(f"act:{st.fn}", N=g.nodes, D=self.resolved.in_width, s=s)] if st.fn != "none" else [])
         if not self.is_stack:
-            return []
+            return Counter()
         layers = 1 if st.tie else st.depth
         if kind == "deq":
             per_layer = len(self.layer_units()) // st.depth
-            return [b for u in self.layer_units()[:per_layer] for b in get(u)] * layers
-        if kind != "dense" and not (kind == "plain" and self.resolved.in_width != self.hidden):
-            units = self.layer_units(0) * (st.groups if kind == "rev" else 1)
-            return [b for u in units for b in get(u)] * layers
-        return [b for layer in range(layers) for u in self.layer_units(layer) for b in get(u)]
+            return of(self.layer_units()[:per_layer], layers)
+        if kind == "rev":
+            return of(self.layer_units(0), st.groups * layers)
+        if kind == "dense":  # every layer's input is wider than the last one's
+            return sum((of(self.layer_units(layer)) for layer in range(layers)), Counter())
+        # layer 0 may start at the stage's input width (plain(project=false)); the rest are alike
+        return of(self.layer_units(0)) + of(self.layer_units(1), layers - 1)
 
     def _mlp_units(self) -> list[Unit]:
         st, g, r = self.stage, self.graph, self.resolved
@@ -813,8 +821,15 @@ class StageModel:
         g = self.graph
         if g.device == "cuda" or self.kind in ("rev", "deq"):  # rev/deq: the stage's shared mask
             return 0
-        return sum(_alloc(g, -(-u.shape["N"] * u.shape["D"] // 8))
-                   for layer in range(start, stop) for u in self.layer_units(layer) if u.key == "dropout")
+
+        def tape(layer: int) -> int:
+            return sum(_alloc(g, -(-u.shape["N"] * u.shape["D"] // 8))
+                       for u in self.layer_units(layer) if u.key == "dropout")
+
+        if self.kind == "dense":  # each layer wider than the last
+            return sum(tape(layer) for layer in range(start, stop))
+        # only layer 0 may differ (it can start at the stage's input width)
+        return (tape(0) if start == 0 else 0) + (stop - max(start, 1)) * tape(1)
 
     def _reversible_program(self, grad_in: bool) -> tuple[Program, bool]:
         """Forward: every layer without saving; the output stays on the function's context.
@@ -945,10 +960,25 @@ def _identity() -> Program:
     return Program([], [], {"X": x, "Y": x, "GY": gy, "GX": gy})
 
 
+def _total(tensors: Counter[int]) -> int:
+    """Bytes of a ``{bytes: count}`` multiset of tensors."""
+    return sum(b * n for b, n in tensors.items())
+
+
+def _cuda_rounded(nbytes: int) -> int:
+    """What the CUDA caching allocator reserves for ``nbytes``."""
+    return -(-nbytes // CUDA_BLOCK) * CUDA_BLOCK
+
+
+def _cuda_rounded_all(tensors: Counter[int]) -> Counter[int]:
+    rounded: Counter[int] = Counter()
+    for b, n in tensors.items():
+        rounded[_cuda_rounded(b)] += n
+    return rounded
+
+
 def _alloc(graph: Graph, nbytes: int) -> int:
-    if graph.device == "cuda":
-        return -(-nbytes // CUDA_BLOCK) * CUDA_BLOCK
-    return nbytes
+    return _cuda_rounded(nbytes) if graph.device == "cuda" else nbytes
 
 
 def _chain_marked(progs: list[Program], tail: Sequence[tuple] = (), head: Sequence[tuple] = ()
@@ -1133,10 +1163,10 @@ class ModelEstimator:
         """Bytes alive for the whole step: parameters, optimizer state, inputs."""
         if self._base is None:
             g = self.graph
-            params = [b for st in self.stages for b in st.params()]
-            buffers = [b for st in self.stages for b in st.buffers()]
+            params = sum((st.params() for st in self.stages), Counter())
+            buffers = sum((st.buffers() for st in self.stages), Counter())
             opt = _optimizer_entry(self.optimizer, self.spec.train)
-            state = sum(opt["state_per_byte"] * b + opt["state_fixed"] for b in params)
+            per_byte, fixed = opt["state_per_byte"], opt["state_fixed"]
             from gnnspec.ops import graph_form, prepared_bytes
 
             forms = {"raw"}
@@ -1148,11 +1178,14 @@ class ModelEstimator:
             inputs = (g.nodes * self.in_width * g.s + 2 * g.edges * 8 + g.nodes * 8
                       + prepared_bytes(forms, g.nodes, g.edges, g.s))
             if g.device == "cuda":
-                round_ = lambda b: -(-b // CUDA_BLOCK) * CUDA_BLOCK  # noqa: E731
-                params = [round_(b) for b in params]
-                buffers = [round_(b) for b in buffers]
-                state = sum(round_(int(opt["state_per_byte"] * b)) + (CUDA_BLOCK if opt["state_fixed"] else 0) for b in params)
-            self._base = {"parameters": int(sum(params) + sum(buffers)), "optimizer": int(state), "inputs": int(inputs)}
+                params, buffers = _cuda_rounded_all(params), _cuda_rounded_all(buffers)
+                state = sum((_cuda_rounded(int(per_byte * b)) + (CUDA_BLOCK if fixed else 0)) * n
+                            for b, n in params.items())
+            else:
+                # per tensor first: a float times a count above 2**53 would lose bytes
+                state = sum(int(per_byte * b + fixed) * n for b, n in params.items())
+            self._base = {"parameters": int(_total(params) + _total(buffers)), "optimizer": int(state),
+                          "inputs": int(inputs)}
             self._params = params
         return self._base
 
@@ -1166,22 +1199,23 @@ class ModelEstimator:
         self.base()
         opt_name = self.optimizer
         wd = self.spec.train.weight_decay
-        decays = []
+        decays: set[tuple[int, float]] = set()  # (bytes, weight decay) of the parameter tensors
         for st in self.stages:
             d = getattr(st.stage, "weight_decay", None)
             d = wd if d is None else d
-            decays += [d] * len(st.params())
+            decays |= {(b, d) for b in st.params()}
         table = pieces.optimizer_table()[_optimizer_key(opt_name, self.spec.train)]
         if self.graph.device == "cuda":
             # torch's foreach kernels (the CUDA default) work on all parameters at once
-            total = sum(self._params)
+            total = _total(self._params)
             per = table["plain"]["peak_per_byte"]
             extra = total * (1 if per else 0)
-            if any(decays) and opt_name != "adamw":
+            if any(d for _, d in decays) and opt_name != "adamw":
                 extra += total
             return int(extra)
+        # CPU: one parameter at a time, so the largest tensor's transient
         best = 0
-        for b, d in zip(self._params, decays):
+        for b, d in decays:
             per = table["weight_decay" if d else "plain"]["peak_per_byte"]
             best = max(best, int(per * b))
         return best
