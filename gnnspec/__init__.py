@@ -15,11 +15,20 @@ import gnnspec.check as _check_module
 import gnnspec.format as _format_module
 from gnnspec.errors import SpecError
 from gnnspec.ir import Spec
-from gnnspec.syntax import is_yaml_name, parse_text, read_spec_file
+from gnnspec.syntax import parse_text, read_spec_file, spec_form
 from gnnspec.syntax.comments import source_layout
 
 __all__ = ["Spec", "SpecError", "parse", "load", "format", "check", "build", "estimate", "register_op"]
 __version__ = "0.1.0"
+
+
+def _spec_of(spec: Spec | str, function: str) -> Spec:
+    """``spec``, or the checked IR of spec text; a TypeError for anything else."""
+    if isinstance(spec, str):
+        return parse(spec)
+    if not isinstance(spec, Spec):
+        raise TypeError(f"{function}() takes a gnnspec.Spec or spec text, got {type(spec).__name__}")
+    return spec
 
 
 def check(spec: Spec | str) -> Spec:
@@ -27,8 +36,7 @@ def check(spec: Spec | str) -> Spec:
     Spec text is parsed first (:func:`parse`, which checks it)."""
     if isinstance(spec, str):
         return parse(spec)
-    if not isinstance(spec, Spec):
-        raise TypeError(f"check() takes a Spec or spec text, got {type(spec).__name__}")
+    spec = _spec_of(spec, "check")
     errors = _check_module.violations(spec)
     if errors:
         raise errors[0]
@@ -51,6 +59,8 @@ def parse(text: str, *, filename: str = "<spec>", form: str | None = None, name:
 
 def load(path: str | Path) -> Spec:
     """The checked IR of the spec file at ``path`` (`.gnn`, `.yaml`/`.yml`, or "-" for stdin)."""
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"load() takes a path (str or pathlib.Path), got {type(path).__name__}")
     text, shown = read_spec_file(path)
     return _checked(text, shown, name=Path(path).stem if str(path) != "-" else None)
 
@@ -59,8 +69,8 @@ def format(spec: Spec | str, *, filename: str = "<spec>", form: str | None = Non
     """The canonical text of a spec. Given spec text, its comments are kept and a YAML text
     (``form="yaml"`` or a `.yaml`/`.yml` ``filename``) stays YAML; a `Spec` gives `.gnn` text."""
     if not isinstance(spec, str):
-        return _format_module.format_spec(spec)
-    form = form or ("yaml" if is_yaml_name(filename) else "gnn")
+        return _format_module.format_spec(_spec_of(spec, "format"))
+    form = spec_form(form, filename)
     parsed = parse(spec, filename=filename, form=form)
     layout = source_layout(spec, form=form)
     return _format_module.format_spec(parsed, layout, style=form)
@@ -95,8 +105,7 @@ def build(
     from gnnspec.lower.model import build_model
     from gnnspec.plan import plans_for_build
 
-    if isinstance(spec, str):
-        spec = parse(spec)
+    spec = _spec_of(spec, "build")
     plan = plans_for_build(spec, plan, nodes=nodes, edges=edges, budget=budget, in_channels=in_channels,
                            out_channels=out_channels, device=device)
     model = build_model(spec, in_channels, out_channels, plan)
@@ -119,7 +128,6 @@ def estimate(spec: Spec | str, *, nodes: int, edges: int, budget=None, plan=None
     allocator's rounding. Raises ``gnnspec.plan.NoFit`` when nothing fits."""
     from gnnspec.plan import estimate_with_planner
 
-    if isinstance(spec, str):
-        spec = parse(spec)
+    spec = _spec_of(spec, "estimate")
     return estimate_with_planner(spec, nodes=nodes, edges=edges, budget=budget, plan=plan, in_channels=in_channels,
                                  out_channels=out_channels, dtype=dtype, optimizer=optimizer, device=device)

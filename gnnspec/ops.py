@@ -1192,6 +1192,8 @@ def register_op(
     the width, so specs are checked for ``hidden % heads == 0``. Registering a user op's name again
     replaces it; built-in names cannot be replaced.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"an op name is a str, got {type(name).__name__}")
     if name in _BUILTIN_OPS or name in _STAGE_CONVS:
         raise ValueError(f"{name!r} is a built-in op or convolution and cannot be replaced")
     if not name.isidentifier():

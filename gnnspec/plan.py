@@ -275,8 +275,9 @@ def resolve_budget(spec: ir.Spec, budget: int | str | None = None, *, auto: ir.A
     ``auto`` plan's own (``auto``'s, else the spec's ``plan``'s when it is ``auto``), else (with
     ``device_memory``, unless ``device`` is ``cpu``) the free memory of the CUDA device, which
     makes the device ``cuda``; None when there is none."""
-    from gnnspec.memory.estimate import parse_size
+    from gnnspec.memory.estimate import device_kind, parse_size
 
+    device = None if device is None else device_kind(device)
     budget_bytes = parse_size(budget)
     for plan in (auto, spec.plan):
         if budget_bytes is None and isinstance(plan, ir.Auto):
@@ -488,8 +489,15 @@ def _checked_plan(plan: Any, errors_of: Callable[[ir.Plan], Iterable[SpecError]]
     """``plan`` (IR or text) as IR; the first of ``errors_of(plan)`` raised, located in its text."""
     from gnnspec.syntax import parse_plan
 
+    from gnnspec.memory.estimate import Estimate
+
+    if plan is None or isinstance(plan, Estimate):
+        return plan
     if not isinstance(plan, (str, *ir.PLAN_MODELS.values())):
-        return plan  # None, an Estimate
+        raise TypeError(
+            f"a plan is its name (\"reversible\", \"checkpoint(segments=4)\"), a gnnspec plan, a list of "
+            f"those (one per stack or per stage), or an Estimate; got {type(plan).__name__}"
+        )
     text = plan if isinstance(plan, str) else None
     parsed = parse_plan(text) if text is not None else plan
     for error in errors_of(parsed):

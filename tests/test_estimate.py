@@ -260,6 +260,16 @@ def test_inputs_count_features_edges_labels_and_prepared_graph() -> None:
     assert est.plans[0].breakdown["inputs"] == expected
 
 
+def test_a_device_is_named_by_its_kind() -> None:
+    import torch
+
+    kw = dict(nodes=100, edges=400, in_channels=8, out_channels=3, plan="store")
+    cuda = estimate_spec("rev(op=gcn, depth=3)", device="cuda", **kw)
+    assert estimate_spec("rev(op=gcn, depth=3)", device="cuda:1", **kw).plans == cuda.plans
+    assert estimate_spec("rev(op=gcn, depth=3)", device=torch.device("cpu"), **kw).plans[0].peak_bytes \
+        < cuda.plans[0].peak_bytes  # CUDA rounds every allocation up to 512 bytes
+
+
 def test_optimizer_state_follows_the_optimizer() -> None:
     spec = "plain(op=gcn, depth=4, hidden=64)"
     kw = dict(nodes=2000, edges=10000, in_channels=64, out_channels=8, plan="store")
@@ -274,6 +284,11 @@ def test_optimizer_state_follows_the_optimizer() -> None:
     (dict(nodes=0, edges=10), "nodes >= 1 and edges >= 0"),
     (dict(nodes=10, edges=-1), "nodes >= 1 and edges >= 0"),
     (dict(nodes=10, edges=10, dtype="float8"), "unknown dtype 'float8'; valid: float32, float64, bfloat16, float16"),
+    (dict(nodes=None, edges=10), "nodes >= 1 and edges >= 0 \\(integers\\), got nodes=None"),
+    (dict(nodes="10", edges=10), "nodes >= 1 and edges >= 0 \\(integers\\), got nodes='10'"),
+    (dict(nodes=10, edges=2.5), "got nodes=10, edges=2.5"),
+    (dict(nodes=10, edges=10, optimizer="lion"), "unknown optimizer 'lion'; valid: adam, adamw, sgd"),
+    (dict(nodes=10, edges=10, device="tpu"), "unknown device 'tpu'; valid: cpu, cuda"),
 ])
 def test_estimate_rejects_a_graph_or_dtype_it_cannot_estimate(graph, message):
     with pytest.raises(ValueError, match=message):

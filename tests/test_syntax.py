@@ -219,8 +219,31 @@ def test_check_takes_spec_text_as_build_and_estimate_do():
     assert gnnspec.check("rev(depth=2)") == gnnspec.parse("rev(depth=2)")
     with pytest.raises(gnnspec.SpecError, match="did you mean `gat`"):
         gnnspec.check("rev(op=gatt)")
-    with pytest.raises(TypeError, match="check\\(\\) takes a Spec or spec text, got NoneType"):
+    with pytest.raises(TypeError, match="check\\(\\) takes a gnnspec.Spec or spec text, got NoneType"):
         gnnspec.check(None)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda g: g.parse(None), TypeError, "spec text must be a str, got NoneType"),
+    (lambda g: g.parse(b"rev"), TypeError, "spec text must be a str, got bytes"),
+    (lambda g: g.parse("rev", form="xml"), ValueError, "unknown spec form 'xml'; valid: gnn, yaml"),
+    (lambda g: g.format("rev", form="json"), ValueError, "unknown spec form 'json'; valid: gnn, yaml"),
+    (lambda g: g.format(None), TypeError, "format\\(\\) takes a gnnspec.Spec or spec text, got NoneType"),
+    (lambda g: g.load(None), TypeError, "load\\(\\) takes a path \\(str or pathlib.Path\\), got NoneType"),
+    (lambda g: g.build(None, 8, 4), TypeError, "build\\(\\) takes a gnnspec.Spec or spec text, got NoneType"),
+    (lambda g: g.build("rev", 8, 4, plan=123), TypeError, "a plan is its name .* got int"),
+    (lambda g: g.build("rev", 8, 4, plan=["reversible", 2]), TypeError, "a plan is its name .* got int"),
+    (lambda g: g.build("rev", 8, 4, plan="auto", nodes=10, edges=10, device="tpu"), ValueError,
+     "unknown device 'tpu'; valid: cpu, cuda"),
+    (lambda g: g.estimate(3.5, nodes=10, edges=10), TypeError, "estimate\\(\\) takes a gnnspec.Spec or spec text, got float"),
+    (lambda g: g.register_op(123, lambda c: None), TypeError, "an op name is a str, got int"),
+])
+def test_the_api_refuses_arguments_of_the_wrong_kind_with_a_message(call, error, message):
+    """Each of these had raised an AttributeError (or, for ``form``/``device``, was accepted)."""
+    import gnnspec
+
+    with pytest.raises(error, match=message):
+        call(gnnspec)
 
 
 def test_an_error_on_a_very_long_line_shows_a_window_around_the_column():

@@ -30,10 +30,11 @@ what a 3-layer one does.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Sequence, get_args
 
 from gnnspec import ir
 from gnnspec.memory import pieces
@@ -960,6 +961,26 @@ def _identity() -> Program:
     return Program([], [], {"X": x, "Y": x, "GY": gy, "GX": gy})
 
 
+def _whole(value: object, minimum: int) -> bool:
+    """Whether ``value`` is a whole number (an int, or a float without a fraction) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
+        return False
+    return (isinstance(value, numbers.Integral) or value.is_integer()) and value >= minimum
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def device_kind(device: object) -> str:
+    """The kind of device the estimate models for ``device`` ("cuda:1" or ``torch.device("cuda",
+    1)`` is "cuda"); a ValueError for one it does not model."""
+    kind = getattr(device, "type", device)
+    kind = kind.split(":")[0] if isinstance(kind, str) else kind
+    if kind not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+    return kind
+
+
 def _total(tensors: Counter[int]) -> int:
     """Bytes of a ``{bytes: count}`` multiset of tensors."""
     return sum(b * n for b, n in tensors.items())
@@ -1131,10 +1152,13 @@ class ModelEstimator:
                  device: str = "cpu") -> None:
         from gnnspec.lower.widths import declared_widths, resolve_widths
 
-        if int(nodes) != nodes or nodes < 1 or int(edges) != edges or edges < 0:
+        if not (_whole(nodes, 1) and _whole(edges, 0)):
             raise ValueError(f"a graph needs nodes >= 1 and edges >= 0 (integers), got nodes={nodes!r}, edges={edges!r}")
         if dtype is not None and dtype not in DTYPE_BYTES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_BYTES)}")
+        if optimizer is not None and optimizer not in get_args(ir.OptimizerName):
+            raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(get_args(ir.OptimizerName))}")
+        device = device_kind(device)
         self.spec = spec
         self.dtype = dtype or spec.dtype
         self.resolved = resolve_widths(spec, *declared_widths(spec, in_channels, out_channels))

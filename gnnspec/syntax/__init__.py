@@ -24,10 +24,23 @@ def is_yaml_name(filename: str) -> bool:
     return filename.lower().endswith(YAML_SUFFIXES)
 
 
+SPEC_FORMS = ("gnn", "yaml")
+
+
+def spec_form(form: str | None, filename: str) -> str:
+    """``form`` ("gnn" or "yaml"), or when None the one ``filename``'s suffix names."""
+    if form is None:
+        return "yaml" if is_yaml_name(filename) else "gnn"
+    if form not in SPEC_FORMS:
+        raise ValueError(f"unknown spec form {form!r}; valid: {', '.join(SPEC_FORMS)}")
+    return form
+
+
 def parse_text(text: str, *, filename: str = "<spec>", form: str | None = None, name: str | None = None) -> Spec:
     """The IR of ``text``; ``form`` is "gnn", "yaml" or None (from ``filename``'s suffix)."""
-    if form is None:
-        form = "yaml" if is_yaml_name(filename) else "gnn"
+    if not isinstance(text, str):
+        raise TypeError(f"spec text must be a str, got {type(text).__name__}")
+    form = spec_form(form, filename)
     default_name = name or "model"
     if text.startswith("\ufeff"):  # a byte order mark is not part of the text
         text = text[1:]
