@@ -82,18 +82,24 @@ def _located(err: SpecError, shown: str, text: str) -> SpecError:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Each spec's first error on stderr. ``--json``: one spec's IR as an object; several specs'
+    as one object keyed by path, null for an invalid one (one JSON document either way)."""
     failed = 0
-    for path in _spec_inputs(args):
+    paths = _spec_inputs(args)
+    irs: dict[str, Any] = {}
+    for path in paths:
         try:
             spec = _load(args, path)
         except SpecError as err:
             print(err.render(), file=sys.stderr)
             failed += 1
+            irs[path] = None
             continue
-        if args.json:
-            print(json.dumps(ir_json(spec), indent=2))
-        elif not args.quiet:
+        irs[path] = ir_json(spec)
+        if not args.json and not args.quiet:
             print(f"ok: {path or '<expr>'} ({spec.name}, {len(spec.model)} stages)")
+    if args.json and (len(paths) > 1 or not failed):
+        print(json.dumps(irs if len(paths) > 1 else irs[paths[0]], indent=2))
     return EXIT_INVALID if failed else EXIT_OK
 
 

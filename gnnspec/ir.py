@@ -13,6 +13,7 @@ of torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,8 +33,9 @@ def size_bytes(text: str) -> int | None:
     """Bytes of a size literal such as ``16GiB``, ``1.5GB`` or ``1_000B`` (a number, then one of
     :data:`SIZE_UNITS`); None when that is not a whole number of bytes."""
     number = text.rstrip("KMGTiB")
-    value = float(number.replace("_", "")) * SIZE_UNITS[text[len(number):]]
-    return int(value) if value == int(value) else None
+    # exact arithmetic: a float would round sizes above 2**53 bytes
+    value = Fraction(number.replace("_", "")) * SIZE_UNITS[text[len(number):]]
+    return int(value) if value.denominator == 1 else None
 
 
 class Span(NamedTuple):

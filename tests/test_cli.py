@@ -39,6 +39,26 @@ def test_check_json_prints_the_ir(capsys):
     assert data["model"][0]["kind"] == "rev" and data["model"][0]["depth"] == 3
 
 
+def test_check_json_of_several_files_is_one_document_keyed_by_path(tmp_path, capsys):
+    good = tmp_path / "good.gnn"
+    good.write_text("name: first\nmodel: rev(depth=3)\n")
+    bad = tmp_path / "bad.gnn"
+    bad.write_text("model: rev(op=gatt)\n")
+    code, out, err = run(capsys, "check", "--json", str(good), str(bad))
+    assert code == 2 and "unknown op `gatt`" in err
+    data = json.loads(out)  # several pretty-printed objects one after another had failed here
+    assert list(data) == [str(good), str(bad)]
+    assert data[str(good)]["name"] == "first" and data[str(bad)] is None
+    code, out, _ = run(capsys, "check", "--json", str(bad))
+    assert code == 2 and out == ""
+
+
+def test_a_spec_file_larger_than_16_mib_is_refused_without_reading_it_whole(capsys):
+    code, out, err = run(capsys, "check", "/dev/zero")  # had read without end
+    assert code == 2 and out == ""
+    assert "/dev/zero is larger than 16 MiB, too large for a spec file" in err
+
+
 def test_expr_and_stdin(capsys, monkeypatch):
     import io
 

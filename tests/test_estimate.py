@@ -244,6 +244,8 @@ def test_sizes_parse_and_print() -> None:
     assert parse_size("500MB") == 500 * 10**6
     assert parse_size(1234) == 1234
     assert parse_size("1_000B") == parse_size("1000") == 1000
+    assert parse_size("9007199254740993B") == 2**53 + 1  # exact past a float's 53 bits
+    assert parse_size("1.5GB") == 1_500_000_000 and parse_size("0.5KiB") == 512
     for bad, message in (("16Gib", "did you mean `GiB`?"), ("16 GiB", "not a size"), ("1.5B", "whole number"),
                          ("0B", "must be positive"), (-3, "must be positive"), ("lots", "not a size")):
         with pytest.raises(ValueError, match=message):

@@ -161,7 +161,7 @@ def parse_size(value: int | str | None) -> int | None:
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
-        number: float = value
+        number: int | None = value
     else:
         text = str(value).strip()
         match = _SIZE_TEXT.fullmatch(text)

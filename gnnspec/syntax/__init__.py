@@ -79,13 +79,28 @@ def decode_spec_bytes(data: bytes, filename: str) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
+MAX_SPEC_BYTES = 16 * 2**20
+"""The largest spec file read: a spec is a few lines; this bounds reading a device such as
+``/dev/zero`` or a wrong file given by mistake."""
+
+
+def _read_bounded(stream, shown: str) -> bytes:
+    data = stream.read(MAX_SPEC_BYTES + 1)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{shown} is larger than {MAX_SPEC_BYTES // 2**20} MiB, too large for a spec file",
+                        filename=shown, hint="give the path of a .gnn or .yaml spec")
+    return data
+
+
 def read_spec_file(path: str | Path) -> tuple[str, str]:
-    """(text, display name) of a spec file, or of standard input when ``path`` is "-"."""
+    """(text, display name) of a spec file, or of standard input when ``path`` is "-"; at most
+    :data:`MAX_SPEC_BYTES`."""
     if str(path) == "-":
-        return decode_spec_bytes(sys.stdin.buffer.read(), "<stdin>"), "<stdin>"
+        return decode_spec_bytes(_read_bounded(sys.stdin.buffer, "<stdin>"), "<stdin>"), "<stdin>"
     p = Path(path)
     try:
-        data = p.read_bytes()
+        with p.open("rb") as stream:
+            data = _read_bounded(stream, str(path))
     except FileNotFoundError:
         raise SpecError(f"no such file: {path}", filename=str(path), hint="give the path of a .gnn or .yaml spec") from None
     except IsADirectoryError:
