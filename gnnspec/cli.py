@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import gnnspec
 from gnnspec.errors import SpecError
 from gnnspec.format import format_node
-from gnnspec.ir import MAX_SEED, ir_json
+from gnnspec.ir import MAX_SEED, ir_json, uses_batch_norm
 from gnnspec.schema import yaml_form_schema
 from gnnspec.syntax import read_spec_file
 
@@ -337,6 +337,9 @@ def cmd_estimate_mem(args: argparse.Namespace) -> int:
         nodes, edges = spec.graph.nodes, spec.graph.edges
     else:
         raise UsageError("give --nodes N --edges E or --data DATA, or set `graph: nodes=..., edges=...` in the spec")
+    if (args.measure or args.dry_run) and nodes < 2 and uses_batch_norm(spec):
+        raise UsageError(f"batch norm cannot take a training step on a graph of {nodes} node (torch's BatchNorm needs "
+                         "more than one value per channel); give --nodes 2 or more")
     device = None
     if args.measure:
         import torch

@@ -417,6 +417,13 @@ PLAN_VALID_FOR: dict[str, tuple[str, ...] | None] = {
 }
 
 
+def uses_batch_norm(spec: "Spec") -> bool:
+    """Whether a stage of ``spec`` normalises with batch statistics (a ``norm(batch)`` stage, or
+    ``norm=batch`` on a stack or ``mlp``): such a model cannot take a training step on one node."""
+    return any((stage.kind == "norm" and stage.type == "batch") or getattr(stage, "norm", None) == "batch"
+               for stage in spec.model)
+
+
 def runnable_plan(stage: Any, plan: Any) -> Any:
     """The plan ``stage`` runs under ``plan``: ``plan`` where it is valid for the stage's kind
     (:data:`PLAN_VALID_FOR`), ``store`` elsewhere; ``auto`` without a planner decision runs

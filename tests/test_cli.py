@@ -325,6 +325,18 @@ def test_estimate_mem_measure_and_dry_run_sit_beside_the_estimate(capsys):
     assert code == 0 and "measured on cpu, plan reversible, store:" in out and "estimate" in out
 
 
+@pytest.mark.parametrize("expr", ["in: 4\nout: 2\nmodel: plain(op=gcn, depth=2, norm=batch)",
+                                  "in: 4\nout: 2\nmodel: linear >> norm(batch) >> linear"])
+@pytest.mark.parametrize("run_it", ["--measure", "--dry-run"])
+def test_a_one_node_graph_with_batch_norm_is_refused_before_running(capsys, expr, run_it):
+    code, out, err = run(capsys, "estimate-mem", "--expr", expr, "--nodes", "1", "--edges", "0", run_it)
+    assert code == 2 and out == ""  # had been an internal error from torch's BatchNorm
+    assert "batch norm cannot take a training step on a graph of 1 node" in err and "--nodes 2" in err
+    layer = expr.replace("norm=batch", "norm=layer").replace("norm(batch)", "norm(layer)")
+    code, out, _ = run(capsys, "estimate-mem", "--expr", layer, "--nodes", "1", "--edges", "0", run_it, "--json")
+    assert code == 0 and json.loads(out)["graph"]["nodes"] == 1
+
+
 def test_estimate_mem_takes_the_graph_from_data(capsys):
     sbm = "sbm(nodes=1500, edges=12000, classes=4, features=16)"
     code, out, _ = run(capsys, "estimate-mem", "--expr", TWO, "--data", sbm, "--json", "--measure")
