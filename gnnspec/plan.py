@@ -482,6 +482,7 @@ def _checked_plans_in_text(spec: ir.Spec, text: str, items: list[str], stacks: l
                 err.end_column = None if err.end_column is None else err.end_column + start
             raise err.located("<plan>", text) from None
         start += len(item)
+        start = text.find(",", start) + 1  # past the comma, where an empty next item is
     return plans
 
 

@@ -301,6 +301,12 @@ def test_a_plan_option_is_checked_like_a_plan_in_a_spec(capsys, command):
         "                         ^^^^^^^",
         "hint: did you mean `segments`? valid: segments",
     ]
+    assert refused(TWO, "reversible, ").splitlines() == [  # had said "empty spec", hinting at `model:`
+        "<plan>:1:12: empty plan",
+        "  reversible, ",
+        "             ^",
+        "hint: write a plan: store, checkpoint(segments=K), reversible, implicit, unroll or auto(budget=SIZE)",
+    ]
 
 
 def test_one_plan_per_stack_on_the_command_line(capsys):

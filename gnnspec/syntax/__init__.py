@@ -55,6 +55,9 @@ def parse_text(text: str, *, filename: str = "<spec>", form: str | None = None, 
 
 def parse_plan(text: str):
     """A plan written as in a spec, e.g. ``"checkpoint(segments=4)"``; `SpecError` otherwise."""
+    if not text.strip():
+        raise SpecError("empty plan", hint="write a plan: store, checkpoint(segments=K), reversible, implicit, "
+                        "unroll or auto(budget=SIZE)").located("<plan>", text)
     try:
         return convert_plan(parse_cst(text, rule="value"))
     except SpecError as err:
