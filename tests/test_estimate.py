@@ -153,19 +153,19 @@ def test_reversible_is_flat_in_depth() -> None:
 @pytest.mark.parametrize("stack", ["plain(op=gcn, project=false, dropout=0.2", "rev(op=gat(heads=2), groups=2",
                                    "res+(op=gen, norm=batch, dropout=0.1"])
 def test_parameters_and_state_are_linear_in_depth_at_any_depth(stack: str) -> None:
-    """Every layer after the first is alike, so depth 10**12 is answered by arithmetic: parameters
-    and optimizer state are those of depth 2 plus 10**12 - 2 layers. (The estimator had kept one
-    entry per parameter tensor: a MemoryError at this depth.)"""
+    """Every layer after the first is alike, so depth 10**23 is answered by arithmetic: parameters
+    and optimizer state are those of depth 2 plus 10**23 - 2 layers. (The estimator had kept one
+    entry per parameter tensor, and listed every checkpoint segment: a MemoryError or a hang.)"""
     def breakdown(depth: int, plan: str = "store") -> dict[str, int]:
         return estimate_spec(f"{stack}, depth={depth})", nodes=500, edges=3000, in_channels=12, out_channels=4,
                              plan=plan).plans[0].breakdown
 
-    two, three, deep = breakdown(2), breakdown(3), breakdown(10**12)
+    two, three, deep = breakdown(2), breakdown(3), breakdown(10**23)
     for key in ("parameters", "optimizer"):
         per_layer = three[key] - two[key]
         assert per_layer > 0
-        assert deep[key] == two[key] + (10**12 - 2) * per_layer
-    segments = breakdown(10**12, "checkpoint")  # 10**6 segments, each with its dropout tape
+        assert deep[key] == two[key] + (10**23 - 2) * per_layer
+    segments = breakdown(10**23, "checkpoint")  # 3 * 10**11 segments, each with its dropout tape
     assert segments["parameters"] == deep["parameters"]
 
 
@@ -237,6 +237,12 @@ def test_rich_table_marks_the_chosen_plan() -> None:
     chosen_row = next(line for line in text.splitlines() if line.strip().startswith("*") or "│ *" in line)
     assert est.chosen in chosen_row
     assert "reversible" in text and "store" in text
+
+
+def test_sizes_print_in_binary_units_up_to_tib() -> None:
+    assert [format_bytes(n) for n in (0, 1023, 1024, 3 * 2**30, 5 * 2**40)] == [
+        "0 B", "1023 B", "1.00 KiB", "3.00 GiB", "5.00 TiB"]
+    assert format_bytes(4.6e9 * 2**40) == "4.6e+09 TiB"  # not 13 digits wide
 
 
 def test_sizes_parse_and_print() -> None:

@@ -224,6 +224,20 @@ def test_build_rejects_widths_that_are_not_positive_integers(in_channels, out_ch
         gnnspec.build("res+(op=gcn, depth=2)", in_channels, out_channels)
 
 
+def test_build_refuses_a_stack_deeper_than_it_can_make_at_the_depth(capsys):
+    """Building a 10**23-layer stack had hung; the estimator still answers at that depth."""
+    from gnnspec.cli import main
+
+    text = "in: 8\nout: 4\nmodel: linear\n  >> rev(depth=100000000000000000000000, op=gcn)\n"
+    with pytest.raises(gnnspec.SpecError, match="a stack of depth 100,000,000,000,000,000,000,000 is deeper than "
+                                                 "gnnspec builds \\(1,000,000 layers at most\\)") as err:
+        gnnspec.build(text)
+    assert (err.value.line, err.value.column) == (4, 16)  # under the number
+    assert main(["compile", "--expr", text]) == 2
+    assert "<expr>:4:16: a stack of depth" in capsys.readouterr().err
+    assert gnnspec.estimate(text, nodes=100, edges=500, plan="reversible").plans[0].peak_bytes > 10**23
+
+
 def test_plain_without_projection_starts_at_the_input_width():
     """`project=false`: no linear in front; the first convolution maps the input width itself, as
     torch-geometric's GAT model does, with the same parameter shapes."""

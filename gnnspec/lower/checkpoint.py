@@ -38,7 +38,18 @@ from gnnspec.lower.recompute import preserved_running_stats
 State = Union[Tensor, tuple[Tensor, ...]]
 Step = Callable[..., State]
 
-__all__ = ["State", "run_segments", "segment_bounds"]
+__all__ = ["State", "run_segments", "segment_bounds", "segment_runs"]
+
+
+def segment_runs(num_steps: int, segments: int) -> list[tuple[int, int, int]]:
+    """:func:`segment_bounds` as runs of equal segments, ``(start, length, count)``: at most two
+    runs (the longer segments first), so any depth is described in constant space."""
+    if num_steps <= 0:
+        return []
+    k = min(max(int(segments), 1), num_steps)
+    base, extra = divmod(num_steps, k)
+    runs = [(0, base + 1, extra)] if extra else []
+    return runs + [(extra * (base + 1), base, k - extra)]
 
 
 def segment_bounds(num_steps: int, segments: int) -> list[tuple[int, int]]:
@@ -47,17 +58,8 @@ def segment_bounds(num_steps: int, segments: int) -> list[tuple[int, int]]:
     ``segments`` is clamped to ``[1, num_steps]``; segment lengths differ by at most one, the
     longer ones first, so the longest segment has ``ceil(num_steps / segments)`` steps.
     """
-    if num_steps <= 0:
-        return []
-    k = min(max(int(segments), 1), num_steps)
-    base, extra = divmod(num_steps, k)
-    bounds: list[tuple[int, int]] = []
-    start = 0
-    for i in range(k):
-        stop = start + base + (1 if i < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
+    return [(start + i * length, start + (i + 1) * length)
+            for start, length, count in segment_runs(num_steps, segments) for i in range(count)]
 
 
 def _run_plainly(steps: Sequence[Step], state: State, args: tuple[Any, ...]) -> State:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from gnnspec import ir
+from gnnspec.errors import SpecError
 from gnnspec.lower.stages import Stage, build_stage
 from gnnspec.lower.widths import ResolvedStage, resolve_widths
 from gnnspec.ops import GraphCache
@@ -92,6 +93,25 @@ def _count(parameters) -> int:
     return sum(p.numel() for p in {id(p): p for p in parameters}.values())
 
 
+MAX_BUILT_DEPTH = 10**6
+"""The deepest stack :func:`build_model` makes. Every layer is a module call per forward (and,
+untied, its own modules), so a deeper stack would take hours per step or hang while being built;
+the estimator answers at any depth."""
+
+
+def _check_buildable(stage: ir.Stage) -> None:
+    if isinstance(stage, ir.Stack) and stage.depth > MAX_BUILT_DEPTH:
+        span = stage.spans.exact("depth") or stage.span()
+        where = {} if span is None else {
+            "line": span.line, "column": span.column,
+            "end_column": span.end_column if span.end_line == span.line else None}
+        raise SpecError(
+            f"a stack of depth {stage.depth:,} is deeper than gnnspec builds ({MAX_BUILT_DEPTH:,} layers at most)",
+            **where,
+            hint="`estimate-mem` answers at any depth; for a weight-tied model of unbounded depth use `deq`",
+        )
+
+
 def build_model(
     spec: ir.Spec,
     in_channels: int | None,
@@ -100,6 +120,8 @@ def build_model(
 ) -> GNNModel:
     """The model of ``spec``. ``plan``: one plan for every stage (where valid), one per resolved
     stage or one per stack, or None for the spec's plans (a stage's own ``plan=`` over the spec-level ``plan``)."""
+    for stage in spec.model:
+        _check_buildable(stage)
     resolved = resolve_widths(spec, in_channels, out_channels)
     if plan is not None:
         plans = ir.runnable_plans([r.stage for r in resolved], plan)

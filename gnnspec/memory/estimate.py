@@ -141,12 +141,16 @@ class Estimate:
 
 
 def format_bytes(n: int | float) -> str:
+    """``n`` bytes in the largest binary unit below it, up to TiB (beyond 10**6 TiB in
+    scientific notation, so a table column stays narrow)."""
     n = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            break
         n /= 1024
-    return f"{n:.2f} TiB"
+    if unit == "B":
+        return f"{n:.0f} B"
+    return f"{n:.3g} {unit}" if abs(n) >= 10**6 else f"{n:.2f} {unit}"
 
 
 _SIZE_TEXT = re.compile(r"([0-9]+(?:_[0-9]+)*(?:\.[0-9]+)?)([A-Za-z]*)")
@@ -272,17 +276,6 @@ def in_skeleton(key: str, shape: dict[str, int], mode: str, grad_in: bool, inner
 
 
 # ---------------------------------------------------------------------------- stages
-
-
-def _segment_bounds(num_steps: int, segments: int) -> list[tuple[int, int]]:
-    k = min(max(int(segments), 1), num_steps)
-    base, extra = divmod(num_steps, k)
-    out, start = [], 0
-    for i in range(k):
-        stop = start + base + (1 if i < extra else 0)
-        out.append((start, stop))
-        start = stop
-    return out
 
 
 def plan_text(plan: ir.Plan) -> str:
@@ -693,29 +686,29 @@ class StageModel:
         without saving and its checkpoint keeps its input; in backward it is recomputed with
         saving just before its backward. The last segment runs plainly. Runs of equal segments
         are composed from three, the middle one repeated in closed form."""
+        from gnnspec.lower.checkpoint import segment_bounds, segment_runs
+
         depth = self.steps()
-        bounds = _segment_bounds(depth, segments)
-        if len(bounds) == 1:  # one segment runs plainly (run_segments): the store program
+        runs = segment_runs(depth, segments)
+        if sum(count for _, _, count in runs) == 1:  # one segment runs plainly (run_segments): store
             return self._stack_program(grad_in)
-        last = len(bounds) - 1
-        # (start, stop, repeat): runs of equal checkpointed segments reduced to first, middle, last
+        # the last segment runs plainly; the checkpointed ones before it are runs of equal length
+        start, length, count = runs[-1]
+        last = (start + (count - 1) * length, start + count * length, 1)
+        checkpointed = runs[:-1] + ([(start, length, count - 1)] if count > 1 else [])
+        # (start, stop, repeat): each run of equal segments reduced to first, middle, last
         plan: list[tuple[int, int, int]] = []
-        i = 0
-        while i < last:
-            j = i
-            while j < last and bounds[j][1] - bounds[j][0] == bounds[i][1] - bounds[i][0]:
-                j += 1
-            run = bounds[i:j]
-            if len(run) >= 4 and self.kind != "dense":
-                plan += [(*run[0], 1), (*run[1], len(run) - 2), (*run[-1], 1)]
+        for start, length, count in checkpointed:
+            if count >= 4 and self.kind != "dense":
+                plan += [(start, start + length, 1), (start + length, start + 2 * length, count - 2),
+                         (start + (count - 1) * length, start + count * length, 1)]
             else:
-                plan += [(*b, 1) for b in run]
-            i = j
-        plan.append((*bounds[last], 1))
+                plan += [(start + i * length, start + (i + 1) * length, 1) for i in range(count)]
+        plan.append(last)
         g, row = self.graph, self.row
         jk_cat, jk_max = self.jk == "cat", self.jk == "max"
         if jk_cat or jk_max:  # the running concatenation grows / maximum is threaded: explicit
-            plan = [(*b, 1) for b in bounds]
+            plan = [(*b, 1) for b in segment_bounds(depth, segments)]
         pre: list[tuple] = []
         extras = self._stage_extras(pre)
         # jk=max: the running maximum is part of the state; each segment's checkpoint keeps the
