@@ -172,6 +172,22 @@ def test_yaml_string_errors_point_into_the_yaml_file():
     assert (info.value.line, info.value.column) == (4, 16)
 
 
+@pytest.mark.parametrize("text, where", [
+    ('model: "rev(op=\\x67at, depth=2) >> rev(op=gatt)"\n', (1, 43)),  # \x67 is g: 4 characters for 1
+    ('model: "rev(op=gat,\\tdepth=2) >> rev(op=gatt)"\n', (1, 41)),
+    ('model: "rev(op=gat, \\\n     depth=2)\n\n   >> rev(op=gatt)"\n', (4, 14)),  # escaped and folded breaks
+    ("model: 'rev(act=''relu'', op=gatt)'\n", (1, 30)),  # '' is one quote
+    ("model: 'rev(act=''relu'')\r\n  >> rev(op=gatt)'\n", (2, 13)),
+])
+def test_yaml_errors_point_at_the_character_in_quoted_strings_with_escapes(text, where):
+    """The column had been off by the escapes' extra characters (1:16, under `\\x67at`, for the first)."""
+    with pytest.raises(gnnspec.SpecError) as info:
+        gnnspec.parse(text, form="yaml")
+    assert (info.value.line, info.value.column) == where
+    line = text.replace("\r\n", "\n").split("\n")[where[0] - 1]
+    assert line[where[1] - 1:].startswith("gatt")
+
+
 def test_spans_are_kept_but_do_not_take_part_in_equality():
     a = gnnspec.parse("model: rev(depth=3)")
     b = gnnspec.parse("\n\nmodel:     rev(\n   depth=3)")

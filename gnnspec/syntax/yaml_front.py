@@ -136,7 +136,11 @@ def _construct(node: yaml.ScalarNode, tag: str, span: Span, label: str) -> bool 
 
 def _parse_scalar(node: yaml.ScalarNode, text: str) -> Node:
     """Parse a YAML string with the expression grammar; positions point into the YAML file."""
-    offsets = _align(node.value, text, node.start_mark.index)
+    offsets = None
+    if node.style in ('"', "'"):
+        offsets = _quoted_offsets(node.value, text, node.start_mark.index, node.style)
+    if offsets is None:
+        offsets = _align(node.value, text, node.start_mark.index)
     try:
         cst = parse_cst(node.value, rule="value")
     except SpecError as err:
@@ -163,6 +167,76 @@ def _align(value: str, text: str, start: int) -> list[int]:
         j = k + 1 if k < len(text) and text[k] == ch else k
     offsets.append(min(j, len(text)))
     return offsets
+
+
+_BREAKS = "\r\n\x85\u2028\u2029"
+
+
+def _quoted_offsets(value: str, text: str, start: int, quote: str) -> list[int] | None:
+    """For each character of a quoted scalar's value, its index in the file text, decoding the
+    scalar as PyYAML's scanner does (escapes such as ``\\x67`` or ``''``, folded line breaks); an
+    escape is placed at its backslash. None when the decoding does not give ``value``."""
+    chars: list[str] = []
+    offsets: list[int] = []
+    i = start + 1
+    n = len(text)
+    while i < n and text[i] != quote or (quote == "'" and text[i:i + 2] == "''"):
+        ch = text[i]
+        if quote == "'" and text[i:i + 2] == "''":
+            chars.append("'"), offsets.append(i)
+            i += 2
+        elif quote == '"' and ch == "\\" and i + 1 < n:
+            code = text[i + 1]
+            if code in yaml.scanner.Scanner.ESCAPE_REPLACEMENTS:
+                chars.append(yaml.scanner.Scanner.ESCAPE_REPLACEMENTS[code]), offsets.append(i)
+                i += 2
+            elif code in yaml.scanner.Scanner.ESCAPE_CODES:
+                width = yaml.scanner.Scanner.ESCAPE_CODES[code]
+                try:
+                    chars.append(chr(int(text[i + 2:i + 2 + width], 16))), offsets.append(i)
+                except ValueError:
+                    return None
+                i += 2 + width
+            elif code in _BREAKS:  # an escaped line break joins with no space; empty lines stay breaks
+                i = _past_break(text, i + 1)
+                while True:
+                    while i < n and text[i] in " \t":
+                        i += 1
+                    if i >= n or text[i] not in _BREAKS:
+                        break
+                    chars.append("\n"), offsets.append(i)
+                    i = _past_break(text, i)
+            else:
+                return None
+        elif ch in " \t" + _BREAKS:
+            j = i
+            while j < n and text[j] in " \t":
+                j += 1
+            if j < n and text[j] in _BREAKS:  # trailing blanks and line breaks fold
+                breaks, first = 0, j
+                while j < n and text[j] in " \t" + _BREAKS:
+                    if text[j] in _BREAKS:
+                        breaks += 1
+                        j = _past_break(text, j)
+                    else:
+                        j += 1
+                folded = " " if breaks == 1 else "\n" * (breaks - 1)
+                chars.extend(folded), offsets.extend([first] * len(folded))
+                i = j
+            else:
+                chars.extend(text[i:j]), offsets.extend(range(i, j))
+                i = j
+        else:
+            chars.append(ch), offsets.append(i)
+            i += 1
+    if "".join(chars) != value:
+        return None
+    return offsets + [i]
+
+
+def _past_break(text: str, i: int) -> int:
+    """The index after the line break at ``i`` (``\\r\\n`` is one)."""
+    return i + 2 if text[i:i + 2] == "\r\n" else i + 1
 
 
 def _value_index(value: str, line: int, column: int) -> int:
