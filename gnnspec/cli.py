@@ -20,7 +20,6 @@ from typing import Any, Callable, Sequence
 
 import gnnspec
 from gnnspec.errors import SpecError
-from gnnspec.format import format_node
 from gnnspec.ir import MAX_SEED, ir_json, uses_batch_norm
 from gnnspec.schema import yaml_form_schema
 from gnnspec.syntax import read_spec_file
@@ -147,17 +146,6 @@ def _requested_plan(args: argparse.Namespace) -> str | None:
     return args.plan or "auto"
 
 
-def _plan_label(model, requested: str | None, spec: gnnspec.Spec) -> str:
-    """The plan shown by compile and train: the request, and what ``auto`` chose."""
-    from gnnspec.ir import Stack
-
-    label = requested or format_node(spec.plan)
-    if label.startswith("auto"):
-        stacks = [s.plan for r, s in zip(model.resolved, model.stages) if isinstance(r.stage, Stack)]
-        label += " -> " + (", ".join(dict.fromkeys(stacks)) or "store")
-    return label
-
-
 def _build(args: argparse.Namespace, spec: gnnspec.Spec, text: str, shown: str, in_channels, out_channels,
            nodes: int | None, edges: int | None):
     """``gnnspec.build`` with the command's plan, budget and graph size; errors placed in the spec."""
@@ -173,7 +161,9 @@ def _build(args: argparse.Namespace, spec: gnnspec.Spec, text: str, shown: str, 
         raise UsageError(str(err)) from None
     except SpecError as err:
         raise _located(err, shown, text) from None
-    return model, _plan_label(model, requested, spec)
+    from gnnspec.train import plan_label
+
+    return model, plan_label(model, requested, spec)
 
 
 class _NoFitExit(Exception):

@@ -81,6 +81,20 @@ def accuracy(out: Tensor, y: Tensor, mask: Tensor) -> float:
     return float((out[mask].argmax(dim=-1) == y[mask]).float().mean())
 
 
+def plan_label(model: nn.Module, requested: Any, spec: ir.Spec) -> str:
+    """The plan ``compile`` and ``train`` report: the requested plan's text (else the spec's), and
+    for ``auto`` what the planner chose for the stacks (``"auto(budget=1GB) -> reversible"``); a
+    request given as plans or an ``Estimate`` reads as the stacks' plans."""
+    from gnnspec.format import format_node
+
+    stacks = [s.plan for r, s in zip(model.resolved, model.stages) if isinstance(r.stage, ir.Stack)]
+    chosen = ", ".join(dict.fromkeys(stacks)) or "store"
+    if requested is not None and not isinstance(requested, str):
+        return chosen
+    label = requested or format_node(spec.plan)
+    return f"{label} -> {chosen}" if label.startswith("auto") else label
+
+
 def train(
     spec: ir.Spec,
     data: GraphData,
@@ -130,7 +144,7 @@ def train(
         optimizer.step()
         losses.append(float(loss.detach()))
 
-    result = TrainResult(spec.name, data.name, "+".join(getattr(model, "plans", ())), epochs, 0, 0.0, 0.0, 0.0, None)
+    result = TrainResult(spec.name, data.name, plan_label(model, plan, spec), epochs, 0, 0.0, 0.0, 0.0, None)
     best_val, stale = -1.0, 0
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
