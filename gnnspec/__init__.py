@@ -70,7 +70,7 @@ def format(spec: Spec | str, *, filename: str = "<spec>", form: str | None = Non
     (``form="yaml"`` or a `.yaml`/`.yml` ``filename``) stays YAML; a `Spec` gives `.gnn` text."""
     if not isinstance(spec, str):
         return _format_module.format_spec(_spec_of(spec, "format"))
-    form = spec_form(form, filename)
+    form = spec_form(form, filename, spec)
     parsed = parse(spec, filename=filename, form=form)
     layout = source_layout(spec, form=form)
     return _format_module.format_spec(parsed, layout, style=form)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from gnnspec.cli import main
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
 
 
 def run(capsys, *argv):
@@ -67,6 +70,26 @@ def test_expr_and_stdin(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"model: rev >> linear\n")))
     code, out, _ = run(capsys, "fmt", "-")
     assert code == 0 and out == "model: rev >> linear\n"
+
+
+def test_a_yaml_spec_on_standard_input_is_read_as_yaml(capsys, monkeypatch):
+    """Standard input has no suffix: text that is not `.gnn` syntax but a YAML mapping is YAML (it
+    had failed as `.gnn`: "expected a stage")."""
+    import io
+
+    def stdin(text: str) -> None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+
+    yaml_text = (SPECS / "revgnn_deep.yaml").read_text()
+    stdin(yaml_text)
+    code, out, _ = run(capsys, "check", "--json", "-")
+    assert code == 0 and json.loads(out) == json.loads(run(capsys, "check", "--json", str(SPECS / "revgnn_deep.gnn"))[1])
+    stdin(yaml_text)
+    code, out, _ = run(capsys, "fmt", "-")
+    assert code == 0 and out == yaml_text  # formatted as YAML, comments kept
+    stdin("model:\n  - linear\n  - rev(op=gatt)\n")
+    code, _, err = run(capsys, "check", "-")
+    assert code == 2 and err.startswith("<stdin>:3:12: unknown op `gatt`")
 
 
 def test_fmt_prints_canonical_text(tmp_path, capsys):

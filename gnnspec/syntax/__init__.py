@@ -27,20 +27,41 @@ def is_yaml_name(filename: str) -> bool:
 SPEC_FORMS = ("gnn", "yaml")
 
 
-def spec_form(form: str | None, filename: str) -> str:
-    """``form`` ("gnn" or "yaml"), or when None the one ``filename``'s suffix names."""
+STDIN_NAME = "<stdin>"
+
+
+def spec_form(form: str | None, filename: str, text: str | None = None) -> str:
+    """``form`` ("gnn" or "yaml"), or when None the one ``filename``'s suffix names. Standard
+    input has no name: its ``text`` is YAML when it is not `.gnn` syntax but is a YAML mapping."""
     if form is None:
+        if filename == STDIN_NAME and text is not None:
+            return "yaml" if _yaml_not_gnn(text) else "gnn"
         return "yaml" if is_yaml_name(filename) else "gnn"
     if form not in SPEC_FORMS:
         raise ValueError(f"unknown spec form {form!r}; valid: {', '.join(SPEC_FORMS)}")
     return form
 
 
+def _yaml_not_gnn(text: str) -> bool:
+    import yaml
+
+    try:
+        parse_cst(text.removeprefix("\ufeff"))
+        return False
+    except SpecError:
+        pass
+    try:
+        return isinstance(yaml.compose(text, Loader=yaml.SafeLoader), yaml.MappingNode)
+    except yaml.YAMLError:
+        return False
+
+
 def parse_text(text: str, *, filename: str = "<spec>", form: str | None = None, name: str | None = None) -> Spec:
-    """The IR of ``text``; ``form`` is "gnn", "yaml" or None (from ``filename``'s suffix)."""
+    """The IR of ``text``; ``form`` is "gnn", "yaml" or None (from ``filename``'s suffix, or for
+    standard input from the text: :func:`spec_form`)."""
     if not isinstance(text, str):
         raise TypeError(f"spec text must be a str, got {type(text).__name__}")
-    form = spec_form(form, filename)
+    form = spec_form(form, filename, text)
     default_name = name or "model"
     if text.startswith("\ufeff"):  # a byte order mark is not part of the text
         text = text[1:]
@@ -99,7 +120,7 @@ def read_spec_file(path: str | Path) -> tuple[str, str]:
     """(text, display name) of a spec file, or of standard input when ``path`` is "-"; at most
     :data:`MAX_SPEC_BYTES`."""
     if str(path) == "-":
-        return decode_spec_bytes(_read_bounded(sys.stdin.buffer, "<stdin>"), "<stdin>"), "<stdin>"
+        return decode_spec_bytes(_read_bounded(sys.stdin.buffer, STDIN_NAME), STDIN_NAME), STDIN_NAME
     p = Path(path)
     try:
         with p.open("rb") as stream:
