@@ -394,14 +394,21 @@ def _write_atomically(path: Path, content: str | Callable[[Any], None], binary: 
     """Write ``content`` (text, or a function writing into a file handle) to ``path`` so that a
     failure leaves the old file, never half a new one, and no temporary file. A symbolic link is
     written through to its target; an existing file keeps its permissions, a new one gets the
-    usual ``0666 & ~umask``. An OSError is a UsageError (exit 2)."""
+    usual ``0666 & ~umask``. A target that exists but is not a regular file (``/dev/null``, a FIFO)
+    is written into, not replaced. An OSError is a UsageError (exit 2)."""
     target = Path(os.path.realpath(path))
+    mode_args = ("wb",) if binary else ("w",)
+    encoding = {} if binary else {"encoding": "utf-8"}
     tmp: str | None = None
     try:
+        if target.exists() and not target.is_file():
+            with open(target, *mode_args, **encoding) as handle:
+                content(handle) if callable(content) else handle.write(content)
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
         mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
+        with os.fdopen(fd, *mode_args, **encoding) as handle:
             content(handle) if callable(content) else handle.write(content)
         os.chmod(tmp, mode)
         os.replace(tmp, target)

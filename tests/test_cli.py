@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,27 @@ def test_fmt_write_keeps_permissions_and_writes_through_a_symlink(tmp_path, caps
     assert run(capsys, "fmt", "--write", str(link))[0] == 0
     assert link.is_symlink() and target.read_text() == "model: rev\n"
     assert target.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_save_into_a_fifo_or_device_writes_into_it_instead_of_replacing_it(tmp_path, capsys):
+    """The atomic writer had renamed a regular file over the FIFO (and, as root, over /dev/null)."""
+    import stat
+    import threading
+
+    regular, fifo = tmp_path / "regular.pt", tmp_path / "pipe.pt"
+    expr = ["compile", "--expr", "rev(depth=2)", "--in", "4", "--out", "2"]
+    assert run(capsys, *expr, "--save", str(regular))[0] == 0
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    assert run(capsys, *expr, "--save", str(fifo))[0] == 0
+    reader.join(timeout=60)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert len(received[0]) == regular.stat().st_size > 0
+    code, _, err = run(capsys, *expr, "--save", "/dev/null")
+    assert code == 0 and stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
 
 @pytest.mark.parametrize("where, message", [
