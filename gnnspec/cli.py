@@ -143,7 +143,22 @@ def _requested_plan(args: argparse.Namespace) -> str | None:
         return args.plan
     if args.plan is not None and not args.plan.strip().startswith("auto"):
         raise UsageError(f"--budget lets the planner choose; it cannot be combined with --plan {args.plan}")
+    _one_budget(args)
     return args.plan or "auto"
+
+
+def _one_budget(args: argparse.Namespace) -> None:
+    """``--budget`` and ``--plan 'auto(budget=...)'`` are two budgets: refused, not one ignored."""
+    from gnnspec.syntax import parse_plan
+
+    if args.budget is None or args.plan is None or not args.plan.strip().startswith("auto"):
+        return
+    try:
+        plan = parse_plan(args.plan)
+    except SpecError:
+        return  # reported where the plan is used, located in its text
+    if getattr(plan, "budget", None) is not None:
+        raise UsageError(f"two budgets: --budget {args.budget} and --plan {args.plan}; give one of them")
 
 
 def _build(args: argparse.Namespace, spec: gnnspec.Spec, text: str, shown: str, in_channels, out_channels,
@@ -337,6 +352,7 @@ def cmd_estimate_mem(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     console = Console(width=max(Console().width, 150))
     try:
+        _one_budget(args)
         est = gnnspec.estimate(spec, nodes=nodes, edges=edges, budget=args.budget, plan=args.plan,
                                in_channels=in_channels, out_channels=out_channels, dtype=args.dtype, device=device)
     except NoFit as err:

@@ -1202,6 +1202,9 @@ def register_op(
         raise TypeError(f"factory for op {name!r} is not callable")
     if graph not in GRAPH_FORMS:
         raise ValueError(f"unknown graph form {graph!r}; known: {', '.join(GRAPH_FORMS)}")
+    if params is not None and not isinstance(params, dict):
+        raise TypeError(f"params of op {name!r} maps each argument's name to its default (a dict), "
+                        f"got {type(params).__name__}")
     op_params = tuple(_infer_param(k, v) for k, v in (params or {}).items())
     signature = OpSignature(name, op_params, heads=heads, builtin=False)
     if heads is not None:

@@ -413,6 +413,17 @@ def test_a_deq_solve_that_stops_at_max_iter_warns_in_one_plain_line(capsys):
     assert "_warn_if_not_converged" not in err  # no source line of gnnspec's code
 
 
+@pytest.mark.parametrize("command", ["compile", "estimate-mem", "train"])
+def test_two_budgets_are_refused_not_one_ignored(capsys, command):
+    """``--plan 'auto(budget=1KiB)' --budget 1GiB`` had planned for 1 GiB without a word."""
+    graph = ["--data", "sbm(nodes=100, edges=300, classes=2, features=4)"] if command == "train" else \
+        ["--in", "4", "--out", "2", "--nodes", "100", "--edges", "300"]
+    code, out, err = run(capsys, command, "--expr", "rev(depth=3)", *graph, "--plan", "auto(budget=1KiB)",
+                         "--budget", "1GiB")
+    assert code == 2 and out == ""
+    assert "two budgets: --budget 1073741824 and --plan auto(budget=1KiB); give one of them" in err
+
+
 def test_train_and_compile_report_a_plan_in_the_same_words(capsys):
     sbm = "sbm(nodes=300, edges=1500, classes=3, features=8)"
     for plan in ("reversible, checkpoint(segments=2)", "store"):

@@ -253,6 +253,9 @@ def test_check_takes_spec_text_as_build_and_estimate_do():
      "unknown device 'tpu'; valid: cpu, cuda"),
     (lambda g: g.estimate(3.5, nodes=10, edges=10), TypeError, "estimate\\(\\) takes a gnnspec.Spec or spec text, got float"),
     (lambda g: g.register_op(123, lambda c: None), TypeError, "an op name is a str, got int"),
+    (lambda g: g.register_op("op5", lambda c: None, params=5), TypeError, "params of op 'op5' maps .* got int"),
+    (lambda g: g.parse("rev", filename=None), TypeError, "filename .* must be a str, got NoneType"),
+    (lambda g: g.format("rev", filename=3), TypeError, "filename .* must be a str, got int"),
 ])
 def test_the_api_refuses_arguments_of_the_wrong_kind_with_a_message(call, error, message):
     """Each of these had raised an AttributeError (or, for ``form``/``device``, was accepted)."""

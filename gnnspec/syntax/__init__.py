@@ -33,6 +33,8 @@ STDIN_NAME = "<stdin>"
 def spec_form(form: str | None, filename: str, text: str | None = None) -> str:
     """``form`` ("gnn" or "yaml"), or when None the one ``filename``'s suffix names. Standard
     input has no name: its ``text`` is YAML when it is not `.gnn` syntax but is a YAML mapping."""
+    if not isinstance(filename, str):
+        raise TypeError(f"filename (the name errors show) must be a str, got {type(filename).__name__}")
     if form is None:
         if filename == STDIN_NAME and text is not None:
             return "yaml" if _yaml_not_gnn(text) else "gnn"
