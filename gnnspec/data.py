@@ -902,7 +902,12 @@ def _graph_from_fields(fields: dict[str, Any], shown: str, seed: int) -> GraphDa
                 mask = mask[:, 0]
             if mask.dim() != 1 or mask.size(0) != n:
                 raise fail(f"`{key}` must be [nodes] booleans, got shape {list(mask.shape)}")
-            masks.append(mask.bool())
+            mask = mask.bool()
+            if y.dim() == 1:
+                mask = mask & (y >= 0)  # an unlabelled node is in no split
+            if not bool(mask.any()):
+                raise fail(f"`{key}` selects no labelled node", "each split needs at least one node with a label >= 0")
+            masks.append(mask)
         train, val, test = masks
     else:
         train, val, test = random_split(y, seed=seed)

@@ -7,6 +7,7 @@ Nothing here downloads: Planetoid reads a temporary read-only copy of the real C
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import stat
@@ -445,6 +446,22 @@ def test_bad_data_arguments_raise_spec_errors(source, message, column, hint, tmp
         assert hint in (error.hint or "")
 
 
+def test_saved_masks_leave_out_unlabelled_nodes(tmp_path) -> None:
+    """A node labelled -1 inside a saved mask had crashed cross-entropy (IndexError: Target -1)."""
+    y = torch.arange(30) % 3
+    y[:5] = -1
+    everything = torch.ones(30, dtype=torch.bool)
+    source = _saved(tmp_path, {"x": torch.randn(30, 4), "edge_index": torch.randint(0, 30, (2, 90)), "y": y,
+                               "train_mask": everything, "val_mask": everything, "test_mask": everything})
+    data = load_data(source)
+    for mask in (data.train_mask, data.val_mask, data.test_mask):
+        assert torch.equal(mask, y >= 0)
+    from gnnspec.train import train
+
+    _, result = train(gnnspec.parse("res+(depth=2)"), data, epochs=2)
+    assert 0.0 <= result.val_acc <= 1.0 and all(math.isfinite(e.loss) for e in result.history)
+
+
 def _saved(tmp_path: Path, obj, name: str = "graph.pt") -> str:
     path = tmp_path / name
     torch.save(obj, path)
@@ -467,6 +484,16 @@ def test_bad_saved_graphs_raise_spec_errors(tmp_path) -> None:
             "has train_mask but no val_mask, test_mask",
         ),
         (_saved(tmp_path, {"x": x, "edge_index": edge_index, "y": Path("p")}, "g.pt"), "does not load safely"),
+        (  # every epoch's loss had been NaN, with exit 0
+            _saved(tmp_path, {"x": x, "edge_index": edge_index, "y": y, "train_mask": y > 5, "val_mask": y >= 0,
+                              "test_mask": y >= 0}, "h.pt"),
+            "`train_mask` selects no labelled node",
+        ),
+        (
+            _saved(tmp_path, {"x": x, "edge_index": edge_index, "y": torch.tensor([0, 1, -1, -1]), "train_mask": y >= 0,
+                              "val_mask": y == 0, "test_mask": torch.tensor([False, False, True, True])}, "i.pt"),
+            "`test_mask` selects no labelled node",
+        ),
         (str(tmp_path), "not a file"),
     ]
     for source, message in cases:
