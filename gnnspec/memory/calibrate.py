@@ -29,6 +29,12 @@ an integer-rational linear function of the shape variables, its element size as 
 ``n`` (it does not), ``ga``/``na`` (parameter gradients already exist: tied weights), ``o`` (under
 ``torch.no_grad``).
 
+**Half precision.** Every piece is recorded a second time in bfloat16 alone, under its key with
+the suffix ``@half`` (:data:`gnnspec.memory.pieces.HALF`), for float16/bfloat16 estimates (``s = 2``):
+torch has no CPU sparse kernels in half precision (the CSR products cast to float32 and back) and
+the fused GAT path takes float32/float64 only (torch-geometric's stock message passing runs), so
+such a step's allocations are not a float32 step's at half the size. float16 allocates as bfloat16.
+
 **Skeletons.** The structure around a chain of units (a residual add, a reversible layer's group
 split, its inverse in backward) is recorded the same way with the chain replaced by a *hole*: an
 autograd function that allocates its output and its input gradient and marks where it runs. The
@@ -69,13 +75,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gnnspec.memory.pieces import op_key
+from gnnspec.memory.pieces import HALF, op_key
 from gnnspec.memory.recorder import AllocationRecorder
 
 TABLE_PATH = Path(__file__).with_name("coefficients.json")
 TABLE_VERSION = 1
 
-DTYPES = {4: torch.float32, 8: torch.float64}
+DTYPES = {4: torch.float32, 8: torch.float64, 2: torch.bfloat16}
 
 # ---------------------------------------------------------------------------- units
 
@@ -430,12 +436,12 @@ def record_rev_back(groups: int, pt: dict[str, int], s: int, first: bool) -> dic
         return raw
 
 
-def calibrate_rev_back(groups: int, first: bool, seed: int = 0) -> dict:
+def calibrate_rev_back(groups: int, first: bool, seed: int = 0, half: bool = False) -> dict:
     rng = random.Random(f"rev_back{groups}:{first}:{seed}")
     points = []
     for k in range(6):
         pt = _points_rev(rng)
-        pt["s"] = 4 if k % 2 == 0 else 8
+        pt["s"] = 2 if half else 4 if k % 2 == 0 else 8
         points.append(pt)
     raws = [record_rev_back(groups, {k: v for k, v in pt.items() if k != "s"}, pt["s"], first) for pt in points]
     label = f"rev_back{groups}{':first' if first else ''}"
@@ -785,7 +791,7 @@ def fit_size(samples: list[tuple[int, Any, Any]], points: list[dict[str, int]], 
 
     ``samples[k] = (nbytes, shape or None, dtype or None)`` at ``points[k]`` (which holds ``s``)."""
     dtypes = [d for _, _, d in samples]
-    model = [ {4: "float32", 8: "float64"}[p["s"]] for p in points]
+    model = [{2: "bfloat16", 4: "float32", 8: "float64"}[p["s"]] for p in points]
     shapes = [sh for _, sh, _ in samples]
     if all(sh is not None for sh in shapes) and len({len(sh) for sh in shapes}) == 1 and all(d is not None for d in dtypes):
         if all(d == m for d, m in zip(dtypes, model)):
@@ -899,13 +905,15 @@ def _fit_tensor_list(raws: list[dict], key: str, points, vars_) -> list[dict]:
     return out
 
 
-def calibrate_unit(unit: UnitDef, seed: int = 0) -> dict:
-    """Record ``unit`` at its shape points in every variant and fit its programs."""
+def calibrate_unit(unit: UnitDef, seed: int = 0, half: bool = False) -> dict:
+    """Record ``unit`` at its shape points in every variant and fit its programs: in float32 and
+    float64 (an element of the model's dtype is ``s`` bytes), or with ``half`` in bfloat16 alone
+    (for the :data:`HALF` piece; an allocation in bfloat16 is ``s``, one in float32 4 bytes)."""
     rng = random.Random(f"{unit.key}:{seed}")
     points = []
     for k in range(unit.npoints):
         pt = unit.points(rng)
-        pt["s"] = 4 if k % 2 == 0 else 8
+        pt["s"] = 2 if half else 4 if k % 2 == 0 else 8
         points.append(pt)
     entry: dict[str, Any] = {"vars": list(unit.vars), "variants": {}}
     base: list[dict] | None = None
@@ -936,14 +944,16 @@ def calibrate_op(name: str, **args: Any) -> list[str]:
             _conv_skeleton("dense", name, args, False), _conv_skeleton("dense", name, args, True)]
     added = []
     for unit in defs:
-        try:
-            entry = calibrate_unit(unit)
-        except Exception:
-            if unit.key.endswith(":wide"):
-                continue  # a factory without `in_channels`: no dense stacks for this op
-            raise
-        pieces.table()[unit.key] = pieces._compile_entry(entry)
-        added.append(unit.key)
+        for half in (False, True):
+            try:
+                entry = calibrate_unit(unit, half=half)
+            except Exception:
+                if unit.key.endswith(":wide"):
+                    break  # a factory without `in_channels`: no dense stacks for this op
+                raise
+            key = unit.key + (HALF if half else "")
+            pieces.table()[key] = pieces._compile_entry(entry)
+            added.append(key)
     pieces._template.cache_clear()
     return added
 
@@ -999,28 +1009,31 @@ def build_table(only: list[str] | None = None, log=print) -> dict[str, Any]:
     defs = unit_defs() + skeleton_defs()
     failed: list[str] = []
     for unit in defs:
-        if only and not any(unit.key.startswith(o) for o in only):
-            continue
-        t0 = time.perf_counter()
-        try:
-            pieces[unit.key] = calibrate_unit(unit)
-        except Exception as err:  # one piece failing should not lose the others
-            failed.append(unit.key)
-            log(f"{unit.key:48s} FAILED: {type(err).__name__}: {err}")
-            continue
-        log(f"{unit.key:48s} {time.perf_counter() - t0:6.2f} s")
-    for groups in (2, 3, 4):
-        for first in (True, False):
-            key = f"skel:rev{groups}:back" + (":first" if first else "")
+        for half in (False, True):
+            key = unit.key + (HALF if half else "")
             if only and not any(key.startswith(o) for o in only):
                 continue
+            t0 = time.perf_counter()
             try:
-                pieces[key] = calibrate_rev_back(groups, first)
-            except Exception as err:
+                pieces[key] = calibrate_unit(unit, half=half)
+            except Exception as err:  # one piece failing should not lose the others
                 failed.append(key)
                 log(f"{key:48s} FAILED: {type(err).__name__}: {err}")
                 continue
-            log(f"{key:48s}")
+            log(f"{key:48s} {time.perf_counter() - t0:6.2f} s")
+    for groups in (2, 3, 4):
+        for first in (True, False):
+            for half in (False, True):
+                key = f"skel:rev{groups}:back" + (":first" if first else "") + (HALF if half else "")
+                if only and not any(key.startswith(o) for o in only):
+                    continue
+                try:
+                    pieces[key] = calibrate_rev_back(groups, first, half=half)
+                except Exception as err:
+                    failed.append(key)
+                    log(f"{key:48s} FAILED: {type(err).__name__}: {err}")
+                    continue
+                log(f"{key:48s}")
     optimizers = previous.get("optimizers", {})
     if not only or any(o.startswith("opt") for o in only):
         optimizers = {

@@ -120,13 +120,26 @@ def has_variant(key: str, variant: str) -> bool:
     return variant in entry(key)["variants"]
 
 
+HALF = "@half"
+"""The key suffix of a piece recorded in half precision (``s = 2``, bfloat16): torch has no CPU
+sparse kernels and gnnspec no fused GAT path in float16/bfloat16, so such a step allocates
+differently (some temporaries in float32, torch-geometric's message tensors), not just half the
+bytes of a float32 one."""
+
+
+def keyed(key: str, shape: dict[str, int]) -> str:
+    """The table key of ``key``'s piece at ``shape``: half precision (``s = 2``) has pieces of its
+    own, since a float16/bfloat16 step keeps some temporaries in float32 and takes other kernels."""
+    return key + HALF if shape.get("s") == 2 else key
+
+
 def param_bytes(key: str, shape: dict[str, int]) -> list[int]:
     """Bytes of each parameter of the piece at ``shape``."""
-    return [evaluate(f, shape) for f in entry(key)["params"]]
+    return [evaluate(f, shape) for f in entry(keyed(key, shape))["params"]]
 
 
 def buffer_bytes(key: str, shape: dict[str, int]) -> list[int]:
-    return [evaluate(f, shape) for f in entry(key)["buffers"]]
+    return [evaluate(f, shape) for f in entry(keyed(key, shape))["buffers"]]
 
 
 @lru_cache(maxsize=4096)
@@ -155,6 +168,7 @@ def _template(key: str, variant: str, shape_items: tuple) -> tuple:
 def instantiate(key: str, variant: str, shape: dict[str, int]) -> tuple[Program, dict[int, dict[str, int]]]:
     """One variant of a piece at ``shape``: the program (fresh storage ids; every named storage a
     role) and, for a skeleton, the storage ids of each hole's ``X``, ``Y``, ``GY``, ``GX``."""
+    key = keyed(key, shape)
     vars_ = entry(key)["vars"]
     fwd_t, bwd_t, holes_t, aliases = _template(key, variant, tuple((v, shape[v]) for v in vars_) + (("s", shape["s"]),))
     names: dict[Any, int] = {}
