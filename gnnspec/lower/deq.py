@@ -144,6 +144,12 @@ def _anderson(g: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: flo
     return tracker
 
 
+def _usable_denominator(denom: Tensor) -> bool:
+    """Whether a Broyden update's denominator can be divided by (a function of its own so that
+    the dry run, whose fake tensors have no values, can answer it)."""
+    return bool(denom != 0 and torch.isfinite(denom))
+
+
 def _broyden(g: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: float) -> _Tracker:
     """Limited-memory "good" Broyden on the residual ``R(x) = g(x) - x``, as in the DEQ papers.
 
@@ -158,29 +164,35 @@ def _broyden(g: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: floa
     V = z0.new_zeros(memory, size)
     used = 0
 
-    def b_mv(y: Tensor) -> Tensor:  # B y
-        return -y + U[:used].transpose(0, 1) @ (V[:used] @ y) if used else -y
+    # Each product allocates one vector; every name is dropped once dead, so that while ``g`` runs
+    # only the residual, the step, the new iterate and the tracker's best are alive besides U, V
+    # (memory: gnnspec.memory.deq counts these).
+    def b_mv(y: Tensor) -> Tensor:  # B y = -y + U^T (V y)
+        return (U[:used].transpose(0, 1) @ (V[:used] @ y)).sub_(y) if used else -y
 
-    def b_rmv(y: Tensor) -> Tensor:  # B^T y
-        return -y + V[:used].transpose(0, 1) @ (U[:used] @ y) if used else -y
+    def b_rmv(y: Tensor) -> Tensor:  # B^T y = -y + V^T (U y)
+        return (V[:used].transpose(0, 1) @ (U[:used] @ y)).sub_(y) if used else -y
 
     x = z0.reshape(-1)
-    gx = g(x.view_as(z0)).reshape(-1)
-    if tracker.record(x, gx) or max_iter <= 1:
+    r = g(x.view_as(z0)).reshape(-1)  # g(x), then the residual in its place
+    if tracker.record(x, r) or max_iter <= 1:
         return tracker
-    r = gx - x
+    r = r.sub_(x) if r.data_ptr() != x.data_ptr() else r - x
     for _ in range(1, max_iter):
-        dx = -b_mv(r)
+        dx = b_mv(r).neg_()
         x_new = x + dx
-        gx_new = g(x_new.view_as(z0)).reshape(-1)
-        if tracker.record(x_new, gx_new):
+        del x
+        r_new = g(x_new.view_as(z0)).reshape(-1)
+        if tracker.record(x_new, r_new):
             break
-        r_new = gx_new - x_new
+        r_new = r_new.sub_(x_new) if r_new.data_ptr() != x_new.data_ptr() else r_new - x_new
         dr = r_new - r
+        del r
         vt = b_rmv(dx)
         denom = torch.dot(vt, dr)
-        if denom != 0 and torch.isfinite(denom):
-            u = (dx - b_mv(dr)) / denom
+        if _usable_denominator(denom):
+            u = dx - b_mv(dr)
+            u.div_(denom)
             if used == memory:
                 # Restart from B = -I when the memory is full: dropping only the oldest pair (a
                 # ring buffer) leaves an inconsistent B that stalls on rotating, slowly
@@ -188,7 +200,10 @@ def _broyden(g: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: floa
                 used = 0
             U[used], V[used] = u, vt
             used += 1
+            del u
+        del dr, vt, dx
         x, r = x_new, r_new
+        del x_new, r_new
     return tracker
 
 

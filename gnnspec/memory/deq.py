@@ -115,21 +115,24 @@ def _maybe_compress(f, b, roles, count, extras, x) -> Program:
     return _compress(prog, count, keep)
 
 
-def _solver_buffers(stage, Z: int) -> tuple[int, int]:
-    """(history bytes, working iterates besides the current one) of the solver."""
+def _solver_buffers(stage, Z: int) -> tuple[int, int, int]:
+    """(history bytes, iterates alive while ``g`` runs, iterates the update makes after ``g``
+    returns beyond its output) of the solver. Broyden: the residual, the step, the new iterate and
+    the best while ``g`` runs; then the new residual's difference, ``B^T dx`` and ``u`` with
+    ``B dr``'s product (measured with :class:`~gnnspec.memory.measure.LiveStorageTracker`)."""
     solver = stage.stage.solver
     if solver == "anderson":
-        return 2 * ANDERSON_MEMORY * Z, 3
+        return 2 * ANDERSON_MEMORY * Z, 3, 0
     if solver == "broyden":
         memory = min(BROYDEN_MEMORY, max(stage.stage.max_iter, 1))
-        return 2 * memory * Z, 7
-    return 0, 2
+        return 2 * memory * Z, 4, 3
+    return 0, 2, 0
 
 
 def _solve(stage, Z: int, step_events, z0: int | None = None) -> list[tuple]:
     """A solve's events: its buffers, then a few iterations of ``step_events(z_sid, out_sid)``
     (the map applied to the iterate), with the best iterate cloned on each improvement."""
-    history, working = _solver_buffers(stage, Z)
+    history, working, update = _solver_buffers(stage, Z)
     events: list[tuple] = []
     h = new_sid()
     if history:
@@ -149,6 +152,9 @@ def _solve(stage, Z: int, step_events, z0: int | None = None) -> list[tuple]:
     for _ in range(SOLVER_ITERATIONS_EXPLICIT):
         out = new_sid()
         events += step_events(z, out)
+        if update:
+            t = new_sid()
+            events += [("a", t, update * Z, None), ("r", t)]
         if prev is not None:
             events.append(("r", prev))
         tmp = new_sid()

@@ -71,6 +71,7 @@ def _patched_for_fake_tensors():
     # max_iter iterations and keeps a new best iterate each time, as a slowly converging solve does
     calls = itertools.count(1)
     patch(deq, "_relative_residual", lambda gz, z: 1.0 + 1.0 / next(calls))
+    patch(deq, "_usable_denominator", lambda denom: True)  # every Broyden step updates its history
     try:
         yield
     finally:
