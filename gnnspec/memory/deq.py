@@ -131,9 +131,26 @@ def _solver_buffers(stage, Z: int) -> tuple[int, int, int]:
 
 def _solve(stage, Z: int, step_events, z0: int | None = None) -> list[tuple]:
     """A solve's events: its buffers, then a few iterations of ``step_events(z_sid, out_sid)``
-    (the map applied to the iterate), with the best iterate cloned on each improvement."""
-    history, working, update = _solver_buffers(stage, Z)
+    (the map applied to the iterate), with the best iterate cloned on each improvement.
+
+    In half precision the solver works in float32 (:func:`gnnspec.lower.deq._work_dtype`): its
+    buffers are float32 iterates, it starts from a float32 copy of ``z0`` (held until it returns),
+    the map gets a half copy of the iterate and its half output is copied to float32, and the best
+    iterate is copied back to half at the end."""
+    g = stage.graph
+    half = g.s == 2
     events: list[tuple] = []
+    if half:
+        Z_half, Z = Z, Z * 2
+        z0 = new_sid()
+        events.append(("a", z0, Z, None))
+        inner = step_events
+
+        def step_events(z_sid: int, out_sid: int) -> list[tuple]:
+            z_in, y = new_sid(), new_sid()
+            return ([("a", z_in, Z_half, None)] + inner(z_in, y)
+                    + [("a", out_sid, Z, None), ("r", y), ("r", z_in)])
+    history, working, update = _solver_buffers(stage, Z)
     h = new_sid()
     if history:
         events.append(("a", h, history, None))
@@ -172,6 +189,10 @@ def _solve(stage, Z: int, step_events, z0: int | None = None) -> list[tuple]:
     events += [("r", prev)] + ([("r", z)] if z != z0 else []) + [("r", w) for w in extra_working]
     if history:
         events.append(("r", h))
+    if half:
+        back = new_sid()
+        events += [("a", back, Z_half, None), ("r", best), ("r", z0)]
+        best = back
     return events, best
 
 
