@@ -15,6 +15,41 @@ from gnnspec.ir import PLAN_VALID_FOR, Span
 
 Rule = Callable[[ir.Spec], Iterator[SpecError]]
 
+# What a number means, the hint of an error that finds it out of range.
+_MEANING = {
+    "depth": "the number of layers of the stack",
+    "segments": "the number of checkpointed segments (`checkpoint` alone takes round(sqrt(depth)))",
+    "budget": "the memory the plan may use, such as `16GiB`",
+    "hidden": "a width is a number of channels", "dim": "a width is a number of channels",
+    "in": "a width is a number of channels", "out": "a width is a number of channels",
+    "seed": "a seed is a whole number from 0 to 2**63 - 1",
+    "k": "the number of propagation steps",
+    "alpha": "the weight of the stage's input in each step, e.g. 0.1",
+    "theta": "GCNII's identity-mapping strength, e.g. 0.5",
+    "max_iter": "the most iterations a solve takes",
+    "tol": "the relative residual at which a solve stops, e.g. 1e-4",
+    "weight_decay": "0 disables it; e.g. 5e-4",
+    "lr": "the learning rate, e.g. 0.01",
+    "momentum": "SGD's momentum, e.g. 0.9; 0 disables it",
+    "epochs": "the number of training epochs", "patience": "epochs without improvement before stopping",
+    "nodes": "the graph's size", "edges": "the graph's size",
+    "features": "the number of input features", "classes": "the number of classes",
+}
+
+
+def _out_of_range(span: Span | None, name: str, words: str, value: object, owner: str = "") -> SpecError:
+    """``name`` (of ``owner``, an op) must be ``words``; the hint says what the number means."""
+    of = f" of `{owner}`" if owner else ""
+    return _error(span, f"`{name}`{of} must be {words}, got {value}", _MEANING.get(name))
+
+
+def _op_range_hint(param: ir.OpParam) -> str:
+    default = f"its default is {param.default}" if param.default is not None else ""
+    if param.type == "float":
+        return default or f"a number above {param.minimum:g}"
+    return f"write `{param.name}={param.minimum:g}` or more" + (f" ({default})" if default else "")
+
+
 def _error(span: Span | None, message: str, hint: str | None = None) -> SpecError:
     if span is None:
         return SpecError(message, hint=hint)
@@ -39,23 +74,23 @@ def positive_widths(spec: ir.Spec) -> Iterator[SpecError]:
     for key, field in (("in", "in_"), ("out", "out"), ("hidden", "hidden")):
         value = getattr(spec, field)
         if isinstance(value, int) and value < 1:
-            yield _error(spec.span(key), f"`{key}` must be positive, got {value}")
+            yield _out_of_range(spec.span(key), key, "positive", value)
     for stage in spec.model:
         for name in ("hidden", "dim"):
             value = getattr(stage, name, None)
             if isinstance(value, int) and value < 1:
-                yield _error(stage.span(name), f"`{name}` must be positive, got {value}")
+                yield _out_of_range(stage.span(name), name, "positive", value)
         if isinstance(stage, ir.Mlp):
             for index, value in enumerate(stage.dims):
                 if value < 1:
                     span = stage.spans.exact(f"dims.{index}") or stage.span("dims")
-                    yield _error(span, f"widths in `dims` must be positive, got {value}")
+                    yield _error(span, f"widths in `dims` must be positive, got {value}", _MEANING["dim"])
 
 
 def depth_at_least_one(spec: ir.Spec) -> Iterator[SpecError]:
     for stage in _stacks(spec):
         if stage.depth < 1:
-            yield _error(stage.span("depth"), f"`depth` must be at least 1, got {stage.depth}")
+            yield _out_of_range(stage.span("depth"), "depth", "at least 1", stage.depth)
 
 
 def dropout_in_range(spec: ir.Spec) -> Iterator[SpecError]:
@@ -114,10 +149,11 @@ def op_argument_ranges(spec: ir.Spec) -> Iterator[SpecError]:
             if param.minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
                 too_small = value <= param.minimum if param.type == "float" else value < param.minimum
                 if too_small:
+                    words = f"{'above' if param.type == 'float' else 'at least'} {param.minimum:g}"
                     yield _error(
                         stage.op.span(param.name),
-                        f"`{param.name}` of `{stage.op.name}` must be "
-                        f"{'above' if param.type == 'float' else 'at least'} {param.minimum:g}, got {value}",
+                        f"`{param.name}` of `{stage.op.name}` must be {words}, got {value}",
+                        _op_range_hint(param),
                     )
 
 
@@ -137,7 +173,7 @@ def stage_number_ranges(spec: ir.Spec) -> Iterator[SpecError]:
             checks.append(("weight_decay", stage.weight_decay >= 0.0, "at least 0"))
         for name, ok, words in checks:
             if not ok:
-                yield _error(stage.span(name), f"`{name}` must be {words}, got {getattr(stage, name)}")
+                yield _out_of_range(stage.span(name), name, words, getattr(stage, name))
 
 
 def tie_needs_equal_widths(spec: ir.Spec) -> Iterator[SpecError]:
@@ -229,9 +265,9 @@ def plan_arguments(spec: ir.Spec) -> Iterator[SpecError]:
 def plan_argument_errors(plan: ir.Plan) -> Iterator[SpecError]:
     """``plan``'s arguments out of range: ``segments`` below 1, a ``budget`` that is not positive."""
     if isinstance(plan, ir.Checkpoint) and plan.segments is not None and plan.segments < 1:
-        yield _error(plan.span("segments"), f"`segments` must be at least 1, got {plan.segments}")
+        yield _out_of_range(plan.span("segments"), "segments", "at least 1", plan.segments)
     if isinstance(plan, ir.Auto) and plan.budget is not None and plan.budget < 1:
-        yield _error(plan.span("budget"), f"`budget` must be positive, got {plan.budget}")
+        yield _out_of_range(plan.span("budget"), "budget", "positive", plan.budget)
 
 
 def requested_plan_errors(spec: ir.Spec, plan: ir.Plan, stage: ir.Stage | None = None) -> list[SpecError]:
@@ -265,11 +301,11 @@ def graph_and_training(spec: ir.Spec) -> Iterator[SpecError]:
     ]
     for node, name, ok, words in checks:
         if not ok:
-            yield _error(node.span(name), f"`{name}` must be {words}, got {getattr(node, name)}")
+            yield _out_of_range(node.span(name), name, words, getattr(node, name))
     if spec.seed < 0:
-        yield _error(spec.span("seed"), f"`seed` must be at least 0, got {spec.seed}")
+        yield _out_of_range(spec.span("seed"), "seed", "at least 0", spec.seed)
     elif spec.seed > ir.MAX_SEED:
-        yield _error(spec.span("seed"), f"`seed` must be at most 2**63 - 1, got {spec.seed}")
+        yield _out_of_range(spec.span("seed"), "seed", "at most 2**63 - 1", spec.seed)
 
 
 RULES: tuple[Rule, ...] = (

@@ -68,7 +68,8 @@ MAX_NESTING = 64
 def check_text(text: str) -> None:
     """Reject what no surface form accepts: oversized text and NUL bytes (binary files)."""
     if len(text) > _MAX_TEXT:
-        raise SpecError(f"spec is too long ({len(text)} characters; at most {_MAX_TEXT})")
+        raise SpecError(f"spec is too long ({len(text)} characters; at most {_MAX_TEXT})",
+                        hint="a spec is a few lines; is this the right file?")
     if "\x00" in text:
         line, column = _position_of(text, text.index("\x00"))
         raise SpecError(
@@ -106,7 +107,8 @@ def _check_nesting(text: str) -> None:
             if depth > MAX_NESTING:
                 line, column = _position_of(text, index)
                 raise SpecError(
-                    f"brackets nested more than {MAX_NESTING} levels deep", line=line, column=column
+                    f"brackets nested more than {MAX_NESTING} levels deep", line=line, column=column,
+                    hint="a spec nests calls and lists a few levels deep"
                 )
         elif char in ")]":
             depth = max(depth - 1, 0)
@@ -154,8 +156,15 @@ def _describe_token(token) -> str:
     return f"`{token}`"
 
 
+_GENERAL_HINT = "a spec is `key: value` lines such as `model: linear >> rev(depth=4, op=gcn)`, or one such pipeline"
+
+
 def _hint(unexpected: str, expected: set[str], line_text: str, column: int, after: str) -> str | None:
     starts_line = not line_text[: column - 1].strip()
+    if unexpected == "$END" and line_text.rstrip().endswith(">>"):
+        return "`>>` joins two stages: write the next stage after it, e.g. `>> linear`"
+    if unexpected == "_CHAIN" and starts_line and not line_text.startswith((" ", "\t")):
+        return "a pipeline starts with a stage, e.g. `linear >> rev(depth=4)`; a line that continues a value is indented"
     if unexpected == "_COLON" and "_RPAR" in expected:
         return "arguments are written `name=value`"
     if unexpected == "_COLON":
@@ -209,7 +218,13 @@ def _spec_error(err: UnexpectedInput, text: str) -> SpecError:
             hint = "a byte order mark belongs only at the very start of a file"
         elif not char.isprintable():
             hint = "remove the invisible control character"
-        return SpecError(message, line=err.line, column=err.column, hint=hint)
+        elif char == "." and text[err.pos_in_stream + 1:err.pos_in_stream + 2].isdigit():
+            hint = "a number starts with a digit: write 0.5, not .5"
+        elif char == "%":
+            hint = "write a fraction as a number such as 0.5, not a percentage"
+        elif char == "+" and text[:err.pos_in_stream].rstrip().endswith("res"):
+            hint = "`res+` is one name: no space before `+`"
+        return SpecError(message, line=err.line, column=err.column, hint=hint or _GENERAL_HINT)
     if isinstance(err, UnexpectedToken):
         token = err.token
         expected = set(err.accepts or err.expected or ())
@@ -228,7 +243,7 @@ def _spec_error(err: UnexpectedInput, text: str) -> SpecError:
             line=line,
             column=column,
             end_column=end,
-            hint=_hint(token.type, expected, line_text, column, before),
+            hint=_hint(token.type, expected, line_text, column, before) or _GENERAL_HINT,
         )
     if isinstance(err, UnexpectedEOF):
         line, column = _end_position(text)
@@ -236,6 +251,7 @@ def _spec_error(err: UnexpectedInput, text: str) -> SpecError:
             f"unexpected end of the spec; expected {_expected_words(set(err.expected or ()))}",
             line=line,
             column=column,
+            hint=_GENERAL_HINT,
         )
     return SpecError(str(err), line=getattr(err, "line", 1), column=getattr(err, "column", 1))
 

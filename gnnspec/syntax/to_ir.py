@@ -95,6 +95,16 @@ _TYPE_WORDS = {
 }
 
 
+_TYPE_EXAMPLES = {  # the hint of a value of the wrong type
+    "int": "write a whole number such as 8",
+    "float": "write a number such as 0.5",
+    "bool": "write `true` or `false`",
+    "ints": "write whole numbers in brackets such as [64, 32]",
+    "size": "write a number and a unit: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB",
+    "str": "write a name of letters, digits and `_`",
+}
+
+
 def convert_value(node: Node, kind: dict[str, Any], label: str) -> Any:
     """The typed value of ``node`` for a field of the given kind; `SpecError` when it does not fit."""
     span = node.span
@@ -122,7 +132,8 @@ def convert_value(node: Node, kind: dict[str, Any], label: str) -> Any:
             return value
         if wanted == "float" and node.type in ("int", "float"):
             if not math.isfinite(float(value)):
-                raise error_at(span, f"`{label}` must be a finite number, got `{node.text}`")
+                raise error_at(span, f"`{label}` must be a finite number, got `{node.text}`",
+                               "write a number such as 0.5; inf and nan are not values")
             return float(value)
         if wanted == "bool" and node.type == "bool":
             return value
@@ -130,13 +141,15 @@ def convert_value(node: Node, kind: dict[str, Any], label: str) -> Any:
             return value
         if wanted == "size" and node.type in ("size", "int"):
             if value is None:
-                raise error_at(span, f"`{node.text}` is not a whole number of bytes")
+                raise error_at(span, f"`{node.text}` is not a whole number of bytes",
+                               "write a smaller unit, e.g. 1536MB for 1.5GB")
             return value
     if wanted == "ints" and isinstance(node, ListNode):
         items: list[int] = []
         for item in node.items:
             if not (isinstance(item, Atom) and item.type == "int"):
-                raise error_at(item.span, f"`{label}` must be {_TYPE_WORDS['ints']}, got {describe(item)}")
+                raise error_at(item.span, f"`{label}` must be {_TYPE_WORDS['ints']}, got {describe(item)}",
+                               "every item is a whole number")
             items.append(item.value)
         return tuple(items)
     expected = _TYPE_WORDS.get(wanted, "one of " + ", ".join(map(str, kind["choices"])))
@@ -146,7 +159,7 @@ def convert_value(node: Node, kind: dict[str, Any], label: str) -> Any:
         expected += " or `auto`"
     elif kind["none"]:
         expected += " or `none`"
-    hint = None
+    hint = _TYPE_EXAMPLES.get(wanted)
     if wanted == "int" and isinstance(node, Atom) and node.type == "float":
         hint = f"`{label}` counts something: write a whole number"
     raise error_at(span, f"`{label}` must be {expected}, got {describe(node)}", hint)
@@ -206,7 +219,8 @@ def _callee(node: Node, what: str) -> tuple[str, tuple[Arg, ...], Span, Span]:
         return node.name, node.args, node.span, node.name_span
     if isinstance(node, Atom) and node.type in ("name", "auto", "none"):
         return node.text, (), node.span, node.span
-    raise error_at(node.span, f"expected {what}, got {describe(node)}")
+    raise error_at(node.span, f"expected {what}, got {describe(node)}",
+                   "a name, or a name with `name=value` arguments in parentheses; no quotes")
 
 
 def convert_op(node: Node) -> ir.Op:
@@ -294,7 +308,8 @@ def _convert_entry(key: str, node: Node) -> Any:
             )
         return model(spans=Spans({"": node.span, **spans}), **values)
     if isinstance(node, Kwargs):
-        raise error_at(node.span, f"`{key}` takes one value, not a `name=value` list")
+        raise error_at(node.span, f"`{key}` takes one value, not a `name=value` list",
+                       "only `graph` and `train` take a list of settings")
     return convert_value(node, _field_kind(ir.Spec, field), key)
 
 

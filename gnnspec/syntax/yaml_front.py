@@ -44,6 +44,7 @@ def entries_from_yaml(text: str) -> tuple[Entry, ...] | Node:
     if not isinstance(root, yaml.MappingNode):
         raise SpecError(
             "a YAML spec must be a mapping of keys such as `model`",
+            hint="e.g. `model: linear >> rev(depth=4)` on its own line",
             line=root.start_mark.line + 1,
             column=root.start_mark.column + 1,
         )
@@ -53,6 +54,7 @@ def entries_from_yaml(text: str) -> tuple[Entry, ...] | Node:
         if not (isinstance(key, yaml.ScalarNode) and key.tag == _TAG + "str"):
             raise SpecError(
                 "keys are names such as `model`",
+                hint="valid keys: name, in, out, hidden, model, graph, plan, train, dtype, seed",
                 line=key_span.line,
                 column=key_span.column,
             )
@@ -129,7 +131,8 @@ def _construct(node: yaml.ScalarNode, tag: str, span: Span, label: str) -> bool 
     if type(value) is not {"bool": bool, "int": int, "float": float}[tag]:
         words = {"bool": "`true` or `false`", "int": "an integer", "float": "a number"}[tag]
         raise SpecError(
-            f"`{label}` must be {words}, got `{node.value}` (YAML tag `!!{tag}`)", line=span.line, column=span.column
+            f"`{label}` must be {words}, got `{node.value}` (YAML tag `!!{tag}`)", line=span.line, column=span.column,
+            hint=f"remove the `!!{tag}` tag, or give a value it fits"
         )
     return value
 
