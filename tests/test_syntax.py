@@ -188,6 +188,17 @@ def test_yaml_errors_point_at_the_character_in_quoted_strings_with_escapes(text,
     assert line[where[1] - 1:].startswith("gatt")
 
 
+def test_yaml_null_and_free_text_names_are_read_as_the_schema_describes_them():
+    """The schema gives `patience` as integer or null and `name` as a string; `patience: null` had
+    been "has no value" and `name: 'my model'` a syntax error."""
+    spec = gnnspec.parse("name: 'my model'\nmodel: linear\ntrain:\n  patience: null\n", form="yaml")
+    assert spec.name == "my model" and spec.train.patience is None
+    assert gnnspec.parse(gnnspec.format(spec), form="gnn") == spec
+    assert gnnspec.parse("name: '\"x y\"'\nmodel: linear\n", form="yaml").name == "x y"  # the .gnn quoting
+    with pytest.raises(gnnspec.SpecError, match="`hidden` has no value"):
+        gnnspec.parse("model: linear\nhidden:\n", form="yaml")
+
+
 def test_spans_are_kept_but_do_not_take_part_in_equality():
     a = gnnspec.parse("model: rev(depth=3)")
     b = gnnspec.parse("\n\nmodel:     rev(\n   depth=3)")

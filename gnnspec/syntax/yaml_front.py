@@ -105,6 +105,8 @@ def _value(node: yaml.Node, text: str, key: str | None = None) -> Node:
             return flat[0] if len(flat) == 1 else Pipeline(flat, span)
         return ListNode(items, span)
     tag = node.tag[len(_TAG):] if node.tag.startswith(_TAG) else node.tag
+    if tag == "null" and node.value.strip():  # `null` or `~` written out: YAML's none, as `none`
+        return Atom("none", None, node.value, span)
     if tag == "null" or (tag == "str" and not node.value.strip()):
         raise SpecError(
             f"`{key or 'value'}` has no value",
@@ -112,11 +114,25 @@ def _value(node: yaml.Node, text: str, key: str | None = None) -> Node:
             column=span.column,
             hint="give it a value or leave the key out",
         )
+    if tag == "str" and key == "name":
+        return _name_scalar(node, text, span)
     if tag == "str":
         return _parse_scalar(node, text)
     value = _construct(node, tag, span, key or "value")
     kind = {bool: "bool", int: "int", float: "float"}[type(value)]
     return Atom(kind, value, node.value, span)
+
+
+def _name_scalar(node: yaml.ScalarNode, text: str, span: Span) -> Node:
+    """A ``name`` is a name or a quoted string as in a `.gnn` file, else (the schema says a
+    string) the YAML string itself: ``name: 'my model'``."""
+    try:
+        parsed = _parse_scalar(node, text)
+    except SpecError:
+        parsed = None
+    if isinstance(parsed, Atom) and parsed.type in ("name", "string"):
+        return parsed
+    return Atom("string", node.value, node.value, span)
 
 
 def _construct(node: yaml.ScalarNode, tag: str, span: Span, label: str) -> bool | int | float:
