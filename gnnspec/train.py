@@ -83,12 +83,13 @@ def accuracy(out: Tensor, y: Tensor, mask: Tensor) -> float:
 
 def plan_label(model: nn.Module, requested: Any, spec: ir.Spec) -> str:
     """The plan ``compile`` and ``train`` report: the requested plan's text (else the spec's), and
-    for ``auto`` what the planner chose for the stacks (``"auto(budget=1GB) -> reversible"``); a
-    request given as plans or an ``Estimate`` reads as the stacks' plans."""
+    for ``auto`` what the planner chose, one plan per stack as ``--plan`` takes them
+    (``"auto(budget=1GB) -> checkpoint(segments=8), reversible"``); a request given as plans or an
+    ``Estimate`` reads as the stacks' plans."""
     from gnnspec.format import format_node
 
-    stacks = [s.plan for r, s in zip(model.resolved, model.stages) if isinstance(r.stage, ir.Stack)]
-    chosen = ", ".join(dict.fromkeys(stacks)) or "store"
+    stacks = [s.plan_text for r, s in zip(model.resolved, model.stages) if isinstance(r.stage, ir.Stack)]
+    chosen = ", ".join(stacks) or "store"
     if requested is not None and not isinstance(requested, str):
         return chosen
     label = requested or format_node(spec.plan)
@@ -149,7 +150,8 @@ def train(
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         tic = time.perf_counter()
-        if epoch == 2:  # steady state: optimizer state exists, the first step's caches are warm
+        if epoch == min(2, epochs):  # steady state: optimizer state exists, the first step's caches are warm
+            # (with one epoch, its step: the peak then includes making the optimizer state)
             optimizer.zero_grad(set_to_none=True)
             result.peak_bytes = peak_of_step(step, model, optimizer, x, edge_index, y, train_mask)
         else:

@@ -424,6 +424,25 @@ def test_two_budgets_are_refused_not_one_ignored(capsys, command):
     assert "two budgets: --budget 1073741824 and --plan auto(budget=1KiB); give one of them" in err
 
 
+def test_the_planned_label_lists_one_plan_per_stack_and_can_be_given_back(capsys):
+    """It had dropped repeated plans ("auto -> store, unroll" for three stacks) and segment counts."""
+    expr = "res+(depth=16) >> rev(depth=4) >> plain(depth=2)"
+    size = ["--in", "4", "--out", "3", "--nodes", "20000", "--edges", "400000", "--budget", "90MB", "--json"]
+    code, out, _ = run(capsys, "estimate-mem", "--expr", expr, *size)
+    chosen = json.loads(out)["chosen"]
+    assert chosen.count(",") == 2 and "checkpoint(segments=" in chosen
+    code, out, _ = run(capsys, "compile", "--expr", expr, *size)
+    assert code == 0 and json.loads(out)["plan"] == f"auto -> {chosen}"
+    code, out, _ = run(capsys, "compile", "--expr", expr, *size[:-3], "--plan", chosen, "--json")
+    assert code == 0 and json.loads(out)["plan"] == chosen
+
+
+def test_train_of_one_epoch_measures_its_step(capsys):
+    code, out, _ = run(capsys, "train", "--expr", "res+(depth=2)", "--data",
+                       "sbm(nodes=300, edges=1500, classes=3, features=8)", "--epochs", "1", "--json")
+    assert code == 0 and json.loads(out)["peak_bytes"] > 0  # had been null
+
+
 def test_train_and_compile_report_a_plan_in_the_same_words(capsys):
     sbm = "sbm(nodes=300, edges=1500, classes=3, features=8)"
     for plan in ("reversible, checkpoint(segments=2)", "store"):

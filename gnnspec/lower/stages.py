@@ -40,6 +40,12 @@ class Stage(nn.Module):
         """The prepared graph forms this stage's convolutions read."""
         return set()
 
+    @property
+    def plan_text(self) -> str:
+        """The plan as a spec writes it, ``checkpoint(segments=k)`` with the segments it runs."""
+        segments = getattr(self, "segments", None)
+        return f"checkpoint(segments={segments})" if self.plan == "checkpoint" and segments is not None else self.plan
+
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, plan={self.plan!r}"
 
