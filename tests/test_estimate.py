@@ -100,6 +100,20 @@ HALF_GRID = [
 ]
 
 
+def test_a_registered_op_is_calibrated_in_the_precision_estimated() -> None:
+    from torch_geometric.nn import GraphConv
+
+    from gnnspec.memory import pieces
+    from gnnspec.train import measure_spec
+
+    gnnspec.register_op("halfconv", lambda c, in_channels=None: GraphConv(in_channels or c, c))
+    spec = gnnspec.parse("res+(op=halfconv, depth=2, norm=layer)")
+    est = estimate_spec(spec, nodes=600, edges=3000, in_channels=8, out_channels=3, plan="store", dtype="bfloat16")
+    assert "op:halfconv@half" in pieces.table() and "op:halfconv" not in pieces.table()  # only what is used
+    measured = measure_spec(spec, nodes=600, edges=3000, plan="store", in_channels=8, out_channels=3, dtype="bfloat16")
+    assert abs(est.plans[0].peak_bytes - measured.peak_bytes) <= 0.01 * measured.peak_bytes
+
+
 @pytest.mark.parametrize("expr, dtype, plan", HALF_GRID)
 def test_half_precision_estimates_match_the_measured_peak(expr, dtype, plan) -> None:
     """float16/bfloat16 steps have calibrated pieces of their own (17-72% low when they were float32

@@ -933,8 +933,14 @@ def calibrate_unit(unit: UnitDef, seed: int = 0, half: bool = False) -> dict:
 
 def calibrate_op(name: str, **args: Any) -> list[str]:
     """Calibrate an op registered with :func:`gnnspec.register_op` (or any op at non-default
-    arguments) in this process, adding its pieces to the loaded table so that estimates can use
-    it; returns the keys added. Takes a few seconds (fake tensors: no data is allocated)."""
+    arguments) in this process, in float32/float64 and in half precision, adding its pieces to the
+    loaded table so that estimates can use it; returns the keys added. Takes a few seconds per
+    precision (fake tensors: no data is allocated)."""
+    return calibrate_op_pieces(name, args, (False, True))
+
+
+def calibrate_op_pieces(name: str, args: dict[str, Any], precisions: tuple[bool, ...]) -> list[str]:
+    """:func:`calibrate_op` for the precisions given (False: float32/float64, True: half)."""
     from gnnspec.ir import OP_SIGNATURES
     from gnnspec.memory import pieces
 
@@ -944,7 +950,7 @@ def calibrate_op(name: str, **args: Any) -> list[str]:
             _conv_skeleton("dense", name, args, False), _conv_skeleton("dense", name, args, True)]
     added = []
     for unit in defs:
-        for half in (False, True):
+        for half in precisions:
             try:
                 entry = calibrate_unit(unit, half=half)
             except Exception:

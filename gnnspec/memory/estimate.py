@@ -327,9 +327,9 @@ class StageModel:
 
         op = self.stage.op
         key = op_key(op.name, dict(op.args))
-        _calibrated(key, op)
         g = self.graph
         shape = {"N": g.nodes, "E": g.edges, "O": width, "s": g.s}
+        _calibrated(key, op, shape)
         heads = op.heads
         if heads is not None:
             shape.update(H=heads, C=width // heads)
@@ -1337,14 +1337,15 @@ def _modelled(stage: StageModel, plan: ir.Plan) -> ir.Plan:
     return ir.Unroll(kind="unroll") if plan.kind == "store" and stage.kind == "deq" else plan
 
 
-def _calibrated(key: str, op: ir.Op) -> None:
-    """Make sure the table holds ``key``, the pieces of ``op`` at its arguments: the shipped table
-    has the built-in ops at the arguments that change memory only at their defaults (``cheb(k=2)``,
-    ``egc(bases=4)``), so other arguments, and registered ops, are calibrated here on first use
-    (a few seconds, once per process; :func:`gnnspec.memory.calibrate.calibrate_op`)."""
+def _calibrated(key: str, op: ir.Op, shape: dict[str, int]) -> None:
+    """Make sure the table holds ``key``, the pieces of ``op`` at its arguments, in the precision
+    of ``shape``: the shipped table has the built-in ops at the arguments that change memory only
+    at their defaults (``cheb(k=2)``, ``egc(bases=4)``), so other arguments, and registered ops,
+    are calibrated here on first use (a few seconds, once per process and precision;
+    :func:`gnnspec.memory.calibrate.calibrate_op_pieces`)."""
     from gnnspec.memory import pieces
 
-    if key not in pieces.table():
-        from gnnspec.memory.calibrate import calibrate_op
+    if pieces.keyed(key, shape) not in pieces.table():
+        from gnnspec.memory.calibrate import calibrate_op_pieces
 
-        calibrate_op(op.name, **dict(op.args))
+        calibrate_op_pieces(op.name, dict(op.args), (pieces.keyed(key, shape) != key,))
