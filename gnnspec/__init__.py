@@ -121,13 +121,16 @@ def register_op(name: str, factory, **options) -> None:
 
 
 def estimate(spec: Spec | str, *, nodes: int, edges: int, budget=None, plan=None, in_channels=None,
-             out_channels=None, dtype=None, optimizer=None, device=None):
+             out_channels=None, dtype=None, optimizer=None, device=None, self_loops: int = 0):
     """The training-step memory of every plan on a graph of ``nodes``/``edges`` (SPEC.md section 5),
     analytically, without running the model; ``.chosen`` is the fastest plan that fits ``budget``
     (default: the spec's ``auto(budget=...)``). ``device="cuda"`` counts the CUDA caching
-    allocator's rounding. Raises ``gnnspec.plan.NoFit`` when nothing fits."""
+    allocator's rounding. ``self_loops``: how many of the edges are self-loops (the graph is
+    otherwise taken to have none; ops that add a self-loop to every node replace them). Raises
+    ``gnnspec.plan.NoFit`` when nothing fits."""
     from gnnspec.plan import estimate_with_planner
 
     spec = _spec_of(spec, "estimate")
     return estimate_with_planner(spec, nodes=nodes, edges=edges, budget=budget, plan=plan, in_channels=in_channels,
-                                 out_channels=out_channels, dtype=dtype, optimizer=optimizer, device=device)
+                                 out_channels=out_channels, dtype=dtype, optimizer=optimizer, device=device,
+                                 self_loops=self_loops)

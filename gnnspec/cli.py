@@ -331,10 +331,11 @@ def cmd_estimate_mem(args: argparse.Namespace) -> int:
         raise UsageError("give both --nodes and --edges")
     if args.data is not None and args.nodes is not None:
         raise UsageError("give --nodes/--edges or --data, not both")
-    data = None
+    data, self_loops = None, 0
     if args.data is not None:
         data = _data(args, spec, text, shown)
         nodes, edges = data.num_nodes, data.num_edges
+        self_loops = int((data.edge_index[0] == data.edge_index[1]).sum())
         in_channels, out_channels = data.num_features, data.num_classes
     elif args.nodes is not None:
         nodes, edges = args.nodes, args.edges
@@ -354,7 +355,8 @@ def cmd_estimate_mem(args: argparse.Namespace) -> int:
     try:
         _one_budget(args)
         est = gnnspec.estimate(spec, nodes=nodes, edges=edges, budget=args.budget, plan=args.plan,
-                               in_channels=in_channels, out_channels=out_channels, dtype=args.dtype, device=device)
+                               in_channels=in_channels, out_channels=out_channels, dtype=args.dtype, device=device,
+                               self_loops=self_loops)
     except NoFit as err:
         if err.estimate is not None:
             if args.json:

@@ -301,7 +301,7 @@ def plan_spec(spec: ir.Spec | str, *, nodes: int, edges: int, budget: int | str 
 
 
 def estimate_with_planner(spec, *, nodes, edges, budget=None, plan=None, in_channels=None, out_channels=None,
-                          dtype=None, optimizer=None, device=None):
+                          dtype=None, optimizer=None, device=None, self_loops=0):
     """:func:`gnnspec.memory.estimate.estimate_spec` with ``auto``'s default budget, raising
     :class:`NoFit` when a budget is set and nothing fits."""
     from gnnspec.memory.estimate import estimate_spec
@@ -313,17 +313,18 @@ def estimate_with_planner(spec, *, nodes, edges, budget=None, plan=None, in_chan
     plan = requested_plan(spec, plan)
     budget_bytes, device = resolve_budget(spec, budget, device=device, device_memory=plan is None)
     est = estimate_spec(spec, nodes=nodes, edges=edges, in_channels=in_channels, out_channels=out_channels,
-                        budget=budget_bytes, plan=plan, dtype=dtype, optimizer=optimizer, device=device or "cpu")
+                        budget=budget_bytes, plan=plan, dtype=dtype, optimizer=optimizer, device=device or "cpu",
+                        self_loops=self_loops)
     if budget_bytes is not None and est.chosen is None:
         err = no_fit(spec, est, nodes=nodes, edges=edges, in_channels=in_channels, out_channels=out_channels,
-                     dtype=dtype, optimizer=optimizer, device=device or "cpu")
+                     dtype=dtype, optimizer=optimizer, device=device or "cpu", self_loops=self_loops)
         err.estimate = est  # the table of every plan, for the command line to print
         raise err
     return est
 
 
 def no_fit(spec: ir.Spec, est, *, nodes: int, edges: int, in_channels=None, out_channels=None, dtype=None,
-           optimizer=None, device="cpu") -> NoFit:
+           optimizer=None, device="cpu", self_loops: int = 0) -> NoFit:
     """The :class:`NoFit` for an estimate where nothing fits, with what would make it fit."""
     from gnnspec.memory.estimate import estimate_spec, format_bytes
 
@@ -334,7 +335,8 @@ def no_fit(spec: ir.Spec, est, *, nodes: int, edges: int, in_channels=None, out_
         try:
             e = estimate_spec(candidate, nodes=kw.get("nodes", nodes), edges=kw.get("edges", edges),
                               in_channels=in_channels, out_channels=out_channels, budget=budget,
-                              dtype=kw.get("dtype", dtype), optimizer=optimizer, device=device)
+                              dtype=kw.get("dtype", dtype), optimizer=optimizer, device=device,
+                              self_loops=kw.get("self_loops", self_loops))
         except Exception:
             return None
         return e.chosen_plan
@@ -379,7 +381,7 @@ def no_fit(spec: ir.Spec, est, *, nodes: int, edges: int, in_channels=None, out_
     for _ in range(12):
         mid = (lo + hi) / 2
         n, e = max(1, int(nodes * mid)), max(1, int(edges * mid))
-        if fits(spec, nodes=n, edges=e):
+        if fits(spec, nodes=n, edges=e, self_loops=min(e, int(self_loops * mid))):
             best, lo = (n, e), mid
         else:
             hi = mid

@@ -22,7 +22,9 @@ Nothing here runs a model. The step is replayed as a timeline of storage allocat
 Before the step live: parameters and buffers, optimizer state, ``x`` (spec dtype),
 ``edge_index`` (int64), labels (int64), the prepared graph (:func:`gnnspec.ops.prepared_bytes`:
 ``E + N`` columns per edge-index form, two CSR matrices of ``E + N`` or ``E`` entries per CSR
-form; exact for a graph without self-loops or duplicate edges). Stacks of repeated layers are
+form; exact for a graph without duplicate edges whose self-loops, if any, are counted by
+``self_loops``: ``estimate-mem --data`` counts them, forms and ops that add a self-loop to every
+node replace them). Stacks of repeated layers are
 composed from three layers, the middle one repeated in closed form, so a 1001-layer stack costs
 what a 3-layer one does.
 """
@@ -191,6 +193,13 @@ class Graph:
     edges: int
     s: int  # element size of the spec dtype
     device: str = "cpu"
+    loops: int = 0  # edges that are self-loops
+
+    @property
+    def prepared_edges(self) -> int:
+        """The edge count the prepared forms and the ops' pieces are calibrated in: edges other
+        than self-loops (the forms that add a self-loop to every node replace the given ones)."""
+        return self.edges - self.loops
 
 
 class Unit:
@@ -328,7 +337,7 @@ class StageModel:
         op = self.stage.op
         key = op_key(op.name, dict(op.args))
         g = self.graph
-        shape = {"N": g.nodes, "E": g.edges, "O": width, "s": g.s}
+        shape = {"N": g.nodes, "E": g.prepared_edges, "O": width, "s": g.s}
         _calibrated(key, op, shape)
         heads = op.heads
         if heads is not None:
@@ -361,7 +370,7 @@ class StageModel:
             return (norm + act + mask + [self._conv_unit(h)]) * self.stage.depth
         if kind == "gcnii":
             norm, act, drop = self._glue(h)
-            return drop + [Unit("op:gcn2", N=g.nodes, E=g.edges, D=h, s=g.s)] + norm + act
+            return drop + [Unit("op:gcn2", N=g.nodes, E=g.prepared_edges, D=h, s=g.s)] + norm + act
         in_width = h * (layer + 1) if kind == "dense" else h
         if layer == 0:
             in_width = self.resolved.in_width  # plain(project=false) starts at the input width
@@ -473,7 +482,7 @@ class StageModel:
             return chain_units([Unit(key, N=g.nodes, D=width, s=g.s)], mode, grad_in, False)
         if kind in ("appnp", "sgc"):
             k = st.k
-            return chain_units([Unit(f"{kind}:{k}", N=g.nodes, E=g.edges, D=self.resolved.in_width, s=g.s)],
+            return chain_units([Unit(f"{kind}:{k}", N=g.nodes, E=g.prepared_edges, D=self.resolved.in_width, s=g.s)],
                                mode, grad_in, False)
         if kind == "deq":
             return self._deq_program(plan, grad_in)
@@ -913,7 +922,7 @@ class StageModel:
     def forward_cost(self) -> float:
         """A relative forward cost: edge work plus dense work, per layer."""
         g = self.graph
-        n, e = g.nodes, g.edges
+        n, e = g.nodes, g.prepared_edges
         kind = self.kind
         if kind in ("linear",):
             return n * self.resolved.in_width * self.resolved.out_width
@@ -1142,11 +1151,13 @@ class ModelEstimator:
 
     def __init__(self, spec: ir.Spec, *, nodes: int, edges: int, in_channels: int | None = None,
                  out_channels: int | None = None, dtype: str | None = None, optimizer: str | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", self_loops: int = 0) -> None:
         from gnnspec.lower.widths import declared_widths, resolve_widths
 
         if not (_whole(nodes, 1) and _whole(edges, 0)):
             raise ValueError(f"a graph needs nodes >= 1 and edges >= 0 (integers), got nodes={nodes!r}, edges={edges!r}")
+        if not (_whole(self_loops, 0) and self_loops <= edges):
+            raise ValueError(f"self_loops must be a whole number from 0 to edges ({edges}), got {self_loops!r}")
         if dtype is not None and dtype not in DTYPE_BYTES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_BYTES)}")
         if optimizer is not None and optimizer not in get_args(ir.OptimizerName):
@@ -1155,7 +1166,7 @@ class ModelEstimator:
         self.spec = spec
         self.dtype = dtype or spec.dtype
         self.resolved = resolve_widths(spec, *declared_widths(spec, in_channels, out_channels))
-        self.graph = Graph(int(nodes), int(edges), DTYPE_BYTES[self.dtype], device)
+        self.graph = Graph(int(nodes), int(edges), DTYPE_BYTES[self.dtype], device, int(self_loops))
         self.stages = [StageModel(r, spec, self.graph, i) for i, r in enumerate(self.resolved)]
         self.in_width = self.resolved[0].in_width
         self.out_width = self.resolved[-1].out_width
@@ -1193,7 +1204,7 @@ class ModelEstimator:
                 elif st.kind in ("appnp", "sgc"):
                     forms.add(graph_form(st.kind))
             inputs = (g.nodes * self.in_width * g.s + 2 * g.edges * 8 + g.nodes * 8
-                      + prepared_bytes(forms, g.nodes, g.edges, g.s))
+                      + prepared_bytes(forms, g.nodes, g.prepared_edges, g.s))
             if g.device == "cuda":
                 params, buffers = _cuda_rounded_all(params), _cuda_rounded_all(buffers)
                 state = sum((_cuda_rounded(int(per_byte * b)) + (CUDA_BLOCK if fixed else 0)) * n
@@ -1289,8 +1300,9 @@ def assignment_name(plans: Sequence[ir.Plan], stages: Sequence[StageModel]) -> s
 def estimate_spec(spec: ir.Spec | str, *, nodes: int, edges: int, in_channels: int | None = None,
                   out_channels: int | None = None, budget: int | str | None = None,
                   plan: ir.Plan | str | Sequence[ir.Plan | str] | None = None, dtype: str | None = None,
-                  optimizer: str | None = None, device: str = "cpu") -> Estimate:
-    """Every candidate plan assignment of ``spec`` on a graph of ``nodes``/``edges``, and the
+                  optimizer: str | None = None, device: str = "cpu", self_loops: int = 0) -> Estimate:
+    """Every candidate plan assignment of ``spec`` on a graph of ``nodes``/``edges`` (of which
+    ``self_loops`` are self-loops; otherwise the graph is taken to have none), and the
     fastest whose peak fits ``budget`` (see :mod:`gnnspec.plan`). ``plan`` fixes the assignment
     (one plan, or one per resolved stage or per stack); else the spec's plans are used where it fixes them
     and every candidate is estimated where it says ``auto``."""
@@ -1304,7 +1316,7 @@ def estimate_spec(spec: ir.Spec | str, *, nodes: int, edges: int, in_channels: i
     if budget_bytes is None and isinstance(spec.plan, ir.Auto) and spec.plan.budget is not None and plan is None:
         budget_bytes = spec.plan.budget
     model = ModelEstimator(spec, nodes=nodes, edges=edges, in_channels=in_channels, out_channels=out_channels,
-                           dtype=dtype, optimizer=optimizer, device=device)
+                           dtype=dtype, optimizer=optimizer, device=device, self_loops=self_loops)
     fixed = _parse_plans(plan)
     assignments = candidate_assignments(model, fixed)
     estimates = [plan_estimate(model, a, budget_bytes) for a in assignments]
