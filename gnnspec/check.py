@@ -15,13 +15,13 @@ from gnnspec.ir import PLAN_VALID_FOR, Span
 
 Rule = Callable[[ir.Spec], Iterator[SpecError]]
 
+_WIDTH = "a width is a number of channels"
 # What a number means, the hint of an error that finds it out of range.
 _MEANING = {
     "depth": "the number of layers of the stack",
     "segments": "the number of checkpointed segments (`checkpoint` alone takes round(sqrt(depth)))",
     "budget": "the memory the plan may use, such as `16GiB`",
-    "hidden": "a width is a number of channels", "dim": "a width is a number of channels",
-    "in": "a width is a number of channels", "out": "a width is a number of channels",
+    "hidden": _WIDTH, "dim": _WIDTH, "in": _WIDTH, "out": _WIDTH,
     "seed": "a seed is a whole number from 0 to 2**63 - 1",
     "k": "the number of propagation steps",
     "alpha": "the weight of the stage's input in each step, e.g. 0.1",
@@ -37,10 +37,9 @@ _MEANING = {
 }
 
 
-def _out_of_range(span: Span | None, name: str, words: str, value: object, owner: str = "") -> SpecError:
-    """``name`` (of ``owner``, an op) must be ``words``; the hint says what the number means."""
-    of = f" of `{owner}`" if owner else ""
-    return _error(span, f"`{name}`{of} must be {words}, got {value}", _MEANING.get(name))
+def _out_of_range(span: Span | None, name: str, words: str, value: object) -> SpecError:
+    """``name`` must be ``words``; the hint says what the number means."""
+    return _error(span, f"`{name}` must be {words}, got {value}", _MEANING.get(name))
 
 
 def _op_range_hint(param: ir.OpParam) -> str:

@@ -335,7 +335,7 @@ def cmd_estimate_mem(args: argparse.Namespace) -> int:
     if args.data is not None:
         data = _data(args, spec, text, shown)
         nodes, edges = data.num_nodes, data.num_edges
-        self_loops = int((data.edge_index[0] == data.edge_index[1]).sum())
+        self_loops = data.num_self_loops
         in_channels, out_channels = data.num_features, data.num_classes
     elif args.nodes is not None:
         nodes, edges = args.nodes, args.edges
@@ -417,17 +417,18 @@ def _write_atomically(path: Path, content: str | Callable[[Any], None], binary: 
     target = Path(os.path.realpath(path))
     mode_args = ("wb",) if binary else ("w",)
     encoding = {} if binary else {"encoding": "utf-8"}
+    write = content if callable(content) else lambda handle: handle.write(content)
     tmp: str | None = None
     try:
         if target.exists() and not target.is_file():
             with open(target, *mode_args, **encoding) as handle:
-                content(handle) if callable(content) else handle.write(content)
+                write(handle)
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         with os.fdopen(fd, *mode_args, **encoding) as handle:
-            content(handle) if callable(content) else handle.write(content)
+            write(handle)
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except OSError as err:

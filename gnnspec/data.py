@@ -113,6 +113,11 @@ class GraphData:
         return int(self.edge_index.size(1))
 
     @property
+    def num_self_loops(self) -> int:
+        """Columns of ``edge_index`` from a node to itself."""
+        return int((self.edge_index[0] == self.edge_index[1]).sum())
+
+    @property
     def multilabel(self) -> bool:
         return self.y.dim() == 2
 

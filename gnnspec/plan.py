@@ -490,9 +490,8 @@ def _checked_plans_in_text(spec: ir.Spec, text: str, items: list[str], stacks: l
 
 def _checked_plan(plan: Any, errors_of: Callable[[ir.Plan], Iterable[SpecError]]) -> Any:
     """``plan`` (IR or text) as IR; the first of ``errors_of(plan)`` raised, located in its text."""
-    from gnnspec.syntax import parse_plan
-
     from gnnspec.memory.estimate import Estimate
+    from gnnspec.syntax import parse_plan
 
     if plan is None or isinstance(plan, Estimate):
         return plan

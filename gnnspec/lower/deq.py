@@ -144,6 +144,11 @@ def _anderson(g: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: flo
     return tracker
 
 
+def _residual(gx: Tensor, x: Tensor) -> Tensor:
+    """``g(x) - x`` written into ``g(x)``'s storage (no new vector), unless ``g`` returned ``x``."""
+    return gx.sub_(x) if gx.data_ptr() != x.data_ptr() else gx - x
+
+
 def _usable_denominator(denom: Tensor) -> bool:
     """Whether a Broyden update's denominator can be divided by (a function of its own so that
     the dry run, whose fake tensors have no values, can answer it)."""
@@ -177,7 +182,7 @@ def _broyden(g: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: floa
     r = g(x.view_as(z0)).reshape(-1)  # g(x), then the residual in its place
     if tracker.record(x, r) or max_iter <= 1:
         return tracker
-    r = r.sub_(x) if r.data_ptr() != x.data_ptr() else r - x
+    r = _residual(r, x)
     for _ in range(1, max_iter):
         dx = b_mv(r).neg_()
         x_new = x + dx
@@ -185,7 +190,7 @@ def _broyden(g: Callable[[Tensor], Tensor], z0: Tensor, max_iter: int, tol: floa
         r_new = g(x_new.view_as(z0)).reshape(-1)
         if tracker.record(x_new, r_new):
             break
-        r_new = r_new.sub_(x_new) if r_new.data_ptr() != x_new.data_ptr() else r_new - x_new
+        r_new = _residual(r_new, x_new)
         dr = r_new - r
         del r
         vt = b_rmv(dx)

@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gnnspec.memory.pieces import HALF, op_key
+from gnnspec.memory.pieces import op_key, table_key
 from gnnspec.memory.recorder import AllocationRecorder
 
 TABLE_PATH = Path(__file__).with_name("coefficients.json")
@@ -908,7 +908,7 @@ def _fit_tensor_list(raws: list[dict], key: str, points, vars_) -> list[dict]:
 def calibrate_unit(unit: UnitDef, seed: int = 0, half: bool = False) -> dict:
     """Record ``unit`` at its shape points in every variant and fit its programs: in float32 and
     float64 (an element of the model's dtype is ``s`` bytes), or with ``half`` in bfloat16 alone
-    (for the :data:`HALF` piece; an allocation in bfloat16 is ``s``, one in float32 4 bytes)."""
+    (for the :data:`~gnnspec.memory.pieces.HALF` piece; an allocation in bfloat16 is ``s``, one in float32 4 bytes)."""
     rng = random.Random(f"{unit.key}:{seed}")
     points = []
     for k in range(unit.npoints):
@@ -957,7 +957,7 @@ def calibrate_op_pieces(name: str, args: dict[str, Any], precisions: tuple[bool,
                 if unit.key.endswith(":wide"):
                     break  # a factory without `in_channels`: no dense stacks for this op
                 raise
-            key = unit.key + (HALF if half else "")
+            key = table_key(unit.key, half)
             pieces.table()[key] = pieces._compile_entry(entry)
             added.append(key)
     pieces._template.cache_clear()
@@ -1016,7 +1016,7 @@ def build_table(only: list[str] | None = None, log=print) -> dict[str, Any]:
     failed: list[str] = []
     for unit in defs:
         for half in (False, True):
-            key = unit.key + (HALF if half else "")
+            key = table_key(unit.key, half)
             if only and not any(key.startswith(o) for o in only):
                 continue
             t0 = time.perf_counter()
@@ -1030,7 +1030,7 @@ def build_table(only: list[str] | None = None, log=print) -> dict[str, Any]:
     for groups in (2, 3, 4):
         for first in (True, False):
             for half in (False, True):
-                key = f"skel:rev{groups}:back" + (":first" if first else "") + (HALF if half else "")
+                key = table_key(f"skel:rev{groups}:back" + (":first" if first else ""), half)
                 if only and not any(key.startswith(o) for o in only):
                     continue
                 try:

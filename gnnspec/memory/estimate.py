@@ -1357,7 +1357,8 @@ def _calibrated(key: str, op: ir.Op, shape: dict[str, int]) -> None:
     :func:`gnnspec.memory.calibrate.calibrate_op_pieces`)."""
     from gnnspec.memory import pieces
 
-    if pieces.keyed(key, shape) not in pieces.table():
+    half = shape["s"] == 2
+    if pieces.table_key(key, half) not in pieces.table():
         from gnnspec.memory.calibrate import calibrate_op_pieces
 
-        calibrate_op_pieces(op.name, dict(op.args), (pieces.keyed(key, shape) != key,))
+        calibrate_op_pieces(op.name, dict(op.args), (half,))

@@ -127,10 +127,15 @@ differently (some temporaries in float32, torch-geometric's message tensors), no
 bytes of a float32 one."""
 
 
+def table_key(key: str, half: bool) -> str:
+    """The table key of ``key``'s piece in half precision (``half``) or in float32/float64."""
+    return key + HALF if half else key
+
+
 def keyed(key: str, shape: dict[str, int]) -> str:
     """The table key of ``key``'s piece at ``shape``: half precision (``s = 2``) has pieces of its
     own, since a float16/bfloat16 step keeps some temporaries in float32 and takes other kernels."""
-    return key + HALF if shape.get("s") == 2 else key
+    return table_key(key, shape.get("s") == 2)
 
 
 def param_bytes(key: str, shape: dict[str, int]) -> list[int]:
