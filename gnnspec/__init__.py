@@ -86,6 +86,7 @@ def build(
     edges: int | None = None,
     budget: int | str | None = None,
     device: str | None = None,
+    self_loops: int = 0,
 ):
     """The model of a spec (or spec text): an ``nn.Module`` called as ``model(x, edge_index)``.
 
@@ -95,8 +96,8 @@ def build(
     the same parameters, outputs and gradients.
 
     ``plan="auto"`` (or the spec's ``plan: auto(...)`` when ``plan`` is None) runs the planner
-    (SPEC.md section 4) on a graph of ``nodes``/``edges`` (default: the spec's ``graph:``) under
-    ``budget`` (default: the one in ``auto(budget=...)``, else the free memory of the CUDA device;
+    (SPEC.md section 4) on a graph of ``nodes``/``edges`` (default: the spec's ``graph:``; ``self_loops``
+    as :func:`estimate`) under ``budget`` (default: the one in ``auto(budget=...)``, else the free memory of the CUDA device;
     with neither, every stage runs ``store``). Raises ``gnnspec.plan.NoFit`` when nothing fits.
     Parameters are in the spec's ``dtype``.
     """
@@ -107,7 +108,7 @@ def build(
 
     spec = _spec_of(spec, "build")
     plan = plans_for_build(spec, plan, nodes=nodes, edges=edges, budget=budget, in_channels=in_channels,
-                           out_channels=out_channels, device=device)
+                           out_channels=out_channels, device=device, self_loops=self_loops)
     model = build_model(spec, in_channels, out_channels, plan)
     return model.to(getattr(torch, spec.dtype))
 

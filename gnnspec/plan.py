@@ -291,12 +291,14 @@ def resolve_budget(spec: ir.Spec, budget: int | str | None = None, *, auto: ir.A
 
 def plan_spec(spec: ir.Spec | str, *, nodes: int, edges: int, budget: int | str | None = None,
               in_channels: int | None = None, out_channels: int | None = None, dtype: str | None = None,
-              optimizer: str | None = None, device: str | None = None) -> list[ir.Plan]:
+              optimizer: str | None = None, device: str | None = None, self_loops: int = 0) -> list[ir.Plan]:
     """The plan per resolved stage that ``build(plan="auto")`` runs: the fastest assignment whose
     estimated peak fits ``budget`` (default: the spec's ``auto(budget=...)``, else free CUDA
-    memory, else every stack ``store``). Raises :class:`NoFit` when nothing fits."""
+    memory, else every stack ``store``). ``self_loops`` as :func:`gnnspec.estimate`. Raises
+    :class:`NoFit` when nothing fits."""
     est = estimate_with_planner(spec, nodes=nodes, edges=edges, budget=budget, in_channels=in_channels,
-                                out_channels=out_channels, dtype=dtype, optimizer=optimizer, device=device)
+                                out_channels=out_channels, dtype=dtype, optimizer=optimizer, device=device,
+                                self_loops=self_loops)
     return est.chosen_assignment
 
 
@@ -509,10 +511,10 @@ def _checked_plan(plan: Any, errors_of: Callable[[ir.Plan], Iterable[SpecError]]
 
 def plans_for_build(spec: ir.Spec, plan: Any = None, *, nodes: int | None = None, edges: int | None = None,
                     budget: int | str | None = None, in_channels: int | None = None,
-                    out_channels: int | None = None, device: str | None = None) -> Any:
+                    out_channels: int | None = None, device: str | None = None, self_loops: int = 0) -> Any:
     """What ``build`` runs: ``plan`` as given, unless it (or, with no ``plan``, the spec) is
     ``auto``. Then the planner chooses per stage on a graph of ``nodes``/``edges`` (default: the
-    spec's ``graph:``) under ``budget`` (default: ``auto``'s own, else free CUDA memory); with no
+    spec's ``graph:``; ``self_loops`` of its edges are self-loops) under ``budget`` (default: ``auto``'s own, else free CUDA memory); with no
     budget at all every stage runs ``store`` (returns None). Raises :class:`NoFit` when nothing
     fits, :class:`MissingGraphSize` when a budget applies but the graph size is unknown."""
     from gnnspec.memory.estimate import Estimate
@@ -535,4 +537,4 @@ def plans_for_build(spec: ir.Spec, plan: Any = None, *, nodes: int | None = None
         nodes, edges = spec.graph.nodes, spec.graph.edges
     planned = spec.model_copy(update={"plan": ir.Auto(kind="auto", budget=budget_bytes)})
     return plan_spec(planned, nodes=nodes, edges=edges, budget=budget_bytes, in_channels=in_channels,
-                     out_channels=out_channels, device=device)
+                     out_channels=out_channels, device=device, self_loops=self_loops)

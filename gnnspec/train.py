@@ -126,7 +126,7 @@ def train(
         raise ValueError(f"seed must be at most 2**63 - 1, got {seed}")
     torch.manual_seed(seed)
     model = build(spec, data.num_features, data.num_classes, plan=plan, nodes=data.num_nodes, edges=data.num_edges,
-                  budget=budget, device=device).to(device)
+                  self_loops=data.num_self_loops, budget=budget, device=device).to(device)
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     data = data.to(device)
     x, edge_index, y = data.x.to(dtype), data.edge_index, data.y

@@ -417,6 +417,36 @@ def test_estimate_mem_counts_the_self_loops_of_the_data(capsys, tmp_path, expr):
     assert ignored > measured * 1.005  # 300 loops of 9,284 edges taken as ordinary edges
 
 
+def test_train_budget_counts_the_self_loops_of_the_data(capsys, tmp_path):
+    """``train --budget`` plans with the data's self-loops, as ``estimate-mem --data`` estimates:
+    a budget just above the store estimate that counts them runs store, and the estimate that
+    takes them as extra edges would not have fit it (it had chosen checkpoint here)."""
+    import torch
+    from torch_geometric.data import Data
+
+    import gnnspec
+
+    g = torch.Generator().manual_seed(1)
+    n, expr = 1200, "plain(op=gat, depth=4, hidden=32, norm=layer)"
+    src = torch.randint(0, n, (6000,), generator=g)
+    pairs = torch.unique(torch.stack([src, (src + torch.randint(1, n, (6000,), generator=g)) % n]), dim=1)
+    loops = torch.arange(n)
+    path = tmp_path / "loops.pt"
+    torch.save(Data(x=torch.randn(n, 8), edge_index=torch.cat([pairs, torch.stack([loops, loops])], dim=1),
+                    y=torch.randint(0, 3, (n,)), train_mask=torch.ones(n, dtype=torch.bool),
+                    val_mask=torch.ones(n, dtype=torch.bool), test_mask=torch.ones(n, dtype=torch.bool)), path)
+    code, out, _ = run(capsys, "estimate-mem", "--expr", expr, "--data", str(path), "--plan", "store", "--json")
+    store = json.loads(out)["plans"][0]["peak_bytes"]
+    edges = pairs.size(1) + n
+    as_edges = gnnspec.estimate(expr, nodes=n, edges=edges, in_channels=8, out_channels=3,
+                                plan="store").plans[0].peak_bytes
+    budget = store + (as_edges - store) // 4
+    assert as_edges > budget  # the loops counted as edges would not fit
+    code, out, _ = run(capsys, "train", "--expr", expr, "--data", str(path), "--epochs", "1", "--budget", str(budget),
+                       "--json")
+    assert code == 0 and json.loads(out)["plan"] == "auto -> store"
+
+
 def test_estimate_mem_takes_the_graph_from_data(capsys):
     sbm = "sbm(nodes=1500, edges=12000, classes=4, features=16)"
     code, out, _ = run(capsys, "estimate-mem", "--expr", TWO, "--data", sbm, "--json", "--measure")
