@@ -863,7 +863,8 @@ class CsrGATConv(GATConv):
 
     The formula is torch-geometric's: ``e_ij = leaky_relu(a_src . W x_j + a_dst . W x_i)``,
     ``alpha_ij = softmax over the edges into i``, attention dropout, ``out_i = sum_j alpha_ij W x_j + b``
-    per head. Weights, bias, state dict and every step of ``forward`` are ``GATConv``'s; the edge
+    per head. Weights, bias and state dict are ``GATConv``'s, and so is ``forward`` but for the two
+    attention scores, computed by one product (:meth:`forward`); the edge
     update is ``GATConv.edge_update``'s formula (leaky ReLU, torch-geometric's segment softmax over
     the row pointer, attention dropout drawn edge-major as the stock layer draws it) computed
     head-major, ``[H, E]``, which is the layout the aggregation, :class:`_SortedAggregation`, takes
@@ -873,6 +874,27 @@ class CsrGATConv(GATConv):
     """
 
     graph_form = "self_loops"
+
+    def forward(self, x, edge_index, edge_attr=None, size=None, return_attention_weights=None):
+        r"""``GATConv.forward``; on the sorted path (a tensor ``x`` in float32/float64 outside
+        autocast, one shared projection, no residual, edge features or attention weights returned)
+        both attention scores come from one product ``[a_src | a_dst] = (W x) M`` with ``M
+        [H C, 2 H]`` block-diagonal in ``att_src``/``att_dst`` (:func:`_score_matrix`), the value
+        of ``((W x).view(N, H, C) * att).sum(-1)``: one GEMM and, in backward, two, instead of two
+        broadcast products and sums, and their ``[N, H, C]`` temporaries in each direction."""
+        if not (isinstance(x, Tensor) and self.lin is not None and self.res is None
+                and return_attention_weights is None and not torch.is_autocast_enabled(x.device.type)
+                and self._sorted(edge_index, x, edge_attr)):
+            return super().forward(x, edge_index, edge_attr=edge_attr, size=size,
+                                   return_attention_weights=return_attention_weights)
+        heads, channels = self.heads, self.out_channels
+        projected = self.lin(x)
+        scores = projected @ _score_matrix(self.att_src, self.att_dst)
+        alpha = self.edge_updater(edge_index, alpha=(scores[:, :heads], scores[:, heads:]), size=size)
+        nodes = projected.view(-1, heads, channels)
+        out = self.propagate(edge_index, x=(nodes, nodes), alpha=alpha, size=size)
+        out = out.view(-1, heads * channels) if self.concat else out.mean(dim=1)
+        return out if self.bias is None else out + self.bias
 
     @staticmethod
     def _sorted(edge_index: object, like: Tensor, edge_attr: object = None) -> bool:
@@ -903,6 +925,16 @@ class CsrGATConv(GATConv):
             return super().propagate(edge_index, size=size, **kwargs)
         with torch.autocast(x_src.device.type, enabled=False):
             return _SortedAggregation.apply(alpha, x_src, edge_index)
+
+
+def _score_matrix(att_src: Tensor, att_dst: Tensor) -> Tensor:
+    """``M [H C, 2 H]`` with ``M[h C + c, h] = att_src[0, h, c]``, ``M[h C + c, H + h] =
+    att_dst[0, h, c]`` and zeros elsewhere, so that ``(W x) M`` holds both heads' scores."""
+    _, heads, channels = att_src.shape
+    # diag_embed, not a product with an identity: its backward takes a diagonal, while a
+    # broadcast product's reduces (or, at one head, does not): allocations the same for any H
+    both = torch.stack([att_src[0].t(), att_dst[0].t()], dim=1)  # [C, 2, H]
+    return torch.diag_embed(both, dim1=0, dim2=3).view(heads * channels, 2 * heads)
 
 
 def _call_gat(conv: nn.Module, x: Tensor, graph: PreparedGraph) -> Tensor:
