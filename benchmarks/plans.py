@@ -24,7 +24,12 @@ the way gnnspec prepares it (GCN normalisation / self-loops computed once and ca
 so it counts as input data for every method alike); before timing, each peer's eval-mode output
 is compared with gnnspec's (column ``|dout|``), so all methods of a row group compute one function.
 
-Timing: ``torch.set_num_threads(1)``; glibc keeps freed memory mapped (``mallopt``, see
+Timing: ``torch.set_num_threads(1)``; denormal floats flushed to zero
+(``torch.set_flush_denormal(True)``: every round takes an Adam step, and after a few of them a deep
+``plain`` stack's gradients include denormals, on which x86 arithmetic is up to ~100x slower: a
+``plain`` sage step at depth 64 went from 0.45 s to 2.9 s over 8 steps without it, and stayed at
+0.45 s with it, for every method of the cell alike, so the ratios measured the denormals' count,
+not the plans); glibc keeps freed memory mapped (``mallopt``, see
 ``_keep_freed_memory_mapped``: otherwise whichever method runs after a smaller one pays page
 faults a single-model training loop does not; the faults of each timed step are recorded); one
 warm-up step, then ``--repeats`` rounds in which every
@@ -684,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(width=200)
     torch.set_num_threads(args.threads)
+    denormals = "denormals flushed" if torch.set_flush_denormal(True) else "denormals kept (no flush on this CPU)"
     allocator = "glibc: freed memory kept mapped" if _keep_freed_memory_mapped() else "default allocator"
     # Everything imported so far is permanent: keeps gc.collect() (here and in measure_step_peak)
     # from walking torch's module graph, which takes ~0.25 s a call.
@@ -693,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"graph: {args.nodes} nodes, {args.edges} edges, {args.features} features, {args.classes} classes; "
         f"hidden {args.hidden}, groups {args.groups}, norm layer, dropout {args.dropout}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {allocator}; {args.repeats} rounds per cell"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {allocator}, {denormals}; "
+        f"{args.repeats} rounds per cell"
     )
     start = time.perf_counter()
     rows: list[Row] = []
