@@ -882,9 +882,10 @@ class CsrGATConv(GATConv):
         [H C, 2 H]`` block-diagonal in ``att_src``/``att_dst`` (:func:`_score_matrix`), the value
         of ``((W x).view(N, H, C) * att).sum(-1)``: one GEMM and, in backward, two, instead of two
         broadcast products and sums, and their ``[N, H, C]`` temporaries in each direction."""
-        if not (isinstance(x, Tensor) and self.lin is not None and self.res is None
-                and return_attention_weights is None and not torch.is_autocast_enabled(x.device.type)
-                and self._sorted(edge_index, x, edge_attr)):
+        # getattr: `res` (a residual projection) is newer than some torch-geometric releases we accept
+        plain_layer = getattr(self, "lin", None) is not None and getattr(self, "res", None) is None
+        if not (isinstance(x, Tensor) and plain_layer and return_attention_weights is None
+                and not torch.is_autocast_enabled(x.device.type) and self._sorted(edge_index, x, edge_attr)):
             return super().forward(x, edge_index, edge_attr=edge_attr, size=size,
                                    return_attention_weights=return_attention_weights)
         heads, channels = self.heads, self.out_channels
