@@ -96,9 +96,9 @@ def build(
     the same parameters, outputs and gradients.
 
     ``plan="auto"`` (or the spec's ``plan: auto(...)`` when ``plan`` is None) runs the planner
-    (SPEC.md section 4) on a graph of ``nodes``/``edges`` (default: the spec's ``graph:``; ``self_loops``
-    as :func:`estimate`) under ``budget`` (default: the one in ``auto(budget=...)``, else the free memory of the CUDA device;
-    with neither, every stage runs ``store``). Raises ``gnnspec.plan.NoFit`` when nothing fits.
+    (SPEC.md section 4) on a graph of ``nodes``/``edges`` (default: the spec's ``graph:``;
+    ``self_loops`` as :func:`estimate`) under ``budget`` (default: the one in ``auto(budget=...)``,
+    else the free memory of the CUDA device; with neither, every stage runs ``store``). Raises ``gnnspec.plan.NoFit`` when nothing fits.
     Parameters are in the spec's ``dtype``.
     """
     import torch

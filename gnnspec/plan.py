@@ -514,8 +514,9 @@ def plans_for_build(spec: ir.Spec, plan: Any = None, *, nodes: int | None = None
                     out_channels: int | None = None, device: str | None = None, self_loops: int = 0) -> Any:
     """What ``build`` runs: ``plan`` as given, unless it (or, with no ``plan``, the spec) is
     ``auto``. Then the planner chooses per stage on a graph of ``nodes``/``edges`` (default: the
-    spec's ``graph:``; ``self_loops`` of its edges are self-loops) under ``budget`` (default: ``auto``'s own, else free CUDA memory); with no
-    budget at all every stage runs ``store`` (returns None). Raises :class:`NoFit` when nothing
+    spec's ``graph:``; ``self_loops`` of its edges are self-loops) under ``budget`` (default:
+    ``auto``'s own, else free CUDA memory); with no budget at all every stage runs ``store``
+    (returns None). Raises :class:`NoFit` when nothing
     fits, :class:`MissingGraphSize` when a budget applies but the graph size is unknown."""
     from gnnspec.memory.estimate import Estimate
 

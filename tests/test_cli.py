@@ -388,22 +388,31 @@ def test_a_one_node_graph_with_batch_norm_is_refused_before_running(capsys, expr
     assert code == 0 and json.loads(out)["graph"]["nodes"] == 1
 
 
+def _saved_graph_with_loops(tmp_path, n: int, *, pairs: int, loop_step: int, seed: int, masks: bool = False):
+    """A saved ``Data`` (8 features, 3 classes) of ``n`` nodes: up to ``pairs`` distinct random edges
+    between different nodes, then a self-loop on every ``loop_step``-th node; with ``masks``, train,
+    validation and test masks of every node. Returns ``(path, edges without loops, loop nodes)``."""
+    import torch
+    from torch_geometric.data import Data
+
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(0, n, (pairs,), generator=g)
+    edges = torch.unique(torch.stack([src, (src + torch.randint(1, n, (pairs,), generator=g)) % n]), dim=1)
+    loops = torch.arange(0, n, loop_step)
+    split = {name: torch.ones(n, dtype=torch.bool) for name in ("train_mask", "val_mask", "test_mask")} if masks else {}
+    path = tmp_path / "loops.pt"
+    torch.save(Data(x=torch.randn(n, 8), edge_index=torch.cat([edges, torch.stack([loops, loops])], dim=1),
+                    y=torch.randint(0, 3, (n,)), **split), path)
+    return path, edges, loops
+
+
 @pytest.mark.parametrize("expr", ["plain(op=gat, depth=2)", "appnp(k=2)"])
 def test_estimate_mem_counts_the_self_loops_of_the_data(capsys, tmp_path, expr):
     """A saved graph's self-loops are replaced, not added to, where gat and gcn-like ops add a
     self-loop to every node; the estimate had counted them as extra edges (8% high for appnp on
     a saved graph with 1,900 loops among 21,900 edges)."""
-    import torch
-    from torch_geometric.data import Data
-
-    g = torch.Generator().manual_seed(0)
     n = 1500
-    src = torch.randint(0, n, (9000,), generator=g)
-    pairs = torch.unique(torch.stack([src, (src + torch.randint(1, n, (9000,), generator=g)) % n]), dim=1)
-    loops = torch.arange(0, n, 5)
-    path = tmp_path / "loops.pt"
-    torch.save(Data(x=torch.randn(n, 8), edge_index=torch.cat([pairs, torch.stack([loops, loops])], dim=1),
-                    y=torch.randint(0, 3, (n,))), path)
+    path, pairs, loops = _saved_graph_with_loops(tmp_path, n, pairs=9000, loop_step=5, seed=0)
     code, out, _ = run(capsys, "estimate-mem", "--expr", expr, "--data", str(path), "--measure", "--plan", "store",
                        "--json")
     data = json.loads(out)
@@ -421,20 +430,10 @@ def test_train_budget_counts_the_self_loops_of_the_data(capsys, tmp_path):
     """``train --budget`` plans with the data's self-loops, as ``estimate-mem --data`` estimates:
     a budget just above the store estimate that counts them runs store, and the estimate that
     takes them as extra edges would not have fit it (it had chosen checkpoint here)."""
-    import torch
-    from torch_geometric.data import Data
-
     import gnnspec
 
-    g = torch.Generator().manual_seed(1)
     n, expr = 1200, "plain(op=gat, depth=4, hidden=32, norm=layer)"
-    src = torch.randint(0, n, (6000,), generator=g)
-    pairs = torch.unique(torch.stack([src, (src + torch.randint(1, n, (6000,), generator=g)) % n]), dim=1)
-    loops = torch.arange(n)
-    path = tmp_path / "loops.pt"
-    torch.save(Data(x=torch.randn(n, 8), edge_index=torch.cat([pairs, torch.stack([loops, loops])], dim=1),
-                    y=torch.randint(0, 3, (n,)), train_mask=torch.ones(n, dtype=torch.bool),
-                    val_mask=torch.ones(n, dtype=torch.bool), test_mask=torch.ones(n, dtype=torch.bool)), path)
+    path, pairs, _ = _saved_graph_with_loops(tmp_path, n, pairs=6000, loop_step=1, seed=1, masks=True)
     code, out, _ = run(capsys, "estimate-mem", "--expr", expr, "--data", str(path), "--plan", "store", "--json")
     store = json.loads(out)["plans"][0]["peak_bytes"]
     edges = pairs.size(1) + n
