@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from gnnspec import ir
 from gnnspec.errors import SpecError
+from gnnspec.memory.segments import PeakBySegments, fitted_peak
 
 MAX_COMBINATIONS = 64
 
@@ -67,7 +68,7 @@ def _candidates(model, stage) -> list[ir.Plan]:
         if k == "store":
             out.append(ir.Unroll(kind="unroll") if stage.kind == "deq" else ir.Store(kind="store"))
         elif k == "checkpoint":
-            out.append(ir.Checkpoint(kind="checkpoint", segments=stage.default_segments()))
+            out.append(ir.Checkpoint(kind="checkpoint", segments=model.default_segments(stage.index)))
         elif k == "unroll":
             continue  # `store` already is unroll for deq
         else:
@@ -159,30 +160,14 @@ def _fewest_segments(model, estimate, budget_bytes: int):
             trial[i] = ir.Checkpoint(kind="checkpoint", segments=k)
             return model.estimate(trial)[0]
 
-        peak = _PeakBySegments(exact)
+        peak = PeakBySegments(exact)
         if p.segments:
             peak.known[min(p.segments, steps)] = estimate.peak_bytes
         plans[i] = ir.Checkpoint(kind="checkpoint", segments=_segments_for(peak, steps, budget_bytes))
     return plan_estimate(model, plans, budget_bytes)
 
 
-class _PeakBySegments:
-    """The exact estimated peak by segment count, each count estimated once."""
-
-    def __init__(self, exact) -> None:
-        self.exact = exact
-        self.known: dict[int, int] = {}
-
-    def __call__(self, k: int) -> int:
-        if k not in self.known:
-            self.known[k] = self.exact(k)
-        return self.known[k]
-
-    def lowest(self) -> int:
-        return min(self.known, key=lambda k: (self.known[k], k))
-
-
-def _segments_for(at: _PeakBySegments, steps: int, budget_bytes: int) -> int:
+def _segments_for(at: PeakBySegments, steps: int, budget_bytes: int) -> int:
     """The fewest segments ``k`` in ``1..steps`` with ``at(k) <= budget_bytes``, else the ``k`` with
     the lowest peak (the peak is taken to fall, then rise, with ``k``)."""
     if steps <= 4:
@@ -201,38 +186,19 @@ def _segments_for(at: _PeakBySegments, steps: int, budget_bytes: int) -> int:
 
 
 def _modelled_segments(samples: list[tuple[int, int]], steps: int, budget_bytes: int) -> tuple[int, bool] | None:
-    """From exact peaks at three counts, ``a + b k + c ceil(steps / k)`` fitted and searched: the
-    fewest ``k`` it says fits (and True), else its lowest point (and False). None when singular."""
-    if len(samples) < 3:
+    """From exact peaks at three counts, :func:`fitted_peak` searched: the fewest ``k`` it says
+    fits (and True), else its lowest point (and False). None when singular."""
+    model = fitted_peak(samples, steps)
+    if model is None:
         return None
-    rows = [(1.0, float(k), float(-(-steps // k)), float(y)) for k, y in samples[:3]]
-    coef = _solve3(rows)
-    if coef is None:
-        return None
-    a, b, c = coef
-    predicted = [(k, a + b * k + c * -(-steps // k)) for k in range(1, steps + 1)]
+    predicted = [(k, model(k)) for k in range(1, steps + 1)]
     fitting = [k for k, y in predicted if y <= budget_bytes]
     if fitting:
         return fitting[0], True
     return min(predicted, key=lambda kv: (kv[1], kv[0]))[0], False
 
 
-def _solve3(rows: list[tuple[float, float, float, float]]) -> tuple[float, float, float] | None:
-    """Gaussian elimination for three equations ``r[0] a + r[1] b + r[2] c = r[3]``."""
-    m = [list(r) for r in rows]
-    for col in range(3):
-        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
-        if abs(m[pivot][col]) < 1e-12:
-            return None
-        m[col], m[pivot] = m[pivot], m[col]
-        for r in range(3):
-            if r != col:
-                f = m[r][col] / m[col][col]
-                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
-    return tuple(m[r][3] / m[r][r] for r in range(3))  # type: ignore[return-value]
-
-
-def _walk_segments(at: _PeakBySegments, steps: int, budget_bytes: int) -> int:
+def _walk_segments(at: PeakBySegments, steps: int, budget_bytes: int) -> int:
     """Up the powers of two to the first count that fits (or to where the peak rises), then a
     bisection down to the fewest that fit."""
     grid = [2**j for j in range(0, 32) if 2**j < steps] + [steps]
@@ -509,6 +475,32 @@ def _checked_plan(plan: Any, errors_of: Callable[[ir.Plan], Iterable[SpecError]]
     return parsed
 
 
+def with_default_segments(spec: ir.Spec, plan: Any, *, nodes: int | None, edges: int | None,
+                          in_channels: int | None = None, out_channels: int | None = None,
+                          device: str | None = None, self_loops: int = 0) -> Any:
+    """``plan`` (None: the spec's own plans) with each ``checkpoint`` that gives no ``segments``
+    at the count with the lowest estimated peak on a graph of ``nodes``/``edges``
+    (:meth:`gnnspec.memory.estimate.ModelEstimator.default_segments`), as one plan per resolved
+    stage; ``plan`` unchanged when no such checkpoint runs or the graph size is unknown (the
+    lowering then takes ``round(sqrt(depth))``)."""
+    from gnnspec.memory.estimate import ModelEstimator, device_kind
+
+    asked = [plan] if plan is not None and not isinstance(plan, (list, tuple)) else list(plan or ())
+    if plan is None:
+        asked = [spec.plan] + [getattr(stage, "plan", None) for stage in spec.model]
+    if nodes is None or edges is None or not any(isinstance(p, ir.Checkpoint) and p.segments is None for p in asked):
+        return plan
+    model = ModelEstimator(spec, nodes=nodes, edges=edges, in_channels=in_channels, out_channels=out_channels,
+                           device="cpu" if device is None else device_kind(device), self_loops=self_loops)
+    stages = [st.stage for st in model.stages]
+    if plan is not None:
+        runnable = ir.runnable_plans(stages, plan)
+    else:
+        runnable = [ir.runnable_plan(stage, getattr(stage, "plan", None) or spec.plan) for stage in stages]
+    return [ir.Checkpoint(kind="checkpoint", segments=model.default_segments(i))
+            if isinstance(p, ir.Checkpoint) and p.segments is None else p for i, p in enumerate(runnable)]
+
+
 def plans_for_build(spec: ir.Spec, plan: Any = None, *, nodes: int | None = None, edges: int | None = None,
                     budget: int | str | None = None, in_channels: int | None = None,
                     out_channels: int | None = None, device: str | None = None, self_loops: int = 0) -> Any:
@@ -525,7 +517,10 @@ def plans_for_build(spec: ir.Spec, plan: Any = None, *, nodes: int | None = None
     plan = requested_plan(spec, plan)
     auto = plan if isinstance(plan, ir.Auto) else spec.plan if plan is None and isinstance(spec.plan, ir.Auto) else None
     if auto is None:
-        return plan
+        if nodes is None or edges is None:
+            nodes, edges = (spec.graph.nodes, spec.graph.edges) if spec.graph is not None else (None, None)
+        return with_default_segments(spec, plan, nodes=nodes, edges=edges, in_channels=in_channels,
+                                     out_channels=out_channels, device=device, self_loops=self_loops)
     budget_bytes, device = resolve_budget(spec, budget, auto=auto, device=device)
     if budget_bytes is None:
         return None  # no budget: `auto` runs `store`

@@ -1,0 +1,139 @@
+"""Segment counts of a ``checkpoint(segments=k)`` stack, searched on estimated peaks.
+
+The peak of an ``L``-step stack in ``k`` segments is close to ``a + b k + c ceil(L / k)``: the ``k``
+segment inputs (and dropout tapes) kept through the forward, plus one segment's activations
+recomputed in the backward. Three exact estimates fit ``a, b, c`` (:func:`fitted_peak`); the fit
+proposes a count and exact estimates confirm it. Two searches use this:
+
+* :func:`lowest_peak_segments`: the count with the lowest peak, what ``checkpoint`` without
+  ``segments`` runs (:meth:`gnnspec.memory.estimate.ModelEstimator.default_segments`);
+* the planner's fewest count that fits a budget (:mod:`gnnspec.plan`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+__all__ = ["PeakBySegments", "PeakModel", "fitted_peak", "lowest_peak_segments"]
+
+
+class PeakBySegments:
+    """``peak(k)``, the exact estimated peak in ``k`` segments, each count estimated once: bytes,
+    or a tuple of bytes compared in order (the first is the one :func:`fitted_peak` models)."""
+
+    def __init__(self, exact: Callable[[int], Any]) -> None:
+        self.exact = exact
+        self.known: dict[int, Any] = {}
+
+    def __call__(self, k: int) -> Any:
+        if k not in self.known:
+            self.known[k] = self.exact(k)
+        return self.known[k]
+
+    def lowest(self) -> int:
+        """The estimated count with the lowest peak, the fewest among equal peaks."""
+        return min(self.known, key=lambda k: (self.known[k], k))
+
+
+class PeakModel:
+    """``peak(k) = a + b k + c ceil(steps / k)``, fitted by :func:`fitted_peak`."""
+
+    def __init__(self, a: float, b: float, c: float, steps: int) -> None:
+        self.a, self.b, self.c, self.steps = a, b, c, steps
+
+    def __call__(self, k: int) -> float:
+        return self.a + self.b * k + self.c * -(-self.steps // k)
+
+    def lowest(self, exact_up_to: int = 2000) -> int:
+        """The count in ``1..steps`` where the model is lowest: over the ends of each range of
+        counts sharing one ``ceil(steps / k)``, which are ``O(sqrt(steps))``; beyond
+        ``exact_up_to**2`` steps (where one count more or less moves the peak by a vanishing
+        fraction), over those ends near ``sqrt(c steps / b)``, the minimum of ``a + b k + c steps / k``."""
+        steps = self.steps
+        root = math.isqrt(steps)
+        if root <= exact_up_to:
+            firsts = {-(-steps // s) for s in range(1, root + 2)} | set(range(1, root + 2))
+        else:
+            firsts = {1, steps}
+            if self.b > 0 and self.c > 0:
+                smooth = min(steps, max(1, math.isqrt(int(self.c * steps / self.b))))
+                share = -(-steps // smooth)
+                firsts |= {-(-steps // s) for s in range(max(1, share - 4), share + 5)}
+        ends = {k for f in firsts for k in (f - 1, f) if 1 <= k <= steps} | {steps}
+        return min(ends, key=lambda k: (self(k), k))
+
+
+def fitted_peak(samples: list[tuple[int, int]], steps: int) -> PeakModel | None:
+    """The :class:`PeakModel` through three ``(k, peak)`` samples; None when the three do not
+    determine it."""
+    if len(samples) < 3:
+        return None
+    rows = [(1.0, float(k), float(-(-steps // k)), float(y)) for k, y in samples[:3]]
+    coef = _solve3(rows)
+    if coef is None:
+        return None
+    return PeakModel(*coef, steps)
+
+
+def lowest_peak_segments(at: PeakBySegments, steps: int, window: int = 3) -> int:
+    """A count in ``1..steps`` with the lowest ``at(k)`` among those estimated (the fewest among
+    equal peaks). Up to 12 steps, every count; deeper, three counts near the usual minimum
+    (``sqrt(steps)``, twice and four times that) fit :func:`fitted_peak`, whose minimum ``g`` is
+    then searched exactly over ``g - window .. g + window``, the range widened while its lowest
+    peak lies at its edge. The peak is jagged in ``k`` (how ``steps`` divides into ``k``
+    segments changes the last segment's length), so this finds the lowest point of the valley
+    within a few counts, with about a dozen estimates at any depth."""
+    if steps <= 12:
+        for k in range(1, steps + 1):
+            at(k)
+        return at.lowest()
+    root = max(1, round(math.sqrt(steps)))
+    samples = sorted({root, min(steps, 2 * root), min(steps, 4 * root)})
+    model = fitted_peak([(k, _bytes(at(k))) for k in samples], steps)
+    guess = at.lowest() if model is None else model.lowest()
+    lo, hi = max(1, guess - window), min(steps, guess + window)
+    for k in range(lo, hi + 1):
+        at(k)
+    for _ in range(64):  # bounded: each round widens the range 3x or evaluates new counts
+        best = min((k for k in at.known if lo <= k <= hi), key=lambda k: (at.known[k], k))
+        if best == lo and lo > 1:  # the valley goes on below: widen downwards, sparsely
+            lo, hi = max(1, lo - 2 * (hi - lo)), lo
+            trial = _spread(lo, hi, 2 * window + 1)
+        elif best == hi and hi < steps:
+            lo, hi = hi, min(steps, hi + 2 * (hi - lo))
+            trial = _spread(lo, hi, 2 * window + 1)
+        else:  # an inner lowest point: every count around it, then done unless it moves
+            lo, hi = max(1, best - window), min(steps, best + window)
+            trial = [k for k in range(lo, hi + 1) if k not in at.known]
+            if not trial:
+                break
+        for k in trial:
+            at(k)
+    return at.lowest()
+
+
+def _spread(lo: int, hi: int, count: int) -> list[int]:
+    """About ``count`` counts spread evenly over ``lo..hi``, both ends included."""
+    if hi - lo < count:
+        return list(range(lo, hi + 1))
+    return sorted({lo + round(i * (hi - lo) / (count - 1)) for i in range(count)})
+
+
+def _bytes(peak: Any) -> int:
+    return peak[0] if isinstance(peak, tuple) else peak
+
+
+def _solve3(rows: list[tuple[float, float, float, float]]) -> tuple[float, float, float] | None:
+    """Gaussian elimination for three equations ``r[0] a + r[1] b + r[2] c = r[3]``."""
+    m = [list(r) for r in rows]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(3):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
+    return tuple(m[r][3] / m[r][r] for r in range(3))  # type: ignore[return-value]
