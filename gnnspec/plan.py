@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from gnnspec import ir
 from gnnspec.errors import SpecError
-from gnnspec.memory.segments import PeakBySegments, fitted_peak
+from gnnspec.memory.segments import PeakBySegments, fitted_peak, lowest_peak_segments
 
 MAX_COMBINATIONS = 64
 
@@ -61,14 +61,17 @@ class NoFit(Exception):
         return str(self)
 
 
-def _candidates(model, stage) -> list[ir.Plan]:
+def _candidates(model, stage, planned: bool) -> list[ir.Plan]:
     kinds = stage.valid_plans()
     out: list[ir.Plan] = []
     for k in kinds:
         if k == "store":
             out.append(ir.Unroll(kind="unroll") if stage.kind == "deq" else ir.Store(kind="store"))
         elif k == "checkpoint":
-            out.append(ir.Checkpoint(kind="checkpoint", segments=model.default_segments(stage.index)))
+            # under a budget, `choose` gives it the fewest segments that fit: start from the usual
+            # count rather than search for the lowest peak first
+            segments = max(1, round(math.sqrt(stage.steps()))) if planned else model.default_segments(stage.index)
+            out.append(ir.Checkpoint(kind="checkpoint", segments=segments))
         elif k == "unroll":
             continue  # `store` already is unroll for deq
         else:
@@ -76,9 +79,10 @@ def _candidates(model, stage) -> list[ir.Plan]:
     return out
 
 
-def candidate_assignments(model, fixed=None) -> list[list[ir.Plan]]:
+def candidate_assignments(model, fixed=None, planned: bool = False) -> list[list[ir.Plan]]:
     """The plan assignments to estimate: ``fixed`` (a plan, or one per stage or per stack) if given; else, per
-    stage, its own ``plan=``, the spec's plan, or (``auto``) every valid plan."""
+    stage, its own ``plan=``, the spec's plan, or (``auto``) every valid plan. ``planned``: a budget
+    applies, and :func:`choose` will re-plan each checkpoint's segments."""
     if fixed is not None:
         return [model.assignment(fixed)]
     per_stage: list[list[ir.Plan]] = []
@@ -88,7 +92,7 @@ def candidate_assignments(model, fixed=None) -> list[list[ir.Plan]]:
         if chosen.kind != "auto":
             per_stage.append([model.stage_plan(st, chosen)])
         elif st.is_stack:
-            per_stage.append(_candidates(model, st))
+            per_stage.append(_candidates(model, st, planned))
         else:
             per_stage.append([ir.Store(kind="store")])
     total = 1
@@ -169,7 +173,28 @@ def _fewest_segments(model, estimate, budget_bytes: int):
 
 def _segments_for(at: PeakBySegments, steps: int, budget_bytes: int) -> int:
     """The fewest segments ``k`` in ``1..steps`` with ``at(k) <= budget_bytes``, else the ``k`` with
-    the lowest peak (the peak is taken to fall, then rise, with ``k``)."""
+    the lowest peak (:func:`lowest_peak_segments`, what ``checkpoint`` alone runs, so a budget at
+    that peak fits). The peak is taken to fall, then rise, with ``k``, with jags: where the fitted
+    search finds no count that fits, the lowest-peak search checks it, and a bisection below
+    that count finds the fewest that fit."""
+    found = _fewest_fitting(at, steps, budget_bytes)
+    if at(found) <= budget_bytes:
+        return found
+    lowest = lowest_peak_segments(at, steps)
+    if at(lowest) > budget_bytes:
+        return lowest
+    lo, hi = 1, lowest
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if at(mid) <= budget_bytes:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo if at(lo) <= budget_bytes else lowest
+
+
+def _fewest_fitting(at: PeakBySegments, steps: int, budget_bytes: int) -> int:
+    """:func:`_segments_for` from the fitted model and a walk, which may miss a jag that fits."""
     if steps <= 4:
         fitting = [k for k in range(1, steps + 1) if at(k) <= budget_bytes]
         return fitting[0] if fitting else at.lowest()

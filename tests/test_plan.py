@@ -277,3 +277,17 @@ def test_the_segment_search_finds_the_lowest_point_of_a_jagged_peak(steps) -> No
             best = min(range(1, steps + 1), key=lambda k: (peak(k), k))
             assert peak(found) <= peak(best) * 1.001
         assert len(at.known) <= 60  # estimates, not a scan of every count
+
+
+@pytest.mark.parametrize("expr", [LOWEST, "res+(op=gat, depth=40, hidden=32, norm=layer, dropout=0.1)",
+                                  "dense(op=sage, depth=40, hidden=16)"])
+def test_a_budget_at_checkpoints_own_peak_fits(expr) -> None:
+    """The planner's fewest-segments search, with a budget at the peak `checkpoint` alone runs at,
+    finds a count that fits (its fitted model alone had missed the jagged low point)."""
+    alone = estimate_spec(expr, plan="checkpoint", **LOWEST_GRAPH).chosen_plan
+    est = estimate_spec(expr, budget=alone.peak_bytes, **LOWEST_GRAPH)
+    assert est.chosen is not None and est.chosen.startswith("checkpoint")
+    assert est.chosen_plan.peak_bytes <= alone.peak_bytes
+    fewest = next(p.segments for p in est.chosen_assignment if p.kind == "checkpoint")
+    below = estimate_spec(expr, plan=f"checkpoint(segments={fewest - 1})", **LOWEST_GRAPH)
+    assert below.chosen_plan.peak_bytes > alone.peak_bytes  # the fewest segments that fit

@@ -1204,10 +1204,10 @@ class ModelEstimator:
 
     def default_segments(self, index: int) -> int:
         """What ``checkpoint`` without ``segments`` runs for stage ``index`` on this graph: the
-        count with the lowest estimated step peak, the other stages under ``store``; among counts
-        with equal step peaks (another stage's peak above the stack's), the one with the lowest
-        peak of the stack's own step (:meth:`StageModel.stage_peak`), then the fewest
-        (:func:`gnnspec.memory.segments.lowest_peak_segments`).
+        count with the lowest estimated step peak, the other stages under ``store``
+        (:func:`gnnspec.memory.segments.lowest_peak_segments`); among the counts estimated with
+        equal step peaks (another stage's peak above the stack's), the one with the lowest peak of
+        the stack's own step (:meth:`StageModel.stage_peak`), then the fewest.
 
         Each layer keeps several activations and a segment one input, so this lies above
         ``sqrt(depth)``: about 30-40 segments for ``gcn``/``sage``/``gat`` stacks of depth 256
@@ -1217,12 +1217,15 @@ class ModelEstimator:
             stage = self.stages[index]
             others = [_modelled(s, ir.Store(kind="store")) for s in self.stages]
 
-            def exact(k: int) -> tuple[int, int]:
+            def exact(k: int) -> int:
                 plans = list(others)
                 plans[index] = ir.Checkpoint(kind="checkpoint", segments=k)
-                return self.estimate(plans)[0], stage.stage_peak(k)
+                return self.estimate(plans)[0]
 
-            self._default_segments[index] = lowest_peak_segments(PeakBySegments(exact), stage.steps())
+            at = PeakBySegments(exact)
+            found = lowest_peak_segments(at, stage.steps())
+            tied = [k for k, v in at.known.items() if v == at.known[found]]
+            self._default_segments[index] = min(tied, key=lambda k: (stage.stage_peak(k), k)) if len(tied) > 1 else found
         return self._default_segments[index]
 
     # -- the step
@@ -1358,7 +1361,7 @@ def estimate_spec(spec: ir.Spec | str, *, nodes: int, edges: int, in_channels: i
     model = ModelEstimator(spec, nodes=nodes, edges=edges, in_channels=in_channels, out_channels=out_channels,
                            dtype=dtype, optimizer=optimizer, device=device, self_loops=self_loops)
     fixed = _parse_plans(plan)
-    assignments = candidate_assignments(model, fixed)
+    assignments = candidate_assignments(model, fixed, planned=budget_bytes is not None)
     estimates = [plan_estimate(model, a, budget_bytes) for a in assignments]
     chosen = choose(estimates, budget_bytes, model)
     return Estimate(spec.name, model.graph.nodes, model.graph.edges, model.dtype, budget_bytes, estimates,

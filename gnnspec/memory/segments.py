@@ -13,20 +13,19 @@ proposes a count and exact estimates confirm it. Two searches use this:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 __all__ = ["PeakBySegments", "PeakModel", "fitted_peak", "lowest_peak_segments"]
 
 
 class PeakBySegments:
-    """``peak(k)``, the exact estimated peak in ``k`` segments, each count estimated once: bytes,
-    or a tuple of bytes compared in order (the first is the one :func:`fitted_peak` models)."""
+    """``peak(k)``, the exact estimated peak in ``k`` segments, each count estimated once."""
 
-    def __init__(self, exact: Callable[[int], Any]) -> None:
+    def __init__(self, exact: Callable[[int], int]) -> None:
         self.exact = exact
-        self.known: dict[int, Any] = {}
+        self.known: dict[int, int] = {}
 
-    def __call__(self, k: int) -> Any:
+    def __call__(self, k: int) -> int:
         if k not in self.known:
             self.known[k] = self.exact(k)
         return self.known[k]
@@ -90,7 +89,7 @@ def lowest_peak_segments(at: PeakBySegments, steps: int, window: int = 3) -> int
         return at.lowest()
     root = max(1, round(math.sqrt(steps)))
     samples = sorted({root, min(steps, 2 * root), min(steps, 4 * root)})
-    model = fitted_peak([(k, _bytes(at(k))) for k in samples], steps)
+    model = fitted_peak([(k, at(k)) for k in samples], steps)
     guess = at.lowest() if model is None else model.lowest()
     lo, hi = max(1, guess - window), min(steps, guess + window)
     for k in range(lo, hi + 1):
@@ -118,10 +117,6 @@ def _spread(lo: int, hi: int, count: int) -> list[int]:
     if hi - lo < count:
         return list(range(lo, hi + 1))
     return sorted({lo + round(i * (hi - lo) / (count - 1)) for i in range(count)})
-
-
-def _bytes(peak: Any) -> int:
-    return peak[0] if isinstance(peak, tuple) else peak
 
 
 def _solve3(rows: list[tuple[float, float, float, float]]) -> tuple[float, float, float] | None:
