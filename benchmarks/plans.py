@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import re
 import statistics
 import sys
@@ -308,6 +309,7 @@ def spec_of(kind: str, op: str, depth: int, hidden: int, groups: int, dropout: f
 
 
 def build_methods(op: str, depth: int, args: argparse.Namespace, in_ch: int) -> list[Method]:
+    segments = max(1, round(math.sqrt(depth)))
     methods: list[Method] = []
     for kind in args.kinds:
         spec = spec_of(kind, op, depth, args.hidden, args.groups, args.dropout)
@@ -315,12 +317,8 @@ def build_methods(op: str, depth: int, args: argparse.Namespace, in_ch: int) -> 
         built = {}
         for plan in plans:
             torch.manual_seed(args.seed)  # same parameters under every plan (SPEC section 4)
-            # given the graph's size, as `gnnspec train` gives it: `checkpoint` runs the segment
-            # count with the lowest estimated peak on it
-            built[plan] = gnnspec.build(spec, in_channels=in_ch, out_channels=args.classes, plan=plan,
-                                        nodes=args.nodes, edges=args.edges)
+            built[plan] = gnnspec.build(spec, in_channels=in_ch, out_channels=args.classes, plan=plan)
         ref = built["store"]
-        segments = next(s.segments for s in built["checkpoint"].stages if getattr(s, "segments", None))
         methods.append(Method(kind, "gnnspec store", ref, is_base=True))
         methods.append(Method(kind, f"gnnspec checkpoint({segments})", built["checkpoint"], recompute=True))
         if kind == "rev":

@@ -19,7 +19,7 @@ _WIDTH = "a width is a number of channels"
 # What a number means, the hint of an error that finds it out of range.
 _MEANING = {
     "depth": "the number of layers of the stack",
-    "segments": "the number of checkpointed segments (`checkpoint` alone takes the count with the lowest estimated peak)",
+    "segments": "the number of checkpointed segments (`checkpoint` alone takes round(sqrt(depth)))",
     "budget": "the memory the plan may use, such as `16GiB`",
     "hidden": _WIDTH, "dim": _WIDTH, "in": _WIDTH, "out": _WIDTH,
     "seed": "a seed is a whole number from 0 to 2**63 - 1",

@@ -61,17 +61,14 @@ class NoFit(Exception):
         return str(self)
 
 
-def _candidates(model, stage, planned: bool) -> list[ir.Plan]:
+def _candidates(model, stage) -> list[ir.Plan]:
     kinds = stage.valid_plans()
     out: list[ir.Plan] = []
     for k in kinds:
         if k == "store":
             out.append(ir.Unroll(kind="unroll") if stage.kind == "deq" else ir.Store(kind="store"))
         elif k == "checkpoint":
-            # under a budget, `choose` gives it the fewest segments that fit: start from the usual
-            # count rather than search for the lowest peak first
-            segments = max(1, round(math.sqrt(stage.steps()))) if planned else model.default_segments(stage.index)
-            out.append(ir.Checkpoint(kind="checkpoint", segments=segments))
+            out.append(ir.Checkpoint(kind="checkpoint", segments=stage.default_segments()))
         elif k == "unroll":
             continue  # `store` already is unroll for deq
         else:
@@ -79,10 +76,9 @@ def _candidates(model, stage, planned: bool) -> list[ir.Plan]:
     return out
 
 
-def candidate_assignments(model, fixed=None, planned: bool = False) -> list[list[ir.Plan]]:
+def candidate_assignments(model, fixed=None) -> list[list[ir.Plan]]:
     """The plan assignments to estimate: ``fixed`` (a plan, or one per stage or per stack) if given; else, per
-    stage, its own ``plan=``, the spec's plan, or (``auto``) every valid plan. ``planned``: a budget
-    applies, and :func:`choose` will re-plan each checkpoint's segments."""
+    stage, its own ``plan=``, the spec's plan, or (``auto``) every valid plan."""
     if fixed is not None:
         return [model.assignment(fixed)]
     per_stage: list[list[ir.Plan]] = []
@@ -92,7 +88,7 @@ def candidate_assignments(model, fixed=None, planned: bool = False) -> list[list
         if chosen.kind != "auto":
             per_stage.append([model.stage_plan(st, chosen)])
         elif st.is_stack:
-            per_stage.append(_candidates(model, st, planned))
+            per_stage.append(_candidates(model, st))
         else:
             per_stage.append([ir.Store(kind="store")])
     total = 1
@@ -173,10 +169,10 @@ def _fewest_segments(model, estimate, budget_bytes: int):
 
 def _segments_for(at: PeakBySegments, steps: int, budget_bytes: int) -> int:
     """The fewest segments ``k`` in ``1..steps`` with ``at(k) <= budget_bytes``, else the ``k`` with
-    the lowest peak (:func:`lowest_peak_segments`, what ``checkpoint`` alone runs, so a budget at
-    that peak fits). The peak is taken to fall, then rise, with ``k``, with jags: where the fitted
-    search finds no count that fits, the lowest-peak search checks it, and a bisection below
-    that count finds the fewest that fit."""
+    the lowest peak (:func:`lowest_peak_segments`). The peak is taken to fall, then rise, with
+    ``k``, with jags (how ``steps`` divides into ``k`` segments sets the last one's length): where
+    the fitted search finds no count that fits, the lowest-peak search checks, and a bisection
+    below its count finds the fewest that fit; so a budget at the lowest peak of any count fits."""
     found = _fewest_fitting(at, steps, budget_bytes)
     if at(found) <= budget_bytes:
         return found
@@ -500,32 +496,6 @@ def _checked_plan(plan: Any, errors_of: Callable[[ir.Plan], Iterable[SpecError]]
     return parsed
 
 
-def with_default_segments(spec: ir.Spec, plan: Any, *, nodes: int | None, edges: int | None,
-                          in_channels: int | None = None, out_channels: int | None = None,
-                          device: str | None = None, self_loops: int = 0) -> Any:
-    """``plan`` (None: the spec's own plans) with each ``checkpoint`` that gives no ``segments``
-    at the count with the lowest estimated peak on a graph of ``nodes``/``edges``
-    (:meth:`gnnspec.memory.estimate.ModelEstimator.default_segments`), as one plan per resolved
-    stage; ``plan`` unchanged when no such checkpoint runs or the graph size is unknown (the
-    lowering then takes ``round(sqrt(depth))``)."""
-    from gnnspec.memory.estimate import ModelEstimator, device_kind
-
-    asked = [plan] if plan is not None and not isinstance(plan, (list, tuple)) else list(plan or ())
-    if plan is None:
-        asked = [spec.plan] + [getattr(stage, "plan", None) for stage in spec.model]
-    if nodes is None or edges is None or not any(isinstance(p, ir.Checkpoint) and p.segments is None for p in asked):
-        return plan
-    model = ModelEstimator(spec, nodes=nodes, edges=edges, in_channels=in_channels, out_channels=out_channels,
-                           device="cpu" if device is None else device_kind(device), self_loops=self_loops)
-    stages = [st.stage for st in model.stages]
-    if plan is not None:
-        runnable = ir.runnable_plans(stages, plan)
-    else:
-        runnable = [ir.runnable_plan(stage, getattr(stage, "plan", None) or spec.plan) for stage in stages]
-    return [ir.Checkpoint(kind="checkpoint", segments=model.default_segments(i))
-            if isinstance(p, ir.Checkpoint) and p.segments is None else p for i, p in enumerate(runnable)]
-
-
 def plans_for_build(spec: ir.Spec, plan: Any = None, *, nodes: int | None = None, edges: int | None = None,
                     budget: int | str | None = None, in_channels: int | None = None,
                     out_channels: int | None = None, device: str | None = None, self_loops: int = 0) -> Any:
@@ -542,10 +512,7 @@ def plans_for_build(spec: ir.Spec, plan: Any = None, *, nodes: int | None = None
     plan = requested_plan(spec, plan)
     auto = plan if isinstance(plan, ir.Auto) else spec.plan if plan is None and isinstance(spec.plan, ir.Auto) else None
     if auto is None:
-        if nodes is None or edges is None:
-            nodes, edges = (spec.graph.nodes, spec.graph.edges) if spec.graph is not None else (None, None)
-        return with_default_segments(spec, plan, nodes=nodes, edges=edges, in_channels=in_channels,
-                                     out_channels=out_channels, device=device, self_loops=self_loops)
+        return plan
     budget_bytes, device = resolve_budget(spec, budget, auto=auto, device=device)
     if budget_bytes is None:
         return None  # no budget: `auto` runs `store`

@@ -217,13 +217,8 @@ def measure_spec(spec: ir.Spec, *, nodes: int | None = None, edges: int | None =
     torch_dtype = getattr(torch, spec.dtype)
     if data is not None:
         in_channels, out_channels = data.num_features, data.num_classes
-    loops = 0
-    if data is not None:
-        nodes, edges, loops = data.num_nodes, data.num_edges, data.num_self_loops
     torch.manual_seed(seed)
-    # with the graph's size, as `estimate` has it: `checkpoint` alone runs its lowest-peak count
-    model = build(spec, *declared_widths(spec, in_channels, out_channels), plan=plan, nodes=nodes, edges=edges,
-                  self_loops=loops).to(device)
+    model = build(spec, *declared_widths(spec, in_channels, out_channels), plan=plan).to(device)
     if data is not None:
         x, edge_index = data.x.to(torch_dtype), data.edge_index
         y = data.y if data.y.dim() == 1 and bool((data.y >= 0).all()) else torch.randint(out_channels, (data.num_nodes,))

@@ -394,7 +394,7 @@ def test_every_catalogued_error_has_a_hint(text, form):
     ("linear >>", "write the next stage after it"),
     (">> linear", "a pipeline starts with a stage"),
     ("res +", "`res+` is one name: no space before `+`"),
-    ("model: rev\nplan: checkpoint(segments=0)", "`checkpoint` alone takes the count with the lowest estimated peak"),
+    ("model: rev\nplan: checkpoint(segments=0)", "`checkpoint` alone takes round(sqrt(depth))"),
 ])
 def test_range_type_and_syntax_errors_say_what_to_write(text, hint):
     with pytest.raises(SpecError) as info:

@@ -95,8 +95,6 @@ def _layers(build, depth: int, tie: bool) -> tuple[nn.ModuleList, tuple[int, ...
 
 
 def _segments(plan: ir.Checkpoint | None, depth: int) -> int:
-    """The plan's segment count. ``build`` given a graph size sets it to the count with the lowest
-    estimated peak (:func:`gnnspec.plan.with_default_segments`); without one, ``round(sqrt(depth))``."""
     if plan is None or plan.segments is None:
         return max(1, round(math.sqrt(depth)))
     return plan.segments

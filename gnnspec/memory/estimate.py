@@ -41,7 +41,6 @@ from typing import Any, Sequence, get_args
 from gnnspec import ir
 from gnnspec.memory import pieces
 from gnnspec.memory.pieces import buffer_bytes, instantiate, param_bytes
-from gnnspec.memory.segments import PeakBySegments, lowest_peak_segments
 from gnnspec.memory.timeline import Program, chain, new_sid, peak, resolve, substitute, summarize
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -323,16 +322,9 @@ class StageModel:
             return ["store", "checkpoint", "implicit", "unroll"]
         return ["store", "checkpoint"]
 
-    def stage_peak(self, segments: int) -> int:
-        """The peak of this stage's own training step under ``checkpoint(segments=...)``, above
-        what was live before it: from its input to its output, then its output's gradient to its
-        input's (the stages around it, the loss and the optimizer left out)."""
-        prog, _ = self.program(ir.Checkpoint(kind="checkpoint", segments=segments), grad_in=self.index > 0)
-        p = chain([prog])
-        g = self.graph
-        grad_out = ("a", p.roles["GY"], _alloc(g, g.nodes * self.resolved.out_width * g.s), None)
-        fwd, bwd = resolve(p.fwd, [grad_out] + p.bwd, persist={p.roles["Y"]})
-        return peak([("forward", fwd), ("backward", bwd)], {}).bytes
+    def default_segments(self) -> int:
+        depth = self.steps()
+        return max(1, round(math.sqrt(depth)))
 
     def steps(self) -> int:
         return 1 if self.kind == "deq" else self.stage.depth
@@ -495,10 +487,7 @@ class StageModel:
         if kind == "deq":
             return self._deq_program(plan, grad_in)
         if plan.kind == "checkpoint":
-            if plan.segments is None:
-                raise ValueError("a checkpoint without segments reaches the estimate unresolved "
-                                 "(ModelEstimator.default_segments resolves it)")
-            return self._checkpoint_program(plan.segments, grad_in)
+            return self._checkpoint_program(plan.segments or self.default_segments(), grad_in)
         if plan.kind == "reversible":
             return self._reversible_program(grad_in)
         return self._stack_program(grad_in)
@@ -1183,50 +1172,18 @@ class ModelEstimator:
         self.out_width = self.resolved[-1].out_width
         self.optimizer = optimizer or spec.train.optimizer
         self._base: dict[str, int] | None = None
-        self._default_segments: dict[int, int] = {}
         self._param_lists: list[tuple[list[int], float]] | None = None
 
     # -- the candidates
 
     def stage_plan(self, stage: StageModel, plan: ir.Plan) -> ir.Plan:
         """The plan ``stage`` runs under ``plan`` (:func:`gnnspec.ir.runnable_plan`, as the
-        lowering does), as the estimator models it: ``checkpoint`` with its segment count."""
-        return self._with_segments(stage, _modelled(stage, ir.runnable_plan(stage.stage, plan)))
+        lowering does), as the estimator models it."""
+        return _modelled(stage, ir.runnable_plan(stage.stage, plan))
 
     def assignment(self, plan: ir.Plan | Sequence[ir.Plan]) -> list[ir.Plan]:
         runnable = ir.runnable_plans([s.stage for s in self.stages], plan)
-        return [self._with_segments(s, _modelled(s, p)) for s, p in zip(self.stages, runnable)]
-
-    def _with_segments(self, stage: StageModel, plan: ir.Plan) -> ir.Plan:
-        if isinstance(plan, ir.Checkpoint) and plan.segments is None:
-            return ir.Checkpoint(kind="checkpoint", segments=self.default_segments(stage.index))
-        return plan
-
-    def default_segments(self, index: int) -> int:
-        """What ``checkpoint`` without ``segments`` runs for stage ``index`` on this graph: the
-        count with the lowest estimated step peak, the other stages under ``store``
-        (:func:`gnnspec.memory.segments.lowest_peak_segments`); among the counts estimated with
-        equal step peaks (another stage's peak above the stack's), the one with the lowest peak of
-        the stack's own step (:meth:`StageModel.stage_peak`), then the fewest.
-
-        Each layer keeps several activations and a segment one input, so this lies above
-        ``sqrt(depth)``: about 30-40 segments for ``gcn``/``sage``/``gat`` stacks of depth 256
-        on 5,000 nodes, all 64 for a ``gen`` stack of depth 64 (its layers keep ``[E, hidden]``
-        messages)."""
-        if index not in self._default_segments:
-            stage = self.stages[index]
-            others = [_modelled(s, ir.Store(kind="store")) for s in self.stages]
-
-            def exact(k: int) -> int:
-                plans = list(others)
-                plans[index] = ir.Checkpoint(kind="checkpoint", segments=k)
-                return self.estimate(plans)[0]
-
-            at = PeakBySegments(exact)
-            found = lowest_peak_segments(at, stage.steps())
-            tied = [k for k, v in at.known.items() if v == at.known[found]]
-            self._default_segments[index] = min(tied, key=lambda k: (stage.stage_peak(k), k)) if len(tied) > 1 else found
-        return self._default_segments[index]
+        return [_modelled(s, p) for s, p in zip(self.stages, runnable)]
 
     # -- the step
 
@@ -1296,7 +1253,7 @@ class ModelEstimator:
         progs = []
         grad = False  # x needs no gradient
         for st, plan in zip(self.stages, plans):
-            p, grad = st.program(self._with_segments(st, plan), grad)
+            p, grad = st.program(plan, grad)
             progs.append(p)
         model = chain(progs)
         g = self.graph
@@ -1361,7 +1318,7 @@ def estimate_spec(spec: ir.Spec | str, *, nodes: int, edges: int, in_channels: i
     model = ModelEstimator(spec, nodes=nodes, edges=edges, in_channels=in_channels, out_channels=out_channels,
                            dtype=dtype, optimizer=optimizer, device=device, self_loops=self_loops)
     fixed = _parse_plans(plan)
-    assignments = candidate_assignments(model, fixed, planned=budget_bytes is not None)
+    assignments = candidate_assignments(model, fixed)
     estimates = [plan_estimate(model, a, budget_bytes) for a in assignments]
     chosen = choose(estimates, budget_bytes, model)
     return Estimate(spec.name, model.graph.nodes, model.graph.edges, model.dtype, budget_bytes, estimates,
