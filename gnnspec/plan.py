@@ -212,11 +212,8 @@ def _modelled_segments(samples: list[tuple[int, int]], steps: int, budget_bytes:
     model = fitted_peak(samples, steps)
     if model is None:
         return None
-    predicted = [(k, model(k)) for k in range(1, steps + 1)]
-    fitting = [k for k, y in predicted if y <= budget_bytes]
-    if fitting:
-        return fitting[0], True
-    return min(predicted, key=lambda kv: (kv[1], kv[0]))[0], False
+    fewest = model.fewest_within(budget_bytes)
+    return (fewest, True) if fewest is not None else (model.lowest(), False)
 
 
 def _walk_segments(at: PeakBySegments, steps: int, budget_bytes: int) -> int:

@@ -266,3 +266,19 @@ def test_the_segment_search_finds_the_lowest_point_of_a_jagged_peak(steps) -> No
         else:  # at most the smooth 1000 + b k + c steps / k at its minimum, plus a jag
             assert peak(found) <= (1000 + 2 * math.sqrt(b * c * steps)) * 1.001 + b + c
         assert len(at.known) <= 60  # estimates, not a scan of every count
+
+
+@pytest.mark.parametrize("depth", [10**7, 10**23])
+def test_the_fewest_segments_that_fit_at_any_depth(depth) -> None:
+    """The planner's model is searched over O(sqrt(depth)) counts (it had scanned every count:
+    4.5 s at depth 10**7, and no answer at 10**23)."""
+    spec = f"plain(op=gcn, depth={depth}, hidden=16, dropout=0.1)"
+    graph = dict(nodes=100, edges=500, in_channels=8, out_channels=2)
+    budget = 2 * min(p.peak_bytes for p in estimate_spec(spec, **graph).plans)
+    est = estimate_spec(spec, budget=budget, **graph)
+    k = next(p.segments for p in est.chosen_assignment if p.kind == "checkpoint")
+
+    def peak(count: int) -> int:
+        return estimate_spec(spec, plan=f"checkpoint(segments={count})", **graph).plans[0].peak_bytes
+
+    assert peak(k) <= budget < peak(k - 1)

@@ -50,23 +50,36 @@ class PeakModel:
     def __call__(self, k: int) -> float:
         return self.a + self.b * k + self.c * -(-self.steps // k)
 
-    def lowest(self, exact_up_to: int = 2000) -> int:
-        """The count in ``1..steps`` where the model is lowest: over the ends of each range of
-        counts sharing one ``ceil(steps / k)``, which are ``O(sqrt(steps))``; beyond
-        ``exact_up_to**2`` steps (where one count more or less moves the peak by a vanishing
-        fraction), over those ends near ``sqrt(c steps / b)``, the minimum of ``a + b k + c steps / k``."""
+    def lowest(self) -> int:
+        """The count in ``1..steps`` where the model is lowest."""
+        return min(self._starts(), key=lambda k: (self(k), k))
+
+    def fewest_within(self, budget: float) -> int | None:
+        """The fewest count in ``1..steps`` where the model is at most ``budget``; None if none."""
+        disc = (budget - self.a) ** 2 - 4 * self.b * self.c * self.steps
+        # a + b k + c steps / k <= budget from k = ((budget - a) - sqrt(disc)) / 2b on (b, c > 0)
+        near = [((budget - self.a) - math.sqrt(disc)) / (2 * self.b)] if self.b > 0 and disc >= 0 else []
+        return next((k for k in sorted(self._starts(near)) if self(k) <= budget), None)
+
+    def _starts(self, near: list[float] = (), exact_up_to: int = 2000) -> set[int]:
+        """Counts where the model's lowest points lie: within a range of counts sharing one
+        ``ceil(steps / k)`` it is linear, so at the range's ends; there are ``O(sqrt(steps))``
+        of them. Beyond ``exact_up_to**2`` steps (where one count more or less moves the peak by
+        a vanishing fraction), only the ends near ``sqrt(c steps / b)``, the minimum of
+        ``a + b k + c steps / k``, and near the counts in ``near``."""
         steps = self.steps
         root = math.isqrt(steps)
         if root <= exact_up_to:
             firsts = {-(-steps // s) for s in range(1, root + 2)} | set(range(1, root + 2))
         else:
-            firsts = {1, steps}
+            centres = list(near)
             if self.b > 0 and self.c > 0:
-                smooth = min(steps, max(1, math.isqrt(int(self.c * steps / self.b))))
-                share = -(-steps // smooth)
+                centres.append(math.sqrt(self.c * steps / self.b))
+            firsts = {1, steps}
+            for centre in centres:
+                share = -(-steps // min(steps, max(1, int(centre))))
                 firsts |= {-(-steps // s) for s in range(max(1, share - 4), share + 5)}
-        ends = {k for f in firsts for k in (f - 1, f) if 1 <= k <= steps} | {steps}
-        return min(ends, key=lambda k: (self(k), k))
+        return {k for f in firsts for k in (f - 1, f) if 1 <= k <= steps} | {steps}
 
 
 def fitted_peak(samples: list[tuple[int, int]], steps: int) -> PeakModel | None:
