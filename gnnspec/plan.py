@@ -179,14 +179,8 @@ def _segments_for(at: PeakBySegments, steps: int, budget_bytes: int) -> int:
     lowest = lowest_peak_segments(at, steps)
     if at(lowest) > budget_bytes:
         return lowest
-    lo, hi = 1, lowest
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if at(mid) <= budget_bytes:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo if at(lo) <= budget_bytes else lowest
+    fewest = _bisect_fitting(at, 1, lowest, budget_bytes)
+    return fewest if at(fewest) <= budget_bytes else lowest
 
 
 def _fewest_fitting(at: PeakBySegments, steps: int, budget_bytes: int) -> int:
@@ -227,7 +221,12 @@ def _walk_segments(at: PeakBySegments, steps: int, budget_bytes: int) -> int:
         previous = k
     if at(k) > budget_bytes:
         return at.lowest()
-    lo, hi = (previous + 1 if previous is not None else 1), k
+    return _bisect_fitting(at, previous + 1 if previous is not None else 1, k, budget_bytes)
+
+
+def _bisect_fitting(at: PeakBySegments, lo: int, hi: int, budget_bytes: int) -> int:
+    """The fewest count in ``lo..hi`` with ``at(k) <= budget_bytes``, bisecting as if the peak
+    fell monotonically over the range (``at(hi)`` fits; a jag may make the answer not fit)."""
     while lo < hi:
         mid = (lo + hi) // 2
         if at(mid) <= budget_bytes:

@@ -58,10 +58,10 @@ class PeakModel:
         """The fewest count in ``1..steps`` where the model is at most ``budget``; None if none."""
         disc = (budget - self.a) ** 2 - 4 * self.b * self.c * self.steps
         # a + b k + c steps / k <= budget from k = ((budget - a) - sqrt(disc)) / 2b on (b, c > 0)
-        near = [((budget - self.a) - math.sqrt(disc)) / (2 * self.b)] if self.b > 0 and disc >= 0 else []
+        near = (((budget - self.a) - math.sqrt(disc)) / (2 * self.b),) if self.b > 0 and disc >= 0 else ()
         return next((k for k in sorted(self._starts(near)) if self(k) <= budget), None)
 
-    def _starts(self, near: list[float] = (), exact_up_to: int = 2000) -> set[int]:
+    def _starts(self, near: tuple[float, ...] = (), exact_up_to: int = 2000) -> set[int]:
         """Counts where the model's lowest points lie: within a range of counts sharing one
         ``ceil(steps / k)`` it is linear, so at the range's ends; there are ``O(sqrt(steps))``
         of them. Beyond ``exact_up_to**2`` steps (where one count more or less moves the peak by
