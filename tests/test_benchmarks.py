@@ -80,3 +80,23 @@ def test_estimator_accuracy_jk_sample_never_underestimates(tmp_path: Path) -> No
     assert any(r["jk"] == "cat" for r in rows) and any(r["jk"] == "max" for r in rows)
     for r in rows:
         assert r["error"] > -0.01, (r["expr"], r["plan_text"], r["error"])
+
+
+def test_checkpoint_floor_quick_run(tmp_path: Path) -> None:
+    """The decomposition's replayed forward computes what the recorded forward computed (the
+    masks replayed, none drawn), and every cell reports its parts (timings are not asserted)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "checkpoint_floor.py"), "--quick", "--ops", "gcn,gat",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    record = json.loads((tmp_path / "checkpoint_floor.json").read_text())
+    cells = record["cells"]
+    assert {(c["op"], c["kind"]) for c in cells} == {(op, kind) for op in ("gcn", "gat") for kind in ("plain", "res+")}
+    for c in cells:
+        assert c["replay_equal"] is True, c
+        # depth 9, checkpoint's default k = 3: segments of 3, the last runs plainly
+        assert (c["depth"], c["segments"], c["recomputed_layers"]) == (9, 3, 6), c
+        assert c["ratio"] > 0 and c["bound"] > 1 and c["replayed_fwd_ms"] > 0, c
+    assert "bound" in proc.stdout and "replay == record" in proc.stdout
