@@ -1,5 +1,8 @@
 """Estimator accuracy: predicted versus measured peak memory of one training step, on CPU.
 
+``--device cuda`` runs the same sample on a CUDA device: the estimate counts the caching
+allocator's rounding and the measurement is ``torch.cuda.max_memory_allocated`` over the step.
+
 For a seeded sample of configurations (op x stack x plan x graph size x width x depth), each spec
 is built with ``gnnspec.build`` and one training step (SPEC.md section 5: a warm-up step, then
 forward, cross-entropy on every node, backward, Adam step) is measured with
@@ -178,17 +181,17 @@ def random_graph(nodes: int, edges: int, seed: int) -> torch.Tensor:
     return torch.stack([src, dst])
 
 
-def run(c: Config, seed: int) -> dict:
+def run(c: Config, seed: int, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
     est = estimate_spec(c.expr(), nodes=c.nodes, edges=c.edges, in_channels=c.in_channels,
-                        out_channels=c.out_channels, plan=c.plan_text())
+                        out_channels=c.out_channels, plan=c.plan_text(), device=device)
     est_seconds = time.perf_counter() - t0
     predicted = est.plans[0].peak_bytes
     torch.manual_seed(seed)
-    model = gnnspec.build(c.expr(), c.in_channels, c.out_channels, plan=c.plan_text())
-    x = torch.randn(c.nodes, c.in_channels)
-    edge_index = random_graph(c.nodes, c.edges, seed)
-    y = torch.randint(0, c.out_channels, (c.nodes,))
+    model = gnnspec.build(c.expr(), c.in_channels, c.out_channels, plan=c.plan_text()).to(device)
+    x = torch.randn(c.nodes, c.in_channels).to(device)
+    edge_index = random_graph(c.nodes, c.edges, seed).to(device)
+    y = torch.randint(0, c.out_channels, (c.nodes,)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     t1 = time.perf_counter()
     measured = measure_step_peak(model, x, edge_index, y, opt)
@@ -208,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a dozen small configurations")
     parser.add_argument("--jk", action="store_true", help="plain/res/res+/gcnii stacks with jk and act drawn")
     parser.add_argument("--out", default=str(OUT / "estimator_accuracy"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop drawing configurations once this many seconds have passed")
     args = parser.parse_args(argv)
     # deq configurations run max_iter iterations on purpose (tol=1e-30: the estimate's worst case)
     warnings.filterwarnings("ignore", category=NotConvergedWarning)
@@ -223,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     start = time.perf_counter()
     for k, c in enumerate(configs):
-        r = run(c, args.seed + k)
+        if args.budget_s is not None and rows and time.perf_counter() - start > args.budget_s:
+            print(f"(time budget of {args.budget_s:.0f} s spent: {len(configs) - k} configurations not run)")
+            break
+        r = run(c, args.seed + k, args.device)
         rows.append(r)
         print(f"{k:>3} {r['expr'][:78]:78s} {r['plan_text']:24s} {c.nodes:>7} {c.edges:>9} "
               f"{format_bytes(r['predicted']):>11} {format_bytes(r['measured']):>11} {100 * r['error']:>+6.2f}%",
@@ -239,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"count": len(rows), "median_abs_error": median, "p90_abs_error": p90, "max_abs_error": worst,
-               "seed": args.seed, "torch": torch.__version__, "rows": rows}
+               "seed": args.seed, "device": args.device, "torch": torch.__version__, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     try:
         import matplotlib

@@ -15,6 +15,11 @@ solve that stopped at ``max_iter`` (its fixed point depends on the solver). This
 
     python benchmarks/plan_sweep.py                    # 300 specs
     python benchmarks/plan_sweep.py --count 1000 --seed 3 --nodes 50,200
+    python benchmarks/plan_sweep.py --device cuda --count 100   # the device's kernels and RNG
+
+On a CUDA device the dropout tape does not replay (it keeps CPU masks only): a checkpointed
+segment restores the CPU and device RNG states and draws its masks again, a path only a device
+run exercises.
 
 Exit code 1 when any comparison fails.
 """
@@ -84,9 +89,9 @@ def random_graph(rng: random.Random, seed: int, n: int):
     return x, edge_index, torch.randint(0, OUT, (n,), generator=g)
 
 
-def build(case: Case, plan: str) -> torch.nn.Module:
+def build(case: Case, plan: str, device: str = "cpu") -> torch.nn.Module:
     torch.manual_seed(0)
-    model = gnnspec.build(case.text, IN, OUT, plan=plan).double()
+    model = gnnspec.build(case.text, IN, OUT, plan=plan).double().to(device)
     if case.deq:  # scale f's weights toward a contraction so that a fixed point exists
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nodes", default="3,30", help="node count range, LOW,HIGH")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (models and graphs on it)")
     args = parser.parse_args(argv)
     low, high = (int(v) for v in args.nodes.split(","))
     torch.set_num_threads(1)
@@ -143,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     failures, refused, skipped, compared = [], [], [], 0
     for index in range(args.count):
         case = draw_case(rng, (low, high))
-        x, edge_index, y = random_graph(rng, index, case.nodes)
+        x, edge_index, y = (t.to(args.device) for t in random_graph(rng, index, case.nodes))
         before = x.clone()
         try:
-            ref = step(build(case, "store"), x, edge_index, y)
+            ref = step(build(case, "store", args.device), x, edge_index, y)
         except gnnspec.SpecError as err:
             refused.append((index, str(err).splitlines()[0]))
             continue
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         for plan in case.plans:
             compared += 1
             try:
-                compare(ref, step(build(case, plan), x, edge_index, y), case.deq)
+                compare(ref, step(build(case, plan, args.device), x, edge_index, y), case.deq)
                 assert torch.equal(x, before), "the input tensor changed"
             except Exception as err:  # noqa: BLE001 - every failure is reported, with its spec
                 failures.append((index, plan, f"{type(err).__name__}: {str(err).splitlines()[0]}", case.text))

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -100,3 +102,40 @@ def test_checkpoint_floor_quick_run(tmp_path: Path) -> None:
         assert (c["depth"], c["segments"], c["recomputed_layers"]) == (9, 3, 6), c
         assert c["ratio"] > 0 and c["bound"] > 1 and c["replayed_fwd_ms"] > 0, c
     assert "bound" in proc.stdout and "replay == record" in proc.stdout
+
+
+def test_device_check_smoke_run_on_cpu(tmp_path: Path) -> None:
+    """The prepared device run works end to end on the CPU: every plan's peak is its estimate
+    (within 5%), the equivalence sweep and the estimator sample pass, the record is written."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--device", "cpu", "--quick",
+         "--ops", "gcn,gat", "--kinds", "res+,rev", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    record = json.loads((tmp_path / "device_check.json").read_text())
+    assert record["device"] == "cpu" and set(record["parts"]) == {"plans", "equivalence", "estimator"}
+    cells = record["parts"]["plans"]["cells"]
+    assert {(c["op"], c["kind"], c["plan"]) for c in cells} == {
+        (op, kind, plan) for op in ("gcn", "gat") for kind in ("res+", "rev")
+        for plan in ("store", "checkpoint(segments=2)") + (("reversible",) if kind == "rev" else ())
+    }
+    for c in cells:
+        assert abs(c["estimated_bytes"] - c["peak_bytes"]) <= 0.05 * c["peak_bytes"], c
+        if c["plan"] == "store":
+            assert c["time_ratio"] == 1.0
+        else:  # the memory plans keep less than store
+            store = next(s for s in cells if (s["op"], s["kind"], s["plan"]) == (c["op"], c["kind"], "store"))
+            assert c["peak_bytes"] < store["peak_bytes"], (c, store)
+    assert record["parts"]["equivalence"]["returncode"] == 0
+    assert ": 0 failed;" in record["parts"]["equivalence"]["summary"]
+    assert record["parts"]["estimator"]["returncode"] == 0
+
+
+def test_device_check_without_cuda_says_so() -> None:
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_check.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA device here" in proc.stdout
