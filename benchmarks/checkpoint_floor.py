@@ -175,7 +175,7 @@ def plot(cells: list[Cell], path: Path) -> bool:
     ax.bar([p + 0.2 for p in positions], [c.bound for c in cells], width=0.4, label="whole-block bound")
     ax.axhline(plans.CKPT_TIME_TARGET, color="k", linestyle="--", label="target")
     ax.set_xticks(list(positions), labels, rotation=30, ha="right")
-    ax.set_ylim(1.0, max(c.ratio for c in cells) * 1.05)
+    ax.set_ylim(1.0, max(plans.CKPT_TIME_TARGET, *(max(c.ratio, c.bound) for c in cells)) * 1.05)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
