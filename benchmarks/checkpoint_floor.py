@@ -3,7 +3,8 @@
 ``checkpoint(segments=k)`` costs ``store`` plus a recomputation of the checkpointed layers inside
 the backward (SPEC.md section 4: "one forward of the stage"). This script splits one step of each
 into its parts, per stack layer, in the same process and rounds as ``benchmarks/plans.py`` (same
-random graph, specs and single-threaded timing, CPU time of the thread)::
+random graph, specs and single-threaded timing, CPU time of the thread; each model steps in a
+thread of its own, ``plans.MethodThread``)::
 
     store step        forward + loss + backward + Adam step of the store model
     store fwd         its forward + loss
@@ -106,25 +107,29 @@ def run_cell(op: str, kind: str, depth: int, args: argparse.Namespace, data) -> 
         torch.manual_seed(0)
         model = gnnspec.build(spec, in_channels=x.size(1), out_channels=int(y.max()) + 1, plan=plan)
         models[name] = (model, torch.optim.Adam(model.parameters(), lr=0.01))
-    for model, optimizer in models.values():  # warm-up
-        _step(model, optimizer, x, edge_index, y)
-    _replayed_forward(models["store"][0], x, edge_index)
+    # each model in a thread of its own (its own malloc arena), as in plans.py
+    threads = {name: plans.MethodThread() for name in models}
     times: dict[str, list[float]] = {key: [] for key in ("store_fwd", "store", "ckpt_fwd", "ckpt", "replay")}
     replay_equal = True
-    gc.collect()
-    gc.disable()
     try:
+        for name, (model, optimizer) in models.items():  # warm-up
+            threads[name].run(lambda m=model, o=optimizer: _step(m, o, x, edge_index, y))
+        threads["store"].run(lambda: _replayed_forward(models["store"][0], x, edge_index))
+        gc.collect()
+        gc.disable()
         for round_ in range(args.repeats):
             order = ("store", "ckpt") if round_ % 2 == 0 else ("ckpt", "store")
             for name in order:
-                forward, step = _step(*models[name], x, edge_index, y)
+                forward, step = threads[name].run(lambda name=name: _step(*models[name], x, edge_index, y))
                 times[f"{name}_fwd"].append(forward)
                 times[name].append(step)
-            seconds, equal = _replayed_forward(models["store"][0], x, edge_index)
+            seconds, equal = threads["store"].run(lambda: _replayed_forward(models["store"][0], x, edge_index))
             times["replay"].append(seconds)
             replay_equal &= equal
     finally:
         gc.enable()
+        for thread in threads.values():
+            thread.close()
     med = {key: statistics.median(values) for key, values in times.items()}
     start, stop = segment_bounds(depth, segments)[-1]
     recomputed = depth - (stop - start)
