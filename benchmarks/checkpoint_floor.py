@@ -100,7 +100,7 @@ def _replayed_forward(model, x, edge_index) -> tuple[float, bool]:
 
 def run_cell(op: str, kind: str, depth: int, args: argparse.Namespace, data) -> Cell:
     x, edge_index, y = data
-    segments = max(1, round(depth ** 0.5))  # checkpoint's default
+    segments = gnnspec.ir.default_segments(depth)
     spec = plans.spec_of(kind, op, depth, args.hidden, 2, args.dropout)
     models = {}
     for name, plan in (("store", "store"), ("ckpt", f"checkpoint(segments={segments})")):

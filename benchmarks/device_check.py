@@ -103,7 +103,7 @@ def run_plans_cell(op: str, kind: str, depth: int, args: argparse.Namespace, dev
             training_step(*models[name], x, edge_index, y)
             _synchronize(device)
             times[name].append(time.perf_counter() - start)
-    segments = max(1, round(depth ** 0.5))
+    segments = gnnspec.ir.default_segments(depth)
     cells = []
     for name in names:
         ratio = statistics.median(t / s for t, s in zip(times[name], times["store"]))

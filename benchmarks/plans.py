@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import queue
 import re
 import statistics
@@ -313,7 +312,7 @@ def spec_of(kind: str, op: str, depth: int, hidden: int, groups: int, dropout: f
 
 
 def build_methods(op: str, depth: int, args: argparse.Namespace, in_ch: int) -> list[Method]:
-    segments = max(1, round(math.sqrt(depth)))
+    segments = gnnspec.ir.default_segments(depth)
     methods: list[Method] = []
     for kind in args.kinds:
         spec = spec_of(kind, op, depth, args.hidden, args.groups, args.dropout)

@@ -12,6 +12,7 @@ of torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Sequence, Union
@@ -193,10 +194,16 @@ class Store(IRModel):
 
 
 class Checkpoint(IRModel):
-    """Gradient checkpointing over ``segments`` contiguous segments (``None``: round(sqrt(depth)))."""
+    """Gradient checkpointing over ``segments`` contiguous segments (``None``:
+    :func:`default_segments` of the stage's depth)."""
 
     kind: Literal["checkpoint"]
     segments: int | None = None
+
+
+def default_segments(depth: int) -> int:
+    """The segments ``checkpoint`` runs when the plan gives none: ``round(sqrt(depth))``, at least 1."""
+    return max(1, round(math.sqrt(depth)))
 
 
 class Reversible(IRModel):

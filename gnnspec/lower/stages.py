@@ -96,7 +96,7 @@ def _layers(build, depth: int, tie: bool) -> tuple[nn.ModuleList, tuple[int, ...
 
 def _segments(plan: ir.Checkpoint | None, depth: int) -> int:
     if plan is None or plan.segments is None:
-        return max(1, round(math.sqrt(depth)))
+        return ir.default_segments(depth)
     return plan.segments
 
 

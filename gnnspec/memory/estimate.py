@@ -31,7 +31,6 @@ what a 3-layer one does.
 
 from __future__ import annotations
 
-import math
 import numbers
 import re
 from collections import Counter
@@ -323,8 +322,7 @@ class StageModel:
         return ["store", "checkpoint"]
 
     def default_segments(self) -> int:
-        depth = self.steps()
-        return max(1, round(math.sqrt(depth)))
+        return ir.default_segments(self.steps())
 
     def steps(self) -> int:
         return 1 if self.kind == "deq" else self.stage.depth
