@@ -76,6 +76,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _release(device: torch.device) -> None:
+    """Free a cell's models before the next: collect them and return cached device blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_plans_cell(op: str, kind: str, depth: int, args: argparse.Namespace, device: torch.device) -> list[PlanCell]:
     spec = plans.spec_of(kind, op, depth, args.hidden, 2, args.dropout)
     gen = torch.Generator().manual_seed(0)
@@ -111,9 +118,7 @@ def run_plans_cell(op: str, kind: str, depth: int, args: argparse.Namespace, dev
         cells.append(PlanCell(op, kind, depth, label, ratio, statistics.median(times[name]) * 1e3, peaks[name],
                               estimates[name], (estimates[name] - peaks[name]) / peaks[name]))
     del models
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _release(device)
     return cells
 
 
@@ -199,9 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                     cells += run_plans_cell(op, kind, depth, args, device)
                 except torch.OutOfMemoryError:  # a smaller device than the H200 this is sized for
                     skipped.append(f"{op} {kind} {depth} (out of memory)")
-                    gc.collect()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    _release(device)
                 record["parts"]["plans"] = {"cells": [asdict(c) | {"target": c.target} for c in cells],
                                             "skipped": skipped}
                 save()
