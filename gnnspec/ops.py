@@ -614,8 +614,9 @@ class CsrPropagation:
     """Mixin for a torch-geometric ``MessagePassing`` layer whose propagation is a product with a
     fixed matrix: called with a :class:`CsrAdjacency` ``A`` in place of ``edge_index``,
     ``propagate`` returns ``A @ x`` (``x[0]`` for a bipartite pair) by :meth:`CsrAdjacency.matmul`;
-    the layer's ``forward`` (weights, bias, the rest of its formula) runs unchanged. With an
-    ``edge_index`` it is the stock layer. ``graph_form`` names the form the layer takes."""
+    the layer's ``forward`` (weights, bias, the rest of its formula) runs unchanged, except
+    :class:`CsrGCNConv`'s, which adds its bias inside the product. With an ``edge_index`` it is
+    the stock layer. ``graph_form`` names the form the layer takes."""
 
     graph_form: str
 
