@@ -206,6 +206,14 @@ def default_segments(depth: int) -> int:
     return max(1, round(math.sqrt(depth)))
 
 
+def act_in_place(norm: str, act: str) -> bool:
+    """Whether a stack layer's activation overwrites its normalisation's output (``act(norm(x))``
+    with ``relu``/``leaky_relu`` after ``layer``/``batch`` norm): those norms' backward keeps their
+    input and statistics, not their output, so the activation needs no buffer of its own (one
+    ``[N, hidden]`` allocation and pass fewer per layer, read by the lowering and the estimator)."""
+    return norm in ("layer", "batch") and act in ("relu", "leaky_relu")
+
+
 class Reversible(IRModel):
     """Reconstruct each layer's input from its output in backward (``rev`` stages only)."""
 

@@ -333,3 +333,35 @@ def test_reversible_refuses_an_output_modified_in_place_and_a_second_backward():
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward once per forward"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("kind", [k for k in PLANS if k != "deq"] + ["deq"])
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_activation_in_place_on_the_norm_output_changes_no_value_or_gradient(kind, norm):
+    """A stack layer's relu overwrites its layer/batch norm's output (gnnspec.ir.act_in_place):
+    under every plan, the step equals the same model with every activation out of place."""
+    text = stack_text(kind, "gcn", norm=norm)
+    x, edge_index, y = graph()
+    for plan in ["store"] + PLANS[kind]:
+        model = build(text, plan)
+        relus = [m for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+        assert relus and all(m.inplace for m in relus), plan
+        reference = build(text, plan)
+        for m in reference.modules():
+            if isinstance(m, torch.nn.ReLU):
+                m.inplace = False
+        out, grads, state = train_step(model, x, edge_index, y)
+        ref_out, ref_grads, ref_state = train_step(reference, x, edge_index, y)
+        assert torch.equal(out, ref_out), plan
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            assert torch.equal(grads[name], ref_grads[name]), (plan, name)
+        for name in state:
+            assert torch.equal(state[name], ref_state[name]), (plan, name)
+
+
+def test_activation_stays_out_of_place_where_the_norm_keeps_its_output():
+    for norm, act in [("graph", "relu"), ("instance", "relu"), ("none", "relu"), ("layer", "gelu")]:
+        model = gnnspec.build(f"plain(op=gcn, depth=2, norm={norm}, act={act})", IN, OUT)
+        acts = [m for m in model.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.GELU))]
+        assert acts and not any(getattr(m, "inplace", False) for m in acts), (norm, act)

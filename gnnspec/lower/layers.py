@@ -88,6 +88,8 @@ class ConvLayer(nn.Module):
         norm_width = (in_channels or channels) if pre else channels
         self.norm = make_norm(stage.norm, norm_width)
         self.act = make_act(stage.act)
+        if ir.act_in_place(stage.norm, stage.act):
+            self.act.inplace = True  # on the norm's fresh output, which its backward does not keep
         if kind == "gcnii":
             self.theta = stage.theta
             self.conv = make_gcn2(channels, stage.alpha, stage.theta, layer)

@@ -75,7 +75,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gnnspec.memory.pieces import op_key, table_key
+from gnnspec import ir
+from gnnspec.memory.pieces import norm_act_key, op_key, table_key
 from gnnspec.memory.recorder import AllocationRecorder
 
 TABLE_PATH = Path(__file__).with_name("coefficients.json")
@@ -259,6 +260,19 @@ def _act_unit(kind: str) -> UnitDef:
 
     variants = ("g", "ga", "n", "na", "o") if kind == "prelu" else ("g", "n", "o")
     return UnitDef(f"act:{kind}", ("N", "D"), build, _points_width, variants=variants, npoints=8)
+
+
+def _norm_act_unit(norm_kind: str, act_kind: str) -> UnitDef:
+    """A stack layer's norm and its activation in place on the norm's output
+    (:func:`gnnspec.ir.act_in_place`), as :class:`gnnspec.lower.layers.ConvLayer` runs them."""
+    from gnnspec.lower.layers import make_act, make_norm
+
+    def build(pt: dict[str, int], dtype: torch.dtype) -> Built:
+        norm, act = make_norm(norm_kind, pt["D"]), make_act(act_kind)
+        act.inplace = True
+        return Built(norm, lambda x: act(norm(x)), (pt["N"], pt["D"]))
+
+    return UnitDef(norm_act_key(norm_kind, act_kind), ("N", "D"), build, _points_width, npoints=8)
 
 
 def _dropout_unit() -> UnitDef:
@@ -460,6 +474,10 @@ def unit_defs() -> list[UnitDef]:
         units.append(_norm_unit(kind))
     for kind in ("relu", "gelu", "elu", "leaky_relu", "prelu", "tanh"):
         units.append(_act_unit(kind))
+    for norm_kind in ("batch", "layer"):
+        for act_kind in ("relu", "leaky_relu"):
+            if ir.act_in_place(norm_kind, act_kind):
+                units.append(_norm_act_unit(norm_kind, act_kind))
     units += [_dropout_unit(), _mask_unit(), _linear_unit(True), _linear_unit(False), _loss_unit()]
     for k in range(1, 17):
         units += [_prop_unit("appnp", k), _prop_unit("sgc", k)]

@@ -39,7 +39,7 @@ from typing import Any, Sequence, get_args
 
 from gnnspec import ir
 from gnnspec.memory import pieces
-from gnnspec.memory.pieces import buffer_bytes, instantiate, param_bytes
+from gnnspec.memory.pieces import buffer_bytes, instantiate, norm_act_key, param_bytes
 from gnnspec.memory.timeline import Program, chain, new_sid, peak, resolve, substitute, summarize
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -348,8 +348,11 @@ class StageModel:
     def _glue(self, width: int) -> tuple[list[Unit], list[Unit], list[Unit]]:
         """(norm, act, dropout) units at ``width`` (identities left out)."""
         st, g = self.stage, self.graph
-        norm = [Unit(f"norm:{st.norm}", N=g.nodes, D=width, s=g.s)] if st.norm != "none" else []
-        act = [Unit(f"act:{st.act}", N=g.nodes, D=width, s=g.s)] if st.act != "none" else []
+        if ir.act_in_place(st.norm, st.act):  # one unit: the activation writes the norm's output
+            norm, act = [Unit(norm_act_key(st.norm, st.act), N=g.nodes, D=width, s=g.s)], []
+        else:
+            norm = [Unit(f"norm:{st.norm}", N=g.nodes, D=width, s=g.s)] if st.norm != "none" else []
+            act = [Unit(f"act:{st.act}", N=g.nodes, D=width, s=g.s)] if st.act != "none" else []
         drop = [Unit("dropout", N=g.nodes, D=width, s=g.s)] if st.dropout > 0 else []
         return norm, act, drop
 

@@ -96,6 +96,11 @@ def op_key(name: str, args: dict[str, Any]) -> str:
     return f"op:{name}" + (f"({','.join(parts)})" if parts else "")
 
 
+def norm_act_key(norm: str, act: str) -> str:
+    """The table key of a norm followed by an activation in place (:func:`gnnspec.ir.act_in_place`)."""
+    return f"norm:{norm}+act:{act}"
+
+
 def evaluate(form, shape: dict[str, int]) -> int:
     total = 0.0
     for coef, mono in form:
