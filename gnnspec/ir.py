@@ -214,6 +214,15 @@ def act_in_place(norm: str, act: str) -> bool:
     return norm in ("layer", "batch") and act in ("relu", "leaky_relu")
 
 
+def drop_in_place(norm: str, act: str, dropout: float) -> bool:
+    """Whether a stack layer's ``drop(relu(norm(x)))`` runs as ``relu_(drop_(norm(x)))``, both in
+    place on the norm's output: ``relu(y) * m == relu(y * m)`` bit for bit for a dropout mask
+    ``m >= 0`` (and so are the gradients, products with 0/1 selections), the same draws in the same
+    order. The layer then keeps one ``[N, hidden]`` tensor for relu and the next product instead of
+    two. Only for ``relu``: ``leaky_relu``'s slope would multiply in another order."""
+    return act_in_place(norm, act) and act == "relu" and dropout > 0
+
+
 class Reversible(IRModel):
     """Reconstruct each layer's input from its output in backward (``rev`` stages only)."""
 

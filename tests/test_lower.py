@@ -338,18 +338,24 @@ def test_reversible_refuses_an_output_modified_in_place_and_a_second_backward():
 @pytest.mark.parametrize("kind", [k for k in PLANS if k != "deq"] + ["deq"])
 @pytest.mark.parametrize("norm", ["layer", "batch"])
 def test_activation_in_place_on_the_norm_output_changes_no_value_or_gradient(kind, norm):
-    """A stack layer's relu overwrites its layer/batch norm's output (gnnspec.ir.act_in_place):
-    under every plan, the step equals the same model with every activation out of place."""
+    """A stack layer's relu overwrites its layer/batch norm's output (gnnspec.ir.act_in_place),
+    and in plain/res/res+/dense stacks dropout does too, before the relu (gnnspec.ir.drop_in_place):
+    under every plan, the step equals, bit for bit, the same model computing drop(relu(norm(x)))
+    out of place."""
     text = stack_text(kind, "gcn", norm=norm)
     x, edge_index, y = graph()
     for plan in ["store"] + PLANS[kind]:
         model = build(text, plan)
         relus = [m for m in model.modules() if isinstance(m, torch.nn.ReLU)]
         assert relus and all(m.inplace for m in relus), plan
+        layers = [m for m in model.modules() if hasattr(m, "drop_first")]
+        assert layers and all(m.drop_first == (kind in ("plain", "res", "res+", "dense")) for m in layers), plan
         reference = build(text, plan)
         for m in reference.modules():
             if isinstance(m, torch.nn.ReLU):
                 m.inplace = False
+            if hasattr(m, "drop_first"):
+                m.drop_first = False
         out, grads, state = train_step(model, x, edge_index, y)
         ref_out, ref_grads, ref_state = train_step(reference, x, edge_index, y)
         assert torch.equal(out, ref_out), plan

@@ -11,8 +11,8 @@ Contract of :func:`dropout` (what a stack layer calls instead of ``F.dropout``):
 
 * with no tape active, in eval mode, with ``p == 0`` or on a non-CPU tensor it is ``F.dropout``;
 * recording (a segment's forward) it computes exactly what ``F.dropout`` computes on CPU
-  (``noise = empty_like(x).bernoulli_(1 - p); noise.div_(1 - p); x * noise``, the same draws
-  from the default generator) and keeps ``ceil(numel / 8)`` bytes of mask;
+  (``noise = empty_like(x).bernoulli_(1 - p); noise.div_(1 - p); x * noise``, or ``x.mul_(noise)``
+  in place, the same draws from the default generator) and keeps ``ceil(numel / 8)`` bytes of mask;
 * replaying (each recomputation of the segment) the ``i``-th call returns the ``i``-th recorded
   result's recomputation, ``x * noise`` with the recorded noise, bit for bit, and draws nothing.
 
@@ -123,26 +123,26 @@ class DropoutTape:
 
     # -- one dropout call
 
-    def dropout(self, x: Tensor, p: float) -> Tensor:
+    def dropout(self, x: Tensor, p: float, inplace: bool = False) -> Tensor:
         keep = 1.0 - p
         if self.replay:
             if not self.valid:
-                return F.dropout(x, p, True)
+                return F.dropout(x, p, True, inplace)
             packed, scale = self.masks[self._cursor]
             self._cursor += 1
             noise = unpack_bits(packed, x.numel(), x.dtype, scale).view(x.shape)
-            return x * noise
+            return x.mul_(noise) if inplace else x * noise
         if not self.valid or not x.is_contiguous() or x.numel() == 0:
             self.valid = False
-            return F.dropout(x, p, True)
+            return F.dropout(x, p, True, inplace)
         if _generator_state() != self._state:
             self.valid = False  # a random op other than ours ran before this mask
-            return F.dropout(x, p, True)
+            return F.dropout(x, p, True, inplace)
         noise = torch.empty_like(x).bernoulli_(keep)
         self._state = _generator_state()
         self.masks.append((pack_bits(noise), keep))
         noise.div_(keep)
-        return x * noise
+        return x.mul_(noise) if inplace else x * noise
 
 
 class _Active:
@@ -165,9 +165,9 @@ class _Active:
             _local.tape = self._previous.pop()
 
 
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """``F.dropout(x, p, training)``, recorded on or replayed from the active tape (see module)."""
+def dropout(x: Tensor, p: float, training: bool, inplace: bool = False) -> Tensor:
+    """``F.dropout(x, p, training, inplace)``, recorded on or replayed from the active tape (see module)."""
     tape: DropoutTape | None = getattr(_local, "tape", None)
     if tape is None or not training or p == 0.0 or x.device.type != "cpu":
-        return F.dropout(x, p, training)
-    return tape.dropout(x, p)
+        return F.dropout(x, p, training, inplace)
+    return tape.dropout(x, p, inplace)

@@ -90,6 +90,8 @@ class ConvLayer(nn.Module):
         self.act = make_act(stage.act)
         if ir.act_in_place(stage.norm, stage.act):
             self.act.inplace = True  # on the norm's fresh output, which its backward does not keep
+        # plain/res/res+/dense run drop(act(norm(.))) as a block (_norm_act_drop); rev/deq/gcnii do not
+        self.drop_first = kind in ("plain", "res", "res+", "dense") and ir.drop_in_place(stage.norm, stage.act, stage.dropout)
         if kind == "gcnii":
             self.theta = stage.theta
             self.conv = make_gcn2(channels, stage.alpha, stage.theta, layer)
@@ -102,16 +104,23 @@ class ConvLayer(nn.Module):
     def _drop(self, x: Tensor) -> Tensor:
         return dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
+    def _norm_act_drop(self, x: Tensor) -> Tensor:
+        """``drop(act(norm(x)))``; as ``relu_(drop_(norm(x)))`` where :func:`gnnspec.ir.drop_in_place`
+        says that is the same function (the norm's output is fresh and its backward keeps nothing of it)."""
+        if self.drop_first:
+            return self.act(dropout(self.norm(x), self.dropout, self.training, inplace=True))
+        return self._drop(self.act(self.norm(x)))
+
     def forward(self, x: Tensor, graph: PreparedGraph, extra: Tensor | None = None) -> Tensor:
         kind = self.kind
         if kind == "plain":
-            return self._drop(self.act(self.norm(self._conv(x, graph))))
+            return self._norm_act_drop(self._conv(x, graph))
         if kind == "res":
-            return self._drop(self.act(self.norm(self._conv(x, graph)))) + x
+            return self._norm_act_drop(self._conv(x, graph)) + x
         if kind == "res+":
-            return x + self._conv(self._drop(self.act(self.norm(x))), graph)
+            return x + self._conv(self._norm_act_drop(x), graph)
         if kind == "dense":
-            return torch.cat([x, self._drop(self.act(self.norm(self._conv(x, graph))))], dim=-1)
+            return torch.cat([x, self._norm_act_drop(self._conv(x, graph))], dim=-1)
         if kind == "gcnii":
             return self.act(self.norm(self._conv(self._drop(x), graph, x0=extra)))
         # rev / deq: the dropout mask comes from the stage, shared by its layers and recomputations

@@ -262,17 +262,20 @@ def _act_unit(kind: str) -> UnitDef:
     return UnitDef(f"act:{kind}", ("N", "D"), build, _points_width, variants=variants, npoints=8)
 
 
-def _norm_act_unit(norm_kind: str, act_kind: str) -> UnitDef:
+def _norm_act_unit(norm_kind: str, act_kind: str, drop: bool) -> UnitDef:
     """A stack layer's norm and its activation in place on the norm's output
-    (:func:`gnnspec.ir.act_in_place`), as :class:`gnnspec.lower.layers.ConvLayer` runs them."""
+    (:func:`gnnspec.ir.act_in_place`), with dropout in place before it when ``drop``
+    (:func:`gnnspec.ir.drop_in_place`), as :class:`gnnspec.lower.layers.ConvLayer` runs them."""
     from gnnspec.lower.layers import make_act, make_norm
 
     def build(pt: dict[str, int], dtype: torch.dtype) -> Built:
         norm, act = make_norm(norm_kind, pt["D"]), make_act(act_kind)
         act.inplace = True
+        if drop:
+            return Built(norm, lambda x: act(F.dropout(norm(x), 0.5, True, inplace=True)), (pt["N"], pt["D"]))
         return Built(norm, lambda x: act(norm(x)), (pt["N"], pt["D"]))
 
-    return UnitDef(norm_act_key(norm_kind, act_kind), ("N", "D"), build, _points_width, npoints=8)
+    return UnitDef(norm_act_key(norm_kind, act_kind, drop), ("N", "D"), build, _points_width, npoints=8)
 
 
 def _dropout_unit() -> UnitDef:
@@ -477,7 +480,9 @@ def unit_defs() -> list[UnitDef]:
     for norm_kind in ("batch", "layer"):
         for act_kind in ("relu", "leaky_relu"):
             if ir.act_in_place(norm_kind, act_kind):
-                units.append(_norm_act_unit(norm_kind, act_kind))
+                units.append(_norm_act_unit(norm_kind, act_kind, drop=False))
+            if ir.drop_in_place(norm_kind, act_kind, 0.5):
+                units.append(_norm_act_unit(norm_kind, act_kind, drop=True))
     units += [_dropout_unit(), _mask_unit(), _linear_unit(True), _linear_unit(False), _loss_unit()]
     for k in range(1, 17):
         units += [_prop_unit("appnp", k), _prop_unit("sgc", k)]

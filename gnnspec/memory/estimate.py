@@ -39,7 +39,7 @@ from typing import Any, Sequence, get_args
 
 from gnnspec import ir
 from gnnspec.memory import pieces
-from gnnspec.memory.pieces import buffer_bytes, instantiate, norm_act_key, param_bytes
+from gnnspec.memory.pieces import buffer_bytes, draws_dropout, instantiate, norm_act_key, param_bytes
 from gnnspec.memory.timeline import Program, chain, new_sid, peak, resolve, substitute, summarize
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -345,15 +345,17 @@ class StageModel:
             shape["I"] = in_width
         return Unit(key, **shape)
 
-    def _glue(self, width: int) -> tuple[list[Unit], list[Unit], list[Unit]]:
-        """(norm, act, dropout) units at ``width`` (identities left out)."""
+    def _glue(self, width: int, block: bool = True) -> tuple[list[Unit], list[Unit], list[Unit]]:
+        """(norm, act, dropout) units at ``width`` (identities left out); ``block``: the three run
+        as ``drop(act(norm(x)))`` (``ConvLayer._norm_act_drop``), not apart (rev, deq, gcnii)."""
         st, g = self.stage, self.graph
-        if ir.act_in_place(st.norm, st.act):  # one unit: the activation writes the norm's output
-            norm, act = [Unit(norm_act_key(st.norm, st.act), N=g.nodes, D=width, s=g.s)], []
-        else:
-            norm = [Unit(f"norm:{st.norm}", N=g.nodes, D=width, s=g.s)] if st.norm != "none" else []
-            act = [Unit(f"act:{st.act}", N=g.nodes, D=width, s=g.s)] if st.act != "none" else []
         drop = [Unit("dropout", N=g.nodes, D=width, s=g.s)] if st.dropout > 0 else []
+        if ir.act_in_place(st.norm, st.act):  # one unit: the activation (and dropout) write the norm's output
+            drop_first = block and ir.drop_in_place(st.norm, st.act, st.dropout)
+            fused = [Unit(norm_act_key(st.norm, st.act, drop_first), N=g.nodes, D=width, s=g.s)]
+            return fused, [], [] if drop_first else drop
+        norm = [Unit(f"norm:{st.norm}", N=g.nodes, D=width, s=g.s)] if st.norm != "none" else []
+        act = [Unit(f"act:{st.act}", N=g.nodes, D=width, s=g.s)] if st.act != "none" else []
         return norm, act, drop
 
     def layer_units(self, layer: int = 0) -> list[Unit]:
@@ -362,15 +364,15 @@ class StageModel:
         kind, h, g = self.kind, self.hidden, self.graph
         if kind == "rev":
             w = h // self.stage.groups
-            norm, act, _ = self._glue(w)
+            norm, act, _ = self._glue(w, block=False)
             mask = [Unit("mask", N=g.nodes, D=w, s=g.s)] if self.stage.dropout > 0 else []
             return norm + act + mask + [self._conv_unit(w)]
         if kind == "deq":
-            norm, act, _ = self._glue(h)
+            norm, act, _ = self._glue(h, block=False)
             mask = [Unit("mask", N=g.nodes, D=h, s=g.s)] if self.stage.dropout > 0 else []
             return (norm + act + mask + [self._conv_unit(h)]) * self.stage.depth
         if kind == "gcnii":
-            norm, act, drop = self._glue(h)
+            norm, act, drop = self._glue(h, block=False)
             return drop + [Unit("op:gcn2", N=g.nodes, E=g.prepared_edges, D=h, s=g.s)] + norm + act
         in_width = h * (layer + 1) if kind == "dense" else h
         if layer == 0:
@@ -828,7 +830,7 @@ class StageModel:
 
         def tape(layer: int) -> int:
             return sum(_alloc(g, -(-u.shape["N"] * u.shape["D"] // 8))
-                       for u in self.layer_units(layer) if u.key == "dropout")
+                       for u in self.layer_units(layer) if draws_dropout(u.key))
 
         if self.kind == "dense":  # each layer wider than the last
             return sum(tape(layer) for layer in range(start, stop))

@@ -96,9 +96,15 @@ def op_key(name: str, args: dict[str, Any]) -> str:
     return f"op:{name}" + (f"({','.join(parts)})" if parts else "")
 
 
-def norm_act_key(norm: str, act: str) -> str:
-    """The table key of a norm followed by an activation in place (:func:`gnnspec.ir.act_in_place`)."""
-    return f"norm:{norm}+act:{act}"
+def norm_act_key(norm: str, act: str, drop: bool = False) -> str:
+    """The table key of a norm followed by an activation in place (:func:`gnnspec.ir.act_in_place`),
+    with dropout in place between them when ``drop`` (:func:`gnnspec.ir.drop_in_place`)."""
+    return f"norm:{norm}+drop+act:{act}" if drop else f"norm:{norm}+act:{act}"
+
+
+def draws_dropout(key: str) -> bool:
+    """Whether the unit ``key`` draws a dropout mask (``dropout``, or a norm block with dropout)."""
+    return key == "dropout" or (key.startswith("norm:") and "+drop+" in key)
 
 
 def evaluate(form, shape: dict[str, int]) -> int:
