@@ -215,11 +215,13 @@ def act_in_place(norm: str, act: str) -> bool:
 
 
 def drop_in_place(norm: str, act: str, dropout: float) -> bool:
-    """Whether a stack layer's ``drop(relu(norm(x)))`` runs as ``relu_(drop_(norm(x)))``, both in
-    place on the norm's output: ``relu(y) * m == relu(y * m)`` bit for bit for a dropout mask
-    ``m >= 0`` (and so are the gradients, products with 0/1 selections), the same draws in the same
-    order. The layer then keeps one ``[N, hidden]`` tensor for relu and the next product instead of
-    two. Only for ``relu``: ``leaky_relu``'s slope would multiply in another order."""
+    """Whether a stack layer's ``drop(relu(norm(x)))`` runs as ``relu(drop(norm(x)))`` in place on
+    the norm's output, keeping only its result for the backward
+    (:func:`gnnspec.lower.layers.relu_of_dropout`): ``relu(y) * m == relu(y * m)`` bit for bit for
+    a dropout noise ``m >= 0``, the same draws in the same order, and the result's sign is the
+    mask relu and dropout need. The layer then keeps one ``[N, hidden]`` tensor (which the next
+    product keeps anyway) instead of three. Only for ``relu``: ``leaky_relu``'s slope would
+    multiply in another order."""
     return act_in_place(norm, act) and act == "relu" and dropout > 0
 
 

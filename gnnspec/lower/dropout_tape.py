@@ -11,10 +11,13 @@ Contract of :func:`dropout` (what a stack layer calls instead of ``F.dropout``):
 
 * with no tape active, in eval mode, with ``p == 0`` or on a non-CPU tensor it is ``F.dropout``;
 * recording (a segment's forward) it computes exactly what ``F.dropout`` computes on CPU
-  (``noise = empty_like(x).bernoulli_(1 - p); noise.div_(1 - p); x * noise``, or ``x.mul_(noise)``
-  in place, the same draws from the default generator) and keeps ``ceil(numel / 8)`` bytes of mask;
+  (``noise = empty_like(x).bernoulli_(1 - p); noise.div_(1 - p); x * noise``, the same draws
+  from the default generator) and keeps ``ceil(numel / 8)`` bytes of mask;
 * replaying (each recomputation of the segment) the ``i``-th call returns the ``i``-th recorded
   result's recomputation, ``x * noise`` with the recorded noise, bit for bit, and draws nothing.
+
+:func:`dropout_noise` hands out the noise itself, recorded and replayed the same way, for a layer
+that applies it in a fused function (``gnnspec.lower.layers.relu_of_dropout``).
 
 The replay skips the draws, so it is only used when the recorded draws were the only use of the
 CPU generator inside the segment (checked by comparing generator states around each draw): a
@@ -37,7 +40,7 @@ from torch import Tensor
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["DropoutTape", "dropout", "pack_bits", "unpack_bits", "packed_bytes"]
+__all__ = ["DropoutTape", "draw_noise", "dropout", "dropout_noise", "pack_bits", "unpack_bits", "packed_bytes"]
 
 # (b0 + b1 * 2**8 + ... + b7 * 2**56) * MAGIC puts b_k at bit 63 - k of the (wrapped) product,
 # for bytes b_k in {0, 1}: eight mask elements become the product's most significant byte.
@@ -123,26 +126,36 @@ class DropoutTape:
 
     # -- one dropout call
 
-    def dropout(self, x: Tensor, p: float, inplace: bool = False) -> Tensor:
+    def noise(self, x: Tensor, p: float) -> Tensor:
+        """The noise ``F.dropout(x, p, True)`` multiplies ``x`` by on CPU (zeros and
+        ``1 / (1 - p)``): drawn and recorded, or replayed, or drawn plainly where the tape is not
+        valid (the same draws from the restored RNG state)."""
         keep = 1.0 - p
         if self.replay:
             if not self.valid:
-                return F.dropout(x, p, True, inplace)
+                return draw_noise(x, keep)
             packed, scale = self.masks[self._cursor]
             self._cursor += 1
-            noise = unpack_bits(packed, x.numel(), x.dtype, scale).view(x.shape)
-            return x.mul_(noise) if inplace else x * noise
+            return unpack_bits(packed, x.numel(), x.dtype, scale).view(x.shape)
         if not self.valid or not x.is_contiguous() or x.numel() == 0:
             self.valid = False
-            return F.dropout(x, p, True, inplace)
+            return draw_noise(x, keep)
         if _generator_state() != self._state:
             self.valid = False  # a random op other than ours ran before this mask
-            return F.dropout(x, p, True, inplace)
+            return draw_noise(x, keep)
         noise = torch.empty_like(x).bernoulli_(keep)
         self._state = _generator_state()
         self.masks.append((pack_bits(noise), keep))
-        noise.div_(keep)
-        return x.mul_(noise) if inplace else x * noise
+        return noise.div_(keep)
+
+    def dropout(self, x: Tensor, p: float) -> Tensor:
+        return x * self.noise(x, p)
+
+
+def draw_noise(x: Tensor, keep: float) -> Tensor:
+    """``bernoulli(keep) / keep`` shaped like ``x``: on CPU the draws and values of ``F.dropout``
+    (``noise = empty_like(x).bernoulli_(keep); noise.div_(keep)``)."""
+    return torch.empty_like(x).bernoulli_(keep).div_(keep)
 
 
 class _Active:
@@ -165,9 +178,18 @@ class _Active:
             _local.tape = self._previous.pop()
 
 
-def dropout(x: Tensor, p: float, training: bool, inplace: bool = False) -> Tensor:
-    """``F.dropout(x, p, training, inplace)``, recorded on or replayed from the active tape (see module)."""
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout(x, p, training)``, recorded on or replayed from the active tape (see module)."""
     tape: DropoutTape | None = getattr(_local, "tape", None)
     if tape is None or not training or p == 0.0 or x.device.type != "cpu":
-        return F.dropout(x, p, training, inplace)
-    return tape.dropout(x, p, inplace)
+        return F.dropout(x, p, training)
+    return tape.dropout(x, p)
+
+
+def dropout_noise(x: Tensor, p: float) -> Tensor:
+    """The noise of a training-mode ``dropout(x, p)`` (zeros and ``1 / (1 - p)``), recorded on or
+    replayed from the active tape; without one (or off the CPU) drawn as :func:`draw_noise`."""
+    tape: DropoutTape | None = getattr(_local, "tape", None)
+    if tape is None or x.device.type != "cpu":
+        return draw_noise(x, 1.0 - p)
+    return tape.noise(x, p)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch_geometric.nn.norm import BatchNorm, GraphNorm, InstanceNorm
 
 from gnnspec import ir
-from gnnspec.lower.dropout_tape import dropout
+from gnnspec.lower.dropout_tape import dropout, dropout_noise
 from gnnspec.lower.recompute import SharedDropout
 from gnnspec.ops import PreparedGraph, call_conv, make_conv, make_gcn2
 
@@ -60,6 +60,41 @@ def make_act(kind: str) -> nn.Module:
     return _ACTIVATIONS[kind]()
 
 
+class _ReluOfDropped(torch.autograd.Function):
+    """``y = relu(z * noise)`` in place on ``z``, for a dropout noise of zeros and ``scale``.
+
+    Saves ``y`` alone, not the noise: ``y > 0`` exactly where ``noise = scale`` and ``z > 0``, so
+    ``dL/dz = dL/dy * scale`` there and 0 elsewhere, the values ``F.dropout`` then ``relu`` give
+    (up to the sign of zeros). ``scale`` is a 0-dim tensor of ``z``'s dtype holding the noise's
+    nonzero value, so the product rounds as ``dL/dy * noise`` does."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, noise: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        z.mul_(noise).relu_()
+        ctx.mark_dirty(z)
+        ctx.save_for_backward(z, scale)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        y, scale = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, y, 0).mul_(scale), None, None
+
+
+def relu_of_dropout(z: Tensor, p: float, training: bool) -> Tensor:
+    """``relu(dropout(z, p))`` in place on ``z``, which must be a fresh tensor no backward keeps (a
+    layer/batch norm's output, :func:`gnnspec.ir.drop_in_place`). The same draws as ``F.dropout``
+    (recorded on and replayed from a checkpoint's tape), and ``relu(y) * m == relu(y * m)`` for a
+    mask ``m >= 0``, so this is ``dropout(relu(z))`` bit for bit. It keeps one tensor for the
+    backward, ``y``, which the next layer's product keeps anyway, where ``dropout(relu(z))`` keeps
+    three (relu's output, the noise, the product)."""
+    if not training or p == 0.0:
+        return z.relu_()
+    keep = 1.0 - p
+    scale = torch.ones((), dtype=z.dtype, device=z.device).div_(keep)  # the noise's nonzero value
+    return _ReluOfDropped.apply(z, dropout_noise(z, p), scale)
+
+
 class ConvLayer(nn.Module):
     """One layer of a stack: its convolution, normalisation and activation; ``dropout`` probability.
 
@@ -105,10 +140,10 @@ class ConvLayer(nn.Module):
         return dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
     def _norm_act_drop(self, x: Tensor) -> Tensor:
-        """``drop(act(norm(x)))``; as ``relu_(drop_(norm(x)))`` where :func:`gnnspec.ir.drop_in_place`
-        says that is the same function (the norm's output is fresh and its backward keeps nothing of it)."""
+        """``drop(act(norm(x)))``; by :func:`relu_of_dropout` in place on the norm's output where
+        :func:`gnnspec.ir.drop_in_place` says that is the same function."""
         if self.drop_first:
-            return self.act(dropout(self.norm(x), self.dropout, self.training, inplace=True))
+            return relu_of_dropout(self.norm(x), self.dropout, self.training)
         return self._drop(self.act(self.norm(x)))
 
     def forward(self, x: Tensor, graph: PreparedGraph, extra: Tensor | None = None) -> Tensor:

@@ -266,13 +266,13 @@ def _norm_act_unit(norm_kind: str, act_kind: str, drop: bool) -> UnitDef:
     """A stack layer's norm and its activation in place on the norm's output
     (:func:`gnnspec.ir.act_in_place`), with dropout in place before it when ``drop``
     (:func:`gnnspec.ir.drop_in_place`), as :class:`gnnspec.lower.layers.ConvLayer` runs them."""
-    from gnnspec.lower.layers import make_act, make_norm
+    from gnnspec.lower.layers import make_act, make_norm, relu_of_dropout
 
     def build(pt: dict[str, int], dtype: torch.dtype) -> Built:
         norm, act = make_norm(norm_kind, pt["D"]), make_act(act_kind)
         act.inplace = True
         if drop:
-            return Built(norm, lambda x: act(F.dropout(norm(x), 0.5, True, inplace=True)), (pt["N"], pt["D"]))
+            return Built(norm, lambda x: relu_of_dropout(norm(x), 0.5, True), (pt["N"], pt["D"]))
         return Built(norm, lambda x: act(norm(x)), (pt["N"], pt["D"]))
 
     return UnitDef(norm_act_key(norm_kind, act_kind, drop), ("N", "D"), build, _points_width, npoints=8)
