@@ -348,14 +348,14 @@ def test_activation_in_place_on_the_norm_output_changes_no_value_or_gradient(kin
         model = build(text, plan)
         relus = [m for m in model.modules() if isinstance(m, torch.nn.ReLU)]
         assert relus and all(m.inplace for m in relus), plan
-        layers = [m for m in model.modules() if hasattr(m, "drop_first")]
-        assert layers and all(m.drop_first == (kind in ("plain", "res", "res+", "dense")) for m in layers), plan
+        layers = [m for m in model.modules() if hasattr(m, "fused_relu_dropout")]
+        assert layers and all(m.fused_relu_dropout == (kind in ("plain", "res", "res+", "dense")) for m in layers), plan
         reference = build(text, plan)
         for m in reference.modules():
             if isinstance(m, torch.nn.ReLU):
                 m.inplace = False
-            if hasattr(m, "drop_first"):
-                m.drop_first = False
+            if hasattr(m, "fused_relu_dropout"):
+                m.fused_relu_dropout = False
         out, grads, state = train_step(model, x, edge_index, y)
         ref_out, ref_grads, ref_state = train_step(reference, x, edge_index, y)
         assert torch.equal(out, ref_out), plan
@@ -391,7 +391,7 @@ def test_relu_of_dropout_keeps_two_fewer_tensors_per_layer(kind):
             for m in model.modules():
                 if isinstance(m, torch.nn.ReLU):
                     m.inplace = False
-                if hasattr(m, "drop_first"):
-                    m.drop_first = False
+                if hasattr(m, "fused_relu_dropout"):
+                    m.fused_relu_dropout = False
         peaks.append(measure_step_peak(model, x, edge_index, y, torch.optim.Adam(model.parameters())))
     assert peaks[1] - peaks[0] >= 2 * (depth - 1) * n * hidden * 8, peaks

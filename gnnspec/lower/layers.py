@@ -126,7 +126,8 @@ class ConvLayer(nn.Module):
         if ir.act_in_place(stage.norm, stage.act):
             self.act.inplace = True  # on the norm's fresh output, which its backward does not keep
         # plain/res/res+/dense run drop(act(norm(.))) as a block (_norm_act_drop); rev/deq/gcnii do not
-        self.drop_first = kind in ("plain", "res", "res+", "dense") and ir.drop_in_place(stage.norm, stage.act, stage.dropout)
+        self.fused_relu_dropout = kind in ("plain", "res", "res+", "dense") and ir.drop_in_place(
+            stage.norm, stage.act, stage.dropout)
         if kind == "gcnii":
             self.theta = stage.theta
             self.conv = make_gcn2(channels, stage.alpha, stage.theta, layer)
@@ -142,7 +143,7 @@ class ConvLayer(nn.Module):
     def _norm_act_drop(self, x: Tensor) -> Tensor:
         """``drop(act(norm(x)))``; by :func:`relu_of_dropout` in place on the norm's output where
         :func:`gnnspec.ir.drop_in_place` says that is the same function."""
-        if self.drop_first:
+        if self.fused_relu_dropout:
             return relu_of_dropout(self.norm(x), self.dropout, self.training)
         return self._drop(self.act(self.norm(x)))
 

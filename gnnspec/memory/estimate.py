@@ -351,9 +351,9 @@ class StageModel:
         st, g = self.stage, self.graph
         drop = [Unit("dropout", N=g.nodes, D=width, s=g.s)] if st.dropout > 0 else []
         if ir.act_in_place(st.norm, st.act):  # one unit: the activation (and dropout) write the norm's output
-            drop_first = block and ir.drop_in_place(st.norm, st.act, st.dropout)
-            fused = [Unit(norm_act_key(st.norm, st.act, drop_first), N=g.nodes, D=width, s=g.s)]
-            return fused, [], [] if drop_first else drop
+            fused_relu_dropout = block and ir.drop_in_place(st.norm, st.act, st.dropout)
+            fused = [Unit(norm_act_key(st.norm, st.act, fused_relu_dropout), N=g.nodes, D=width, s=g.s)]
+            return fused, [], [] if fused_relu_dropout else drop
         norm = [Unit(f"norm:{st.norm}", N=g.nodes, D=width, s=g.s)] if st.norm != "none" else []
         act = [Unit(f"act:{st.act}", N=g.nodes, D=width, s=g.s)] if st.act != "none" else []
         return norm, act, drop
