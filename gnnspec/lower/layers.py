@@ -90,9 +90,15 @@ def relu_of_dropout(z: Tensor, p: float, training: bool) -> Tensor:
     three (relu's output, the noise, the product)."""
     if not training or p == 0.0:
         return z.relu_()
-    keep = 1.0 - p
-    scale = torch.ones((), dtype=z.dtype, device=z.device).div_(keep)  # the noise's nonzero value
-    return _ReluOfDropped.apply(z, dropout_noise(z, p), scale)
+    return relu_of_masked(z, dropout_noise(z, p), p)
+
+
+def relu_of_masked(z: Tensor, noise: Tensor, p: float) -> Tensor:
+    """``relu(z) * noise`` as ``relu(z * noise)`` in place on ``z`` (a fresh tensor no backward
+    keeps), for a given dropout noise of zeros and ``1 / (1 - p)`` (a draw of ``dropout_noise``,
+    or the stage's shared mask of ``rev``/``deq``), keeping only the result for the backward."""
+    scale = torch.ones((), dtype=z.dtype, device=z.device).div_(1.0 - p)  # the noise's nonzero value
+    return _ReluOfDropped.apply(z, noise, scale)
 
 
 class ConvLayer(nn.Module):
@@ -125,9 +131,9 @@ class ConvLayer(nn.Module):
         self.act = make_act(stage.act)
         if ir.act_in_place(stage.norm, stage.act):
             self.act.inplace = True  # on the norm's fresh output, which its backward does not keep
-        # plain/res/res+/dense run drop(act(norm(.))) as a block (_norm_act_drop); rev/deq/gcnii do not
-        self.fused_relu_dropout = kind in ("plain", "res", "res+", "dense") and ir.drop_in_place(
-            stage.norm, stage.act, stage.dropout)
+        # plain/res/res+/dense run drop(act(norm(.))) as a block (_norm_act_drop), rev/deq
+        # mask * act(norm(.)) with the stage's mask; gcnii drops its input instead
+        self.fused_relu_dropout = kind != "gcnii" and ir.drop_in_place(stage.norm, stage.act, stage.dropout)
         if kind == "gcnii":
             self.theta = stage.theta
             self.conv = make_gcn2(channels, stage.alpha, stage.theta, layer)
@@ -163,5 +169,7 @@ class ConvLayer(nn.Module):
         if extra is not None and kind == "rev":
             width = x.shape[-1]
             extra = extra[:, self.group * width : (self.group + 1) * width]
+        if self.fused_relu_dropout and extra is not None:
+            return self._conv(relu_of_masked(self.norm(x), extra, self.dropout), graph)
         return self._conv(SharedDropout.apply_mask(self.act(self.norm(x)), extra), graph)
 

@@ -362,15 +362,15 @@ class StageModel:
         """The units of layer ``layer`` (0-based), in the order they run (inside the hole, for
         kinds with a skeleton)."""
         kind, h, g = self.kind, self.hidden, self.graph
-        if kind == "rev":
-            w = h // self.stage.groups
-            norm, act, _ = self._glue(w, block=False)
-            mask = [Unit("mask", N=g.nodes, D=w, s=g.s)] if self.stage.dropout > 0 else []
-            return norm + act + mask + [self._conv_unit(w)]
-        if kind == "deq":
-            norm, act, _ = self._glue(h, block=False)
-            mask = [Unit("mask", N=g.nodes, D=h, s=g.s)] if self.stage.dropout > 0 else []
-            return (norm + act + mask + [self._conv_unit(h)]) * self.stage.depth
+        if kind in ("rev", "deq"):
+            w = h // self.stage.groups if kind == "rev" else h
+            st = self.stage
+            if ir.drop_in_place(st.norm, st.act, st.dropout):  # relu_of_masked with the stage's mask
+                block = [Unit(norm_act_key(st.norm, st.act, "mask"), N=g.nodes, D=w, s=g.s)]
+            else:
+                norm, act, _ = self._glue(w, block=False)
+                block = norm + act + ([Unit("mask", N=g.nodes, D=w, s=g.s)] if st.dropout > 0 else [])
+            return (block + [self._conv_unit(w)]) * (1 if kind == "rev" else st.depth)
         if kind == "gcnii":
             norm, act, drop = self._glue(h, block=False)
             return drop + [Unit("op:gcn2", N=g.nodes, E=g.prepared_edges, D=h, s=g.s)] + norm + act
@@ -815,6 +815,10 @@ class StageModel:
             if "X0BUF" in extras:  # the first layer's input is x0: its gradient joins the buffer
                 bwd.append(("r", g_next))
                 roles["GX"] = extras["X0BUF"]
+        if "M" in extras:
+            # rev/deq: the stage's mask is an argument of every checkpointed segment, which the
+            # checkpoint keeps until that segment's backward (the first segment's comes last)
+            bwd.append(("r", extras["M"]))
         prog = _with_stage_storages(Program(fwd, bwd, roles), [], extras)
         if counts:
             prog = _collapse_regions(prog, counts, set(roles.values()) | set(extras.values()))
