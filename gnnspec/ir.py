@@ -214,15 +214,16 @@ def act_in_place(norm: str, act: str) -> bool:
     return norm in ("layer", "batch") and act in ("relu", "leaky_relu")
 
 
-def drop_in_place(norm: str, act: str, dropout: float) -> bool:
-    """Whether a stack layer's ``drop(relu(norm(x)))`` runs as ``relu(drop(norm(x)))`` in place on
+def drop_in_place(kind: str, norm: str, act: str, dropout: float) -> bool:
+    """Whether a ``kind`` stack layer's ``drop(relu(norm(x)))`` (with the stage's shared mask in
+    ``rev``/``deq``; never in ``gcnii``, which drops its input) runs as ``relu(drop(norm(x)))`` in place on
     the norm's output, keeping only its result for the backward
     (:func:`gnnspec.lower.layers.relu_of_dropout`): ``relu(y) * m == relu(y * m)`` bit for bit for
     a dropout noise ``m >= 0``, the same draws in the same order, and the result's sign is the
     mask relu and dropout need. The layer then keeps one ``[N, hidden]`` tensor (which the next
     product keeps anyway) instead of three. Only for ``relu``: ``leaky_relu``'s slope would
     multiply in another order."""
-    return act_in_place(norm, act) and act == "relu" and dropout > 0
+    return kind != "gcnii" and act_in_place(norm, act) and act == "relu" and dropout > 0
 
 
 class Reversible(IRModel):

@@ -131,9 +131,7 @@ class ConvLayer(nn.Module):
         self.act = make_act(stage.act)
         if ir.act_in_place(stage.norm, stage.act):
             self.act.inplace = True  # on the norm's fresh output, which its backward does not keep
-        # plain/res/res+/dense run drop(act(norm(.))) as a block (_norm_act_drop), rev/deq
-        # mask * act(norm(.)) with the stage's mask; gcnii drops its input instead
-        self.fused_relu_dropout = kind != "gcnii" and ir.drop_in_place(stage.norm, stage.act, stage.dropout)
+        self.fused_relu_dropout = ir.drop_in_place(kind, stage.norm, stage.act, stage.dropout)
         if kind == "gcnii":
             self.theta = stage.theta
             self.conv = make_gcn2(channels, stage.alpha, stage.theta, layer)

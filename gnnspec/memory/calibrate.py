@@ -262,24 +262,24 @@ def _act_unit(kind: str) -> UnitDef:
     return UnitDef(f"act:{kind}", ("N", "D"), build, _points_width, variants=variants, npoints=8)
 
 
-def _norm_act_unit(norm_kind: str, act_kind: str, drop: bool | str) -> UnitDef:
+def _norm_act_unit(norm_kind: str, act_kind: str, between: str | None) -> UnitDef:
     """A stack layer's norm and its activation in place on the norm's output
-    (:func:`gnnspec.ir.act_in_place`), with dropout in place before it when ``drop``
-    (:func:`gnnspec.ir.drop_in_place`), or the stage's shared mask (the extra ``M``) when
-    ``drop == "mask"`` (``rev``/``deq``), as :class:`gnnspec.lower.layers.ConvLayer` runs them."""
+    (:func:`gnnspec.ir.act_in_place`), with ``between`` them (:func:`gnnspec.ir.drop_in_place`)
+    ``"drop"``, a dropout in place, or ``"mask"``, the stage's shared mask (the extra ``M``,
+    ``rev``/``deq``), as :class:`gnnspec.lower.layers.ConvLayer` runs them."""
     from gnnspec.lower.layers import make_act, make_norm, relu_of_dropout, relu_of_masked
 
     def build(pt: dict[str, int], dtype: torch.dtype) -> Built:
         norm, act = make_norm(norm_kind, pt["D"]), make_act(act_kind)
         act.inplace = True
-        if drop == "mask":
+        if between == "mask":
             return Built(norm, lambda x, M: relu_of_masked(norm(x), M, 0.5), (pt["N"], pt["D"]),
                          extras={"M": ((pt["N"], pt["D"]), None, False)})
-        if drop:
+        if between == "drop":
             return Built(norm, lambda x: relu_of_dropout(norm(x), 0.5, True), (pt["N"], pt["D"]))
         return Built(norm, lambda x: act(norm(x)), (pt["N"], pt["D"]))
 
-    return UnitDef(norm_act_key(norm_kind, act_kind, drop), ("N", "D"), build, _points_width, npoints=8)
+    return UnitDef(norm_act_key(norm_kind, act_kind, between), ("N", "D"), build, _points_width, npoints=8)
 
 
 def _dropout_unit() -> UnitDef:
@@ -484,10 +484,10 @@ def unit_defs() -> list[UnitDef]:
     for norm_kind in ("batch", "layer"):
         for act_kind in ("relu", "leaky_relu"):
             if ir.act_in_place(norm_kind, act_kind):
-                units.append(_norm_act_unit(norm_kind, act_kind, drop=False))
-            if ir.drop_in_place(norm_kind, act_kind, 0.5):
-                units.append(_norm_act_unit(norm_kind, act_kind, drop=True))
-                units.append(_norm_act_unit(norm_kind, act_kind, drop="mask"))
+                units.append(_norm_act_unit(norm_kind, act_kind, None))
+            for kind, between in (("plain", "drop"), ("rev", "mask")):
+                if ir.drop_in_place(kind, norm_kind, act_kind, 0.5):
+                    units.append(_norm_act_unit(norm_kind, act_kind, between))
     units += [_dropout_unit(), _mask_unit(), _linear_unit(True), _linear_unit(False), _loss_unit()]
     for k in range(1, 17):
         units += [_prop_unit("appnp", k), _prop_unit("sgc", k)]

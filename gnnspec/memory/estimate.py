@@ -345,15 +345,16 @@ class StageModel:
             shape["I"] = in_width
         return Unit(key, **shape)
 
-    def _glue(self, width: int, block: bool = True) -> tuple[list[Unit], list[Unit], list[Unit]]:
-        """(norm, act, dropout) units at ``width`` (identities left out); ``block``: the three run
-        as ``drop(act(norm(x)))`` (``ConvLayer._norm_act_drop``), not apart (rev, deq, gcnii)."""
+    def _glue(self, width: int) -> tuple[list[Unit], list[Unit], list[Unit]]:
+        """(norm, act, dropout) units at ``width`` (identities left out); the dropout list is empty
+        where the dropout (the shared mask of rev/deq) runs inside the norm's unit."""
         st, g = self.stage, self.graph
         drop = [Unit("dropout", N=g.nodes, D=width, s=g.s)] if st.dropout > 0 else []
         if ir.act_in_place(st.norm, st.act):  # one unit: the activation (and dropout) write the norm's output
-            fused_relu_dropout = block and ir.drop_in_place(st.norm, st.act, st.dropout)
-            fused = [Unit(norm_act_key(st.norm, st.act, fused_relu_dropout), N=g.nodes, D=width, s=g.s)]
-            return fused, [], [] if fused_relu_dropout else drop
+            fused = ir.drop_in_place(self.kind, st.norm, st.act, st.dropout)
+            between = ("mask" if self.kind in ("rev", "deq") else "drop") if fused else None
+            unit = Unit(norm_act_key(st.norm, st.act, between), N=g.nodes, D=width, s=g.s)
+            return [unit], [], [] if fused else drop
         norm = [Unit(f"norm:{st.norm}", N=g.nodes, D=width, s=g.s)] if st.norm != "none" else []
         act = [Unit(f"act:{st.act}", N=g.nodes, D=width, s=g.s)] if st.act != "none" else []
         return norm, act, drop
@@ -364,15 +365,11 @@ class StageModel:
         kind, h, g = self.kind, self.hidden, self.graph
         if kind in ("rev", "deq"):
             w = h // self.stage.groups if kind == "rev" else h
-            st = self.stage
-            if ir.drop_in_place(st.norm, st.act, st.dropout):  # relu_of_masked with the stage's mask
-                block = [Unit(norm_act_key(st.norm, st.act, "mask"), N=g.nodes, D=w, s=g.s)]
-            else:
-                norm, act, _ = self._glue(w, block=False)
-                block = norm + act + ([Unit("mask", N=g.nodes, D=w, s=g.s)] if st.dropout > 0 else [])
-            return (block + [self._conv_unit(w)]) * (1 if kind == "rev" else st.depth)
+            norm, act, drop = self._glue(w)
+            mask = [Unit("mask", N=g.nodes, D=w, s=g.s)] if drop else []  # the stage's, in place of dropout
+            return (norm + act + mask + [self._conv_unit(w)]) * (1 if kind == "rev" else self.stage.depth)
         if kind == "gcnii":
-            norm, act, drop = self._glue(h, block=False)
+            norm, act, drop = self._glue(h)
             return drop + [Unit("op:gcn2", N=g.nodes, E=g.prepared_edges, D=h, s=g.s)] + norm + act
         in_width = h * (layer + 1) if kind == "dense" else h
         if layer == 0:

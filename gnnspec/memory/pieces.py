@@ -96,13 +96,11 @@ def op_key(name: str, args: dict[str, Any]) -> str:
     return f"op:{name}" + (f"({','.join(parts)})" if parts else "")
 
 
-def norm_act_key(norm: str, act: str, drop: bool | str = False) -> str:
+def norm_act_key(norm: str, act: str, between: str | None = None) -> str:
     """The table key of a norm followed by an activation in place (:func:`gnnspec.ir.act_in_place`),
-    with dropout in place between them when ``drop`` (:func:`gnnspec.ir.drop_in_place`), or the
-    stage's shared mask when ``drop == "mask"`` (``rev``/``deq``: the mask is the role ``M``)."""
-    if drop == "mask":
-        return f"norm:{norm}+mask+act:{act}"
-    return f"norm:{norm}+drop+act:{act}" if drop else f"norm:{norm}+act:{act}"
+    with ``between`` them (:func:`gnnspec.ir.drop_in_place`) ``"drop"``, a dropout in place, or
+    ``"mask"``, the stage's shared mask (``rev``/``deq``: the mask is the role ``M``)."""
+    return f"norm:{norm}+{between}+act:{act}" if between else f"norm:{norm}+act:{act}"
 
 
 def draws_dropout(key: str) -> bool:
