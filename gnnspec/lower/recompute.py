@@ -17,9 +17,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
+
+from gnnspec.lower.dropout_tape import draw_noise
 
 
 def running_stat_buffers(modules: Iterable[nn.Module]) -> list[Tensor]:
@@ -84,8 +85,7 @@ class SharedDropout(nn.Module):
     def draw(self, x: Tensor) -> Tensor | None:
         if not self.training or self.p == 0.0:
             return None
-        keep = 1.0 - self.p
-        return torch.empty_like(x).bernoulli_(keep).div_(keep)
+        return draw_noise(x, 1.0 - self.p)
 
     @staticmethod
     def apply_mask(x: Tensor, mask: Tensor | None) -> Tensor:
