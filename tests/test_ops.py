@@ -15,6 +15,7 @@ from torch_geometric.utils import add_self_loops, coalesce, remove_self_loops, t
 import gnnspec
 import gnnspec.ops as ops
 from gnnspec.ir import OP_SIGNATURES, Op
+from gnnspec.memory.measure import LiveStorageTracker
 from gnnspec.ops import (
     GRAPH_FORMS,
     GraphCache,
@@ -387,6 +388,36 @@ def test_csr_propagation_gives_the_stock_layers_outputs_and_every_gradient(undir
         params = dict(stock.named_parameters())
         for key, param in module.named_parameters():
             torch.testing.assert_close(param.grad, params[key].grad, rtol=0, atol=1e-10, msg=f"{name} {key}")
+
+
+def test_csr_sage_keeps_only_its_output_alive_after_forward():
+    """``M (x W_l^T) + (x W_r^T + b)``: the neighbour term is accumulated into the root term in
+    place and nothing new is saved for backward (the stock order keeps ``lin_l``'s input ``M x``,
+    a second ``[N, C]`` tensor)."""
+    graph = _prepare(_csr_test_graph(False), forms=["mean_csr"])
+    conv = make_conv(_op("sage"), 8).double()
+    x = torch.randn(N, 8, dtype=torch.float64, requires_grad=True)
+    with LiveStorageTracker() as tracker:
+        out = call_conv(conv, "sage", x, graph)
+        alive, peak = tracker.current_bytes, tracker.peak_bytes
+    assert alive == out.numel() * 8
+    assert peak == 2 * out.numel() * 8  # the root term and the neighbour term's product, nothing more
+
+
+def test_csr_sage_under_bfloat16_autocast_matches_float32():
+    torch.manual_seed(0)
+    edge_index = _csr_test_graph(True)
+    graph = GraphCache().prepare(edge_index, num_nodes=N, dtype=torch.float32, forms=["mean_csr"])
+    conv = make_conv(_op("sage"), 8)
+    stock = SAGEConv(8, 8, aggr="mean")
+    stock.load_state_dict(conv.state_dict())
+    x = torch.randn(N, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call_conv(conv, "sage", x, graph)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), stock(x, edge_index), rtol=0, atol=5e-2)
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in conv.parameters())
 
 
 def test_csr_layers_keep_the_stock_state_dict():
