@@ -248,14 +248,12 @@ class CsrAdjacency:
 
     def _add_product_(self, out: Tensor, x: Tensor) -> Tensor:
         compute = self.parts[2].dtype
-        if self._matrices is None or isinstance(x, FakeTensor):
-            if out.dtype != compute:
-                out.add_(x.to(compute).new_empty(self.num_nodes, x.shape[-1]).to(out.dtype))
-            return out
-        with torch.autocast(x.device.type, enabled=False):
-            if out.dtype == compute:
-                return out.addmm_(self._matrices[0], x.to(compute))
-            return out.add_(torch.mm(self._matrices[0], x.to(compute)).to(out.dtype))
+        if out.dtype != compute:
+            return out.add_(self._product(x))
+        if self._matrices is not None and not isinstance(x, FakeTensor):
+            with torch.autocast(x.device.type, enabled=False):  # as in _product
+                out.addmm_(self._matrices[0], x.to(compute))
+        return out
 
     def _product(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         out_dtype = torch.promote_types(x.dtype, self.dtype)
