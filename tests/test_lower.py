@@ -396,3 +396,60 @@ def test_relu_of_dropout_keeps_two_fewer_tensors_per_layer(kind):
                     m.fused_relu_dropout = False
         peaks.append(measure_step_peak(model, x, edge_index, y, torch.optim.Adam(model.parameters())))
     assert peaks[1] - peaks[0] >= 2 * (depth - 1) * n * hidden * 8, peaks
+
+
+def _backward_nodes(out: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("kind", ["plain", "res+", "rev"])
+def test_layer_norm_relu_dropout_is_one_node_unless_a_hook_or_autocast_needs_the_module(kind):
+    """A layer norm followed by relu and dropout (or rev's shared mask) runs as one autograd node
+    that saves four tensors instead of two nodes saving seven (fewer for a checkpoint's hooks to
+    pack and unpack); with a forward hook on the norm, the hook sees the norm's output as before,
+    and the step's values and gradients are the same bit for bit either way."""
+    text = stack_text(kind, "sage", norm="layer")
+    x, edge_index, y = graph()
+    model = build(text, "store")
+    model.train()
+    assert "_LayerNormReluOfDroppedBackward" in _backward_nodes(model(x, edge_index))
+    out, grads, _ = train_step(model, x, edge_index, y)
+
+    hooked = build(text, "store")
+    seen = []
+    for m in hooked.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.register_forward_hook(lambda mod, inp, res: seen.append(res.detach().clone()))
+    hooked.train()
+    assert "_LayerNormReluOfDroppedBackward" not in _backward_nodes(hooked(x, edge_index))
+    assert seen and seen[0].shape[-1] > 0 and (seen[0] < 0).any()  # the norm's output, before relu
+    ref_out, ref_grads, _ = train_step(hooked, x, edge_index, y)
+    assert torch.equal(out, ref_out)
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "_LayerNormReluOfDroppedBackward" not in _backward_nodes(build(text, "store").float()(x.float(), edge_index))
+
+
+def test_sage_mean_products_are_one_node_saving_only_the_input():
+    """sage (mean) on the CSR form is one autograd node for its three products: the graph holds
+    `_SageProductBackward`, not the mm/addmm/transpose nodes of the unfused order, and a backward
+    through it gives the gradients of torch-geometric's own layer (tests/test_ops.py checks the
+    values; here every parameter receives one)."""
+    x, edge_index, y = graph()
+    model = build("plain(op=sage(aggr=mean), depth=2, norm=layer, dropout=0.2)", "store")
+    model.train()
+    out = model(x, edge_index)
+    nodes = _backward_nodes(out)
+    assert "_SageProductBackward" in nodes and "_CsrAddMatmulBackward" not in nodes
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

@@ -97,8 +97,83 @@ def relu_of_masked(z: Tensor, noise: Tensor, p: float) -> Tensor:
     """``relu(z) * noise`` as ``relu(z * noise)`` in place on ``z`` (a fresh tensor no backward
     keeps), for a given dropout noise of zeros and ``1 / (1 - p)`` (a draw of ``dropout_noise``,
     or the stage's shared mask of ``rev``/``deq``), keeping only the result for the backward."""
-    scale = torch.ones((), dtype=z.dtype, device=z.device).div_(1.0 - p)  # the noise's nonzero value
-    return _ReluOfDropped.apply(z, noise, scale)
+    return _ReluOfDropped.apply(z, noise, _noise_scale(z, p))
+
+
+def _noise_scale(like: Tensor, p: float) -> Tensor:
+    # the noise's nonzero value, divided in the tensor's dtype as F.dropout divides
+    return torch.ones((), dtype=like.dtype, device=like.device).div_(1.0 - p)
+
+
+class _LayerNormReluOfDropped(torch.autograd.Function):
+    """``y = relu(layer_norm(x; w, b, eps) * noise)``, ``noise`` of zeros and ``scale``: a
+    ``LayerNorm`` and :class:`_ReluOfDropped` as one autograd node, with the same kernels
+    (``native_layer_norm`` and its backward) and so the same values and gradients bit for bit.
+
+    Saves ``x``, the row statistics and ``y``, the tensors the two nodes save; ``w``, ``b`` and
+    ``scale`` are held on the node instead of saved (parameters, alive anyway), so a checkpoint's
+    hooks pack and unpack four tensors where the two nodes had seven, and the backward runs one
+    node instead of two."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, noise: Tensor,  # type: ignore[override]
+                scale: Tensor, eps: float) -> Tensor:
+        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        y.mul_(noise).relu_()
+        ctx.save_for_backward(x, mean, rstd, y)
+        ctx.weight, ctx.bias, ctx.scale = weight, bias, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, mean, rstd, y = ctx.saved_tensors
+        grad_z = torch.ops.aten.threshold_backward(grad, y, 0).mul_(ctx.scale)
+        needs = ctx.needs_input_grad
+        grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+            grad_z, x, [x.shape[-1]], mean, rstd, ctx.weight, ctx.bias, [needs[0], needs[1], needs[2]])
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _fusable_layer_norm(norm: nn.Module, x: Tensor) -> nn.LayerNorm | None:
+    """``norm``'s ``LayerNorm`` where :class:`_LayerNormReluOfDropped` computes ``norm(x)`` and what
+    follows as the module would: no hooks to call on the modules, no autocast (whose casts the
+    node does not make), a contiguous ``x`` over one normalised dimension."""
+    if not (isinstance(norm, NodeNorm) and norm.kind == "layer") or torch.is_autocast_enabled(x.device.type):
+        return None
+    ln = norm.norm
+    hooked = (norm._forward_hooks or norm._forward_pre_hooks or ln._forward_hooks or ln._forward_pre_hooks
+              or _has_global_module_hooks())
+    if hooked or not x.is_contiguous() or len(ln.normalized_shape) != 1:
+        return None
+    return ln
+
+
+def _has_global_module_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
+def norm_relu_of_masked(norm: nn.Module, x: Tensor, noise: Tensor, p: float) -> Tensor:
+    """``relu_of_masked(norm(x), noise, p)``; for a layer norm as one autograd node
+    (:class:`_LayerNormReluOfDropped`), the same values and gradients."""
+    ln = _fusable_layer_norm(norm, x)
+    if ln is None:
+        return relu_of_masked(norm(x), noise, p)
+    return _layer_norm_relu_of_masked(ln, x, noise, p)
+
+
+def norm_relu_of_dropout(norm: nn.Module, x: Tensor, p: float, training: bool) -> Tensor:
+    """``relu_of_dropout(norm(x), p, training)``: the same draws (from the tape where one records or
+    replays), and for a layer norm in training one autograd node (:func:`norm_relu_of_masked`)."""
+    ln = _fusable_layer_norm(norm, x) if training and p > 0.0 else None
+    if ln is None:
+        return relu_of_dropout(norm(x), p, training)
+    return _layer_norm_relu_of_masked(ln, x, dropout_noise(x, p), p)
+
+
+def _layer_norm_relu_of_masked(ln: nn.LayerNorm, x: Tensor, noise: Tensor, p: float) -> Tensor:
+    return _LayerNormReluOfDropped.apply(x, ln.weight, ln.bias, noise, _noise_scale(x, p), ln.eps)
 
 
 class ConvLayer(nn.Module):
@@ -148,7 +223,7 @@ class ConvLayer(nn.Module):
         """``drop(act(norm(x)))``; by :func:`relu_of_dropout` in place on the norm's output where
         :func:`gnnspec.ir.drop_in_place` says that is the same function."""
         if self.fused_relu_dropout:
-            return relu_of_dropout(self.norm(x), self.dropout, self.training)
+            return norm_relu_of_dropout(self.norm, x, self.dropout, self.training)
         return self._drop(self.act(self.norm(x)))
 
     def forward(self, x: Tensor, graph: PreparedGraph, extra: Tensor | None = None) -> Tensor:
@@ -168,6 +243,6 @@ class ConvLayer(nn.Module):
             width = x.shape[-1]
             extra = extra[:, self.group * width : (self.group + 1) * width]
         if self.fused_relu_dropout and extra is not None:
-            return self._conv(relu_of_masked(self.norm(x), extra, self.dropout), graph)
+            return self._conv(norm_relu_of_masked(self.norm, x, extra, self.dropout), graph)
         return self._conv(SharedDropout.apply_mask(self.act(self.norm(x)), extra), graph)
 

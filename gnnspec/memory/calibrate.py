@@ -267,16 +267,16 @@ def _norm_act_unit(norm_kind: str, act_kind: str, between: str | None) -> UnitDe
     (:func:`gnnspec.ir.act_in_place`), with ``between`` them (:func:`gnnspec.ir.drop_in_place`)
     ``"drop"``, a dropout in place, or ``"mask"``, the stage's shared mask (the extra ``M``,
     ``rev``/``deq``), as :class:`gnnspec.lower.layers.ConvLayer` runs them."""
-    from gnnspec.lower.layers import make_act, make_norm, relu_of_dropout, relu_of_masked
+    from gnnspec.lower.layers import make_act, make_norm, norm_relu_of_dropout, norm_relu_of_masked
 
     def build(pt: dict[str, int], dtype: torch.dtype) -> Built:
         norm, act = make_norm(norm_kind, pt["D"]), make_act(act_kind)
         act.inplace = True
         if between == "mask":
-            return Built(norm, lambda x, M: relu_of_masked(norm(x), M, 0.5), (pt["N"], pt["D"]),
+            return Built(norm, lambda x, M: norm_relu_of_masked(norm, x, M, 0.5), (pt["N"], pt["D"]),
                          extras={"M": ((pt["N"], pt["D"]), None, False)})
         if between == "drop":
-            return Built(norm, lambda x: relu_of_dropout(norm(x), 0.5, True), (pt["N"], pt["D"]))
+            return Built(norm, lambda x: norm_relu_of_dropout(norm, x, 0.5, True), (pt["N"], pt["D"]))
         return Built(norm, lambda x: act(norm(x)), (pt["N"], pt["D"]))
 
     return UnitDef(norm_act_key(norm_kind, act_kind, between), ("N", "D"), build, _points_width, npoints=8)
