@@ -313,40 +313,59 @@ class _CsrAddMatmul(torch.autograd.Function):
         return grad, grad_x, None
 
 
-class _SageProduct(torch.autograd.Function):
-    r"""``out = A (x W_l^T) + x W_r^T + b`` (``b`` optional), one autograd node for the products of
-    :class:`CsrSAGEConv`, with the kernels of its unfused order (``addmm``, ``mm``, the sparse
-    ``addmm_`` into ``out``). Saves ``x`` alone (the weights are held on the node: parameters,
-    alive anyway); the backward is ``h = A^T g``, ``dL/dx = g W_r + h W_l`` (one ``[N, C_in]``
-    tensor, accumulated in place), ``dL/dW_r = g^T x``, ``dL/dW_l = h^T x``, ``dL/db = sum_rows g``.
-    Where the unfused order runs five nodes and saves five tensors, a checkpoint's hooks here pack
-    and unpack one. ``x``, the weights and ``A`` share one dtype (no autocast)."""
+class _PropagatedLinear(torch.autograd.Function):
+    r"""``out = A (x W^T) + x R^T + b`` (root weight ``R`` and bias ``b`` optional), one autograd
+    node for the products of :class:`CsrGCNConv` (no ``R``) and :class:`CsrSAGEConv`, with the
+    kernels of their unfused order (``addmm``/``mm``, then the sparse product: added into the root
+    term in place, or with the bias into a fresh output). Saves ``x`` alone (the weights are held on
+    the node: parameters, alive anyway). Backward, with ``h = A^T g``: ``dL/dx = g R + h W`` (one
+    ``[N, C_in]`` tensor, accumulated in place), ``dL/dW = h^T x``, ``dL/dR = g^T x``,
+    ``dL/db = sum_rows g``. The unfused order runs three to five nodes and saves two to five
+    tensors; a checkpoint's hooks here pack and unpack one. ``x``, the weights and ``A`` share one
+    dtype (no autocast)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight_l: Tensor, weight_r: Tensor, bias: Tensor | None,  # type: ignore[override]
+    def forward(ctx, x: Tensor, weight: Tensor, root_weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
                 adjacency: CsrAdjacency) -> Tensor:
-        out = torch.mm(x, weight_r.t()) if bias is None else torch.addmm(bias, x, weight_r.t())
-        adjacency._add_product_(out, torch.mm(x, weight_l.t()))
+        neighbours = torch.mm(x, weight.t())
+        if root_weight is None:
+            out = adjacency._product(neighbours, bias)
+        else:
+            root = torch.mm(x, root_weight.t()) if bias is None else torch.addmm(bias, x, root_weight.t())
+            out = adjacency._add_product_(root, neighbours)
         ctx.save_for_backward(x)
-        ctx.weights, ctx.adjacency, ctx.has_bias = (weight_l, weight_r), adjacency, bias is not None
+        ctx.weights, ctx.adjacency, ctx.has_bias = (weight, root_weight), adjacency, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        weight_l, weight_r = ctx.weights
+        weight, root_weight = ctx.weights
         needs = ctx.needs_input_grad
-        neighbours = ctx.adjacency.t()._product(grad)  # A^T g
-        grad_x = grad_l = grad_r = grad_b = None
+        propagated = ctx.adjacency.t()._product(grad)  # A^T g
+        grad_x = grad_w = grad_root = grad_b = None
         if needs[0]:
-            grad_x = torch.mm(grad, weight_r).addmm_(neighbours, weight_l)
+            if root_weight is None:
+                grad_x = torch.mm(propagated, weight)
+            else:
+                grad_x = torch.mm(grad, root_weight).addmm_(propagated, weight)
         if needs[1]:
-            grad_l = torch.mm(neighbours.t(), x)
-        if needs[2]:
-            grad_r = torch.mm(grad.t(), x)
+            grad_w = torch.mm(propagated.t(), x)
+        if root_weight is not None and needs[2]:
+            grad_root = torch.mm(grad.t(), x)
         if ctx.has_bias and needs[3]:
             grad_b = grad.sum(0)
-        return grad_x, grad_l, grad_r, grad_b, None
+        return grad_x, grad_w, grad_root, grad_b, None
+
+
+def _fusable_product(x: Any, adjacency: Any, *modules: nn.Module) -> bool:
+    """Whether :class:`_PropagatedLinear` computes a CSR layer's products on ``x`` as its unfused
+    order would: a 2-D tensor and a :class:`CsrAdjacency` of its dtype, no autocast (whose casts
+    the node does not make), no hooks on the linear submodules it reads the weights of."""
+    if not (isinstance(adjacency, CsrAdjacency) and isinstance(x, Tensor) and x.dim() == 2
+            and adjacency.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 @dataclass(frozen=True)
@@ -716,7 +735,8 @@ class CsrGCNConv(CsrPropagation, GCNConv):
     With a :class:`CsrAdjacency` the bias is added by the sparse product itself
     (:meth:`CsrAdjacency.matmul`), where ``GCNConv.forward`` adds it in a pass of its own: the
     same formula, one ``[N, C]`` pass and temporary fewer (a gcn stack's step ~9% faster at 5,000
-    nodes and hidden 64 on CPU)."""
+    nodes and hidden 64 on CPU). Both products are one autograd node (:class:`_PropagatedLinear`)
+    unless autocast is on or ``lin`` has hooks."""
 
     graph_form = "gcn_csr"
 
@@ -725,7 +745,9 @@ class CsrGCNConv(CsrPropagation, GCNConv):
             return super().forward(x, edge_index, edge_weight)
         if edge_weight is not None:
             raise ValueError("CsrGCNConv: the edge weights belong in the CsrAdjacency")
-        return edge_index.matmul(self.lin(x), bias=self.bias)
+        if not _fusable_product(x, edge_index, self.lin) or self.lin.bias is not None:
+            return edge_index.matmul(self.lin(x), bias=self.bias)
+        return _PropagatedLinear.apply(x, self.lin.weight, None, self.bias, edge_index)
 
 
 class CsrGCN2Conv(CsrPropagation, GCN2Conv):
@@ -749,7 +771,8 @@ class CsrSAGEConv(CsrPropagation, SAGEConv):
     accumulated into it in place (:meth:`CsrAdjacency.add_matmul_`). Nothing but ``x`` is saved
     for backward (``lin_l``'s input ``M x`` was an ``[N, C]`` tensor a layer), no sum of two
     ``[N, C]`` terms is made, and a layer's forward is ~30% faster (5,000 nodes, hidden 64, CPU).
-    The weight gradient ``dL/dW_l = (M^T g)^T x`` equals ``g^T (M x)``. ``lin_l``/``lin_r`` are
+    The weight gradient ``dL/dW_l = (M^T g)^T x`` equals ``g^T (M x)``. The three products are one
+    autograd node (:class:`_PropagatedLinear`) unless autocast is on. ``lin_l``/``lin_r`` are
     read as parameters, so hooks on those submodules do not run on this path."""
 
     graph_form = "mean_csr"
@@ -758,10 +781,10 @@ class CsrSAGEConv(CsrPropagation, SAGEConv):
         if (not isinstance(edge_index, CsrAdjacency) or isinstance(x, (tuple, list)) or size is not None
                 or self.project or self.normalize or not self.root_weight):
             return super().forward(x, edge_index, size)
-        if torch.is_autocast_enabled(x.device.type) or edge_index.dtype != x.dtype:
+        if not _fusable_product(x, edge_index):
             out = F.linear(x, self.lin_r.weight, self.lin_l.bias)
             return edge_index.add_matmul_(out, F.linear(x, self.lin_l.weight))
-        return _SageProduct.apply(x, self.lin_l.weight, self.lin_r.weight, self.lin_l.bias, edge_index)
+        return _PropagatedLinear.apply(x, self.lin_l.weight, self.lin_r.weight, self.lin_l.bias, edge_index)
 
 
 class _SortedAggregation(torch.autograd.Function):

@@ -440,16 +440,31 @@ def test_layer_norm_relu_dropout_is_one_node_unless_a_hook_or_autocast_needs_the
         assert "_LayerNormReluOfDroppedBackward" not in _backward_nodes(build(text, "store").float()(x.float(), edge_index))
 
 
-def test_sage_mean_products_are_one_node_saving_only_the_input():
-    """sage (mean) on the CSR form is one autograd node for its three products: the graph holds
-    `_SageProductBackward`, not the mm/addmm/transpose nodes of the unfused order, and a backward
-    through it gives the gradients of torch-geometric's own layer (tests/test_ops.py checks the
-    values; here every parameter receives one)."""
+@pytest.mark.parametrize("op, unfused", [("sage(aggr=mean)", "_CsrAddMatmulBackward"), ("gcn", "_CsrMatmulBackward")])
+def test_csr_layer_products_are_one_node(op, unfused):
+    """gcn and sage (mean) on the CSR form run their products as one autograd node
+    (`_PropagatedLinearBackward`, saving only the input), not the mm/addmm/transpose nodes of the
+    unfused order; a forward hook on gcn's `lin` brings the unfused order back (the hook runs), and
+    the step's values and gradients agree (tests/test_ops.py checks both orders against
+    torch-geometric's own layers)."""
     x, edge_index, y = graph()
-    model = build("plain(op=sage(aggr=mean), depth=2, norm=layer, dropout=0.2)", "store")
+    text = f"plain(op={op}, depth=2, norm=layer, dropout=0.2)"
+    model = build(text, "store")
     model.train()
-    out = model(x, edge_index)
-    nodes = _backward_nodes(out)
-    assert "_SageProductBackward" in nodes and "_CsrAddMatmulBackward" not in nodes
-    out.sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    nodes = _backward_nodes(model(x, edge_index))
+    assert "_PropagatedLinearBackward" in nodes and unfused not in nodes
+    out, grads, _ = train_step(model, x, edge_index, y)
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    if op != "gcn":
+        return
+    hooked = build(text, "store")
+    calls = []
+    for m in hooked.modules():
+        if type(m).__name__ == "CsrGCNConv":
+            m.lin.register_forward_hook(lambda *args: calls.append(1))
+    hooked.train()
+    assert unfused in _backward_nodes(hooked(x, edge_index)) and calls
+    ref_out, ref_grads, _ = train_step(hooked, x, edge_index, y)
+    assert torch.allclose(out, ref_out, rtol=1e-12, atol=0)
+    for name in grads:
+        assert torch.allclose(grads[name], ref_grads[name], rtol=1e-10, atol=1e-14), name
