@@ -251,28 +251,40 @@ class CsrAdjacency:
         if out.dtype != compute:
             return out.add_(self._product(x))
         if self._matrices is not None and not isinstance(x, FakeTensor):
-            with torch.autocast(x.device.type, enabled=False):  # as in _product
-                out.addmm_(self._matrices[0], x.to(compute))
+            with _without_autocast(x):
+                out.addmm_(self._matrices[0], _cast(x, compute))
         return out
 
     def _product(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        out_dtype = torch.promote_types(x.dtype, self.dtype)
+        out_dtype = x.dtype if x.dtype == self.dtype else torch.promote_types(x.dtype, self.dtype)
         compute = self.parts[2].dtype
-        x = x.to(compute)
-        if bias is not None:
+        x = _cast(x, compute)
+        if bias is not None and bias.dtype != out_dtype:
             out_dtype = torch.promote_types(out_dtype, bias.dtype)
         if self._matrices is None or isinstance(x, FakeTensor):
             out = x.new_empty(self.num_nodes, x.shape[-1])
         else:
-            # autocast would cast the CSR operand to a dtype its kernel lacks
-            with torch.autocast(x.device.type, enabled=False):
+            with _without_autocast(x):
                 if bias is None:
                     # beta=0: out's uninitialised values are not read. torch.mm(A, x) gives the same
                     # values, but zero-fills a buffer and copies it into its output (1.6x the time).
                     out = x.new_empty(self.num_nodes, x.shape[-1]).addmm_(self._matrices[0], x, beta=0)
                 else:  # the broadcast bias is read in place (a stride-0 view), not copied
-                    out = torch.addmm(bias.to(compute).expand(self.num_nodes, x.shape[-1]), self._matrices[0], x)
-        return out.to(out_dtype)
+                    out = torch.addmm(_cast(bias, compute).expand(self.num_nodes, x.shape[-1]), self._matrices[0], x)
+        return _cast(out, out_dtype)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # ``t.to(dtype)`` without the dispatch of a no-op cast (these run several times a layer)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off around a CSR product (it would cast the CSR operand to a dtype its kernel
+    lacks); nothing to enter when it is off already."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _CsrMatmul(torch.autograd.Function):
@@ -462,6 +474,10 @@ class PreparedGraph:
 
     def tensors(self, form: str) -> tuple[Tensor | CsrAdjacency, ...]:
         """The graph arguments a convolution of ``form`` is called with, after ``x``."""
+        if form in _CSR_FORMS:  # the per-layer call of CSR ops: no set of forms built
+            held = getattr(self, _CSR_FORMS[form][0])
+            if held is not None:
+                return (held,)
         if form not in GRAPH_FORMS:
             raise ValueError(f"unknown graph form {form!r}; known: {', '.join(GRAPH_FORMS)}")
         if form not in self.forms:
