@@ -484,8 +484,6 @@ class PreparedGraph:
             raise ValueError(
                 f"graph form {form!r} was not prepared; pass it in `forms` to GraphCache.prepare"
             )
-        if form in _CSR_FORMS:
-            return (getattr(self, _CSR_FORMS[form][0]),)
         if form == "raw":
             return (self.edge_index,)
         if form == "gcn_norm":

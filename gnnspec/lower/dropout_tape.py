@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["DropoutTape", "draw_noise", "dropout", "dropout_noise", "pack_bits", "unpack_bits", "packed_bytes"]
+__all__ = ["DropoutTape", "draw_noise", "dropout", "dropout_noise", "noise_scale", "pack_bits", "unpack_bits", "packed_bytes"]
 
 # (b0 + b1 * 2**8 + ... + b7 * 2**56) * MAGIC puts b_k at bit 63 - k of the (wrapped) product,
 # for bytes b_k in {0, 1}: eight mask elements become the product's most significant byte.
@@ -68,14 +68,32 @@ def pack_bits(mask: Tensor) -> Tensor:
 
 def unpack_bits(packed: Tensor, numel: int, dtype: torch.dtype, scale: float) -> Tensor:
     """The flat ``[numel]`` tensor ``bits / scale`` of :func:`pack_bits`' bits, in ``dtype``."""
-    if _get_current_dispatch_mode() is None:
-        table = _byte_table(dtype, scale, packed.device)
-    else:  # fake tensors (dry run, calibration) or a tracker: no real tensor kept across calls
-        table = _byte_table.__wrapped__(dtype, scale, packed.device)
+    table = _byte_table(dtype, scale, packed.device)
     return table.index_select(0, packed.to(torch.int32)).view(-1)[:numel]
 
 
-@functools.lru_cache(maxsize=64)
+def _constant_tensor(make: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``make(*key)``, a tensor no caller writes to, kept per key (64 most recent) and handed out
+    again outside dispatch modes; under one (fake tensors: dry run, calibration; a tracker) made
+    afresh, so no real tensor is kept across calls and no fake one outlives its mode."""
+    cached = functools.lru_cache(maxsize=64)(make)
+
+    @functools.wraps(make)
+    def get(*key: Any) -> Tensor:
+        return cached(*key) if _get_current_dispatch_mode() is None else make(*key)
+
+    get.cache_info = cached.cache_info  # type: ignore[attr-defined]
+    return get
+
+
+@_constant_tensor
+def noise_scale(dtype: torch.dtype, device: torch.device, keep: float) -> Tensor:
+    """The nonzero value of a dropout noise, ``1 / keep``, as a 0-dim tensor of ``dtype``: divided
+    as ``F.dropout`` divides, so a product with it rounds as the product with the noise does."""
+    return torch.ones((), dtype=dtype, device=device).div_(keep)
+
+
+@_constant_tensor
 def _byte_table(dtype: torch.dtype, scale: float, device: torch.device) -> Tensor:
     """Row ``b`` (256 x 8): the bits of byte ``b``, most significant first, as ``bits / scale``."""
     shifts = torch.arange(7, -1, -1, device=device)

@@ -6,16 +6,13 @@ stack kind; the stack modules (:mod:`gnnspec.lower.stages`) only sequence them u
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch_geometric.nn.norm import BatchNorm, GraphNorm, InstanceNorm
 
 from gnnspec import ir
-from gnnspec.lower.dropout_tape import dropout, dropout_noise
+from gnnspec.lower.dropout_tape import dropout, dropout_noise, noise_scale
 from gnnspec.lower.recompute import SharedDropout
 from gnnspec.ops import PreparedGraph, call_conv, make_conv, make_gcn2
 
@@ -105,17 +102,7 @@ def relu_of_masked(z: Tensor, noise: Tensor, p: float) -> Tensor:
 
 
 def _noise_scale(like: Tensor, p: float) -> Tensor:
-    """The noise's nonzero value ``1 / (1 - p)``, divided in ``like``'s dtype as ``F.dropout``
-    divides; a 0-dim tensor no one writes to, made once per (dtype, device, p) outside dispatch
-    modes (under fake tensors or a tracker, afresh: no real tensor kept across calls)."""
-    if _get_current_dispatch_mode() is None:
-        return _scale_tensor(like.dtype, like.device, p)
-    return _scale_tensor.__wrapped__(like.dtype, like.device, p)
-
-
-@functools.lru_cache(maxsize=64)
-def _scale_tensor(dtype: torch.dtype, device: torch.device, p: float) -> Tensor:
-    return torch.ones((), dtype=dtype, device=device).div_(1.0 - p)
+    return noise_scale(like.dtype, like.device, 1.0 - p)
 
 
 class _LayerNormReluOfDropped(torch.autograd.Function):
