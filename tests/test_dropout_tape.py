@@ -3,6 +3,8 @@ falls back to redrawing when another random op shares the segment."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,46 @@ def test_every_byte_pattern_round_trips() -> None:
     packed = pack_bits(bits)
     assert torch.equal(packed, torch.arange(256, dtype=torch.uint8))
     assert torch.equal(unpack_bits(packed, bits.numel(), torch.float32, 1.0), bits)
+
+
+def test_torch_fallback_packs_and_unpacks_as_numpy_does(monkeypatch) -> None:
+    """Off the CPU pack/unpack run on torch's ops: the same bytes and values as numpy's."""
+    from gnnspec.lower import dropout_tape
+
+    gen = torch.Generator().manual_seed(2)
+    mask = (torch.rand(2048 + 5, generator=gen) < 0.5).float()
+    packed = pack_bits(mask)
+    unpacked = unpack_bits(packed, mask.numel(), torch.bfloat16, 0.7)
+    monkeypatch.setattr(dropout_tape, "_has_numpy_data", lambda t: False)
+    assert torch.equal(pack_bits(mask), packed)
+    assert torch.equal(unpack_bits(packed, mask.numel(), torch.bfloat16, 0.7), unpacked)
+    assert torch.equal(unpacked, mask.to(torch.bfloat16).div_(0.7))
+
+
+@pytest.mark.parametrize("shape", [(40, 16), (7, 13)])
+def test_a_recorded_and_replayed_mask_allocates_the_same_under_fake_tensors(shape) -> None:
+    """The calibration records the tape under FakeTensorMode, where numpy cannot run: the fake
+    path must allocate and free the same storages, in the same order, as the real one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gnnspec.memory.recorder import AllocationRecorder
+
+    def sizes(fake: bool) -> list[tuple[str, int]]:
+        tape, rec = DropoutTape(), AllocationRecorder()
+        mode = FakeTensorMode() if fake else contextlib.nullcontext()
+        with mode:
+            x = torch.empty(shape)
+            with rec:
+                with tape.recording():
+                    a = dropout(x, 0.4, True)
+                with tape.replaying():
+                    b = dropout(x, 0.4, True)
+                del a, b
+        return [(e[0], e[2]) for e in rec.events if e[0] in "af"]
+
+    real = sizes(fake=False)
+    assert real == sizes(fake=True)
+    assert ("a", packed_bytes(shape[0] * shape[1])) in real
 
 
 def test_unpacking_under_fake_tensors_leaves_the_cached_tables_real() -> None:

@@ -12,7 +12,10 @@ Contract of :func:`dropout` (what a stack layer calls instead of ``F.dropout``):
 * with no tape active, in eval mode, with ``p == 0`` or on a non-CPU tensor it is ``F.dropout``;
 * recording (a segment's forward) it computes exactly what ``F.dropout`` computes on CPU
   (``noise = empty_like(x).bernoulli_(1 - p); noise.div_(1 - p); x * noise``, the same draws
-  from the default generator) and keeps ``ceil(numel / 8)`` bytes of mask;
+  from the default generator) and keeps ``ceil(numel / 8)`` bytes of mask. It draws into a bool
+  mask (``bernoulli_`` draws the same values whatever the dtype), packs it, and makes the noise by
+  the replay's table lookup, which divides as ``div_`` does: 0.1 ms a ``[5000, 64]`` layer less
+  than drawing floats and packing those;
 * replaying (each recomputation of the segment) the ``i``-th call returns the ``i``-th recorded
   result's recomputation, ``x * noise`` with the recorded noise, bit for bit, and draws nothing.
 
@@ -34,9 +37,11 @@ import sys
 import threading
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -56,20 +61,51 @@ def packed_bytes(numel: int) -> int:
 
 def pack_bits(mask: Tensor) -> Tensor:
     """A ``uint8`` tensor of ``ceil(numel / 8)`` bytes: element ``8 j + k`` of the flattened
-    ``mask != 0`` is bit ``7 - k`` of byte ``j``."""
+    ``mask != 0`` is bit ``7 - k`` of byte ``j`` (``numpy.packbits``' order).
+
+    Allocates a bool copy of ``mask`` (none for a bool mask), then the result; on a real CPU tensor
+    numpy packs (8x faster than torch's ops here), on a fake one (dry run, calibration) the same
+    tensors are allocated and nothing is computed, so both allocate alike."""
     keep = mask.reshape(-1).to(torch.bool)  # == ne(0), and ~8x faster on CPU floats
+    packed = torch.empty(packed_bytes(keep.numel()), dtype=torch.uint8, device=keep.device)
+    if _has_numpy_data(keep):
+        packed.numpy()[:] = np.packbits(keep.numpy())
+    elif not is_fake(keep):
+        _pack_bits_with_torch(keep, packed)
+    return packed
+
+
+def _pack_bits_with_torch(keep: Tensor, packed: Tensor) -> None:
+    # Off the CPU (the tape itself only records on the CPU; here for completeness).
     tail = keep.numel() % 8
     if tail:
         keep = torch.cat([keep, keep.new_zeros(8 - tail)])
-    words = keep.view(torch.uint8).view(torch.int64)
-    words.mul_(_MAGIC)  # in place on our own temporary: the only copy is the bool mask
-    return words.view(torch.uint8).view(-1, 8)[:, _TOP_BYTE].clone()
+    words = keep.view(torch.uint8).view(torch.int64) * _MAGIC
+    packed.copy_(words.view(torch.uint8).view(-1, 8)[:, _TOP_BYTE])
 
 
 def unpack_bits(packed: Tensor, numel: int, dtype: torch.dtype, scale: float) -> Tensor:
-    """The flat ``[numel]`` tensor ``bits / scale`` of :func:`pack_bits`' bits, in ``dtype``."""
+    """The flat ``[numel]`` tensor ``bits / scale`` of :func:`pack_bits`' bits, in ``dtype``: rows
+    of a 256 x 8 table, gathered by numpy on a real CPU tensor (2x faster than ``index_select``);
+    allocates the result alone."""
     table = _byte_table(dtype, scale, packed.device)
-    return table.index_select(0, packed.to(torch.int32)).view(-1)[:numel]
+    out = torch.empty(packed.numel(), 8, dtype=dtype, device=packed.device)
+    if _has_numpy_data(packed):
+        # as same-width integers: numpy has no bfloat16, and a gather only moves bits
+        as_int = _SAME_WIDTH_INT[dtype.itemsize]
+        np.take(table.view(as_int).numpy(), packed.numpy(), axis=0, out=out.view(as_int).numpy(), mode="wrap")
+    elif not is_fake(packed):
+        torch.index_select(table, 0, packed.to(torch.int32), out=out)
+    return out.view(-1)[:numel]
+
+
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _has_numpy_data(t: Tensor) -> bool:
+    """Whether ``t.numpy()`` shares ``t``'s data: a plain CPU tensor (under a tracker's dispatch
+    mode too), not a fake, meta or device one."""
+    return type(t) is Tensor and t.device.type == "cpu" and not t.requires_grad
 
 
 def _constant_tensor(make: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -161,10 +197,14 @@ class DropoutTape:
         if _generator_state() != self._state:
             self.valid = False  # a random op other than ours ran before this mask
             return draw_noise(x, keep)
-        noise = torch.empty_like(x).bernoulli_(keep)
+        # A bool mask holds the same draws as F.dropout's float one (bernoulli_ draws per element
+        # whatever the dtype), and the noise is then a table lookup: ~0.15 ms a [5000, 64] layer
+        # less than drawing floats, packing them and dividing.
+        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep)
         self._state = _generator_state()
-        self.masks.append((pack_bits(noise), keep))
-        return noise.div_(keep)
+        packed = pack_bits(mask)
+        self.masks.append((packed, keep))
+        return unpack_bits(packed, x.numel(), x.dtype, keep).view(x.shape)
 
     def dropout(self, x: Tensor, p: float) -> Tensor:
         return x * self.noise(x, p)
