@@ -69,8 +69,7 @@ def _run_plainly(steps: Sequence[Step], state: State, args: tuple[Any, ...]) -> 
 
 
 def _checkpointed_segment(
-    steps: Sequence[Step], modules: Sequence[nn.Module], state: State, args: tuple[Any, ...],
-    tape: DropoutTape,
+    steps: Sequence[Step], modules: Sequence[nn.Module], state: State, args: tuple[Any, ...]
 ) -> State:
     # checkpoint() takes a flat argument list, so a tuple state travels unpacked beside ``args``
     # and is re-packed inside; the segment's output keeps the caller's state structure.
@@ -81,6 +80,8 @@ def _checkpointed_segment(
     def segment(*inputs: Any) -> State:
         inner: State = tuple(inputs[:width]) if is_tuple else inputs[0]
         return _run_plainly(steps, inner, tuple(inputs[width:]))
+
+    tape = DropoutTape()
 
     def contexts() -> tuple[Any, Any]:
         return tape.recording(), _Recomputation(tape, modules)
@@ -115,7 +116,6 @@ def run_segments(
     *args: Any,
     segments: int,
     modules: Sequence[nn.Module],
-    tape_sizes: dict[tuple[int, int], list[int]] | None = None,
 ) -> State:
     """Run ``state = steps[i](state, *args)`` for every step, checkpointed in ``segments`` parts.
 
@@ -130,10 +130,6 @@ def run_segments(
     ``state`` equal those of the plain loop, and running statistics are updated once per step.
     When no module is in training mode or grad is disabled, there is no backward to save memory
     for, and the steps run plainly.
-
-    ``tape_sizes``, a dict the caller keeps across calls, remembers the packed sizes of each
-    segment's dropout masks, so that the next call's tape allocates them as one block
-    (:class:`~gnnspec.lower.dropout_tape.DropoutTape`'s ``expected``).
     """
     if len(modules) != len(steps):
         raise ValueError(
@@ -146,11 +142,8 @@ def run_segments(
     if not (training and torch.is_grad_enabled()):
         return _run_plainly(steps, state, args)
     bounds = segment_bounds(len(steps), segments)
-    sizes = {} if tape_sizes is None else tape_sizes
     for start, stop in bounds[:-1]:
-        tape = DropoutTape(sizes.get((start, stop), ()))
-        state = _checkpointed_segment(steps[start:stop], modules[start:stop], state, args, tape)
-        sizes[(start, stop)] = tape.packed_sizes()
+        state = _checkpointed_segment(steps[start:stop], modules[start:stop], state, args)
     # The last segment's activations are needed as soon as backward starts: recomputing them
     # would cost a forward of the segment and save nothing (as checkpoint_sequential does).
     start, stop = bounds[-1]

@@ -24,15 +24,7 @@ CPU generator inside the segment (checked by comparing generator states around e
 segment with any other random op (a user op's own dropout, say) replays nothing and redraws every
 mask from the restored RNG state, as plain checkpointing does. Memory: the tape holds
 ``sum(ceil(numel / 8))`` bytes per checkpointed segment, from its forward until the segment's
-backward has run (the estimator counts it from the segment's start).
-
-Where the segment recorded masks of the same sizes before (``expected``: the previous step's, as
-:func:`gnnspec.lower.checkpoint.run_segments` passes them), the tape allocates them as one block
-at its first mask and packs each into its slice. Kept one by one, the small masks sit between the
-layers' freed ``[N, hidden]`` blocks in the heap, and the next layers' tensors land in colder
-memory: in a grad-mode forward of a 64-layer gcn ``res+`` stack (5000 nodes, hidden 64, discarded
-activations, 30 rounds, CPU time) recording cost 0.44 ms a layer one by one, 0.20 in one block.
-
+backward has run (the estimator counts it).
 """
 
 from __future__ import annotations
@@ -40,7 +32,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -64,18 +56,15 @@ def packed_bytes(numel: int) -> int:
     return -(-numel // 8)
 
 
-def pack_bits(mask: Tensor, out: Tensor | None = None) -> Tensor:
-    """A ``uint8`` tensor of ``ceil(numel / 8)`` bytes (``out`` when given): element ``8 j + k`` of
-    the flattened ``mask != 0`` is bit ``7 - k`` of byte ``j`` (``numpy.packbits``' order).
+def pack_bits(mask: Tensor) -> Tensor:
+    """A ``uint8`` tensor of ``ceil(numel / 8)`` bytes: element ``8 j + k`` of the flattened
+    ``mask != 0`` is bit ``7 - k`` of byte ``j`` (``numpy.packbits``' order).
 
-    Allocates a bool copy of ``mask`` (none for a bool mask), then the result unless ``out`` is
-    given; on a real CPU tensor numpy packs (8x faster than torch's ops here), on a fake one (dry
-    run, calibration) the same tensors are allocated and nothing is computed, so both allocate
-    alike."""
+    Allocates a bool copy of ``mask`` (none for a bool mask), then the result; on a real CPU tensor
+    numpy packs (4x faster than torch's ops here), on a fake one (dry run, calibration) the same
+    tensors are allocated and nothing is computed, so both allocate alike."""
     keep = mask.reshape(-1).to(torch.bool)  # == ne(0), and ~8x faster on CPU floats
-    if out is None:
-        out = torch.empty(packed_bytes(keep.numel()), dtype=torch.uint8, device=keep.device)
-    packed = out
+    packed = torch.empty(packed_bytes(keep.numel()), dtype=torch.uint8, device=keep.device)
     if _has_numpy_data(keep):
         packed.numpy()[:] = np.packbits(keep.numpy())
     elif not is_fake(keep):
@@ -157,19 +146,12 @@ class DropoutTape:
     """The dropout masks of one checkpointed segment, recorded in its forward, replayed in its
     recomputations (any number of them: a ``retain_graph`` backward recomputes again)."""
 
-    def __init__(self, expected: Sequence[int] = ()) -> None:
+    def __init__(self) -> None:
         self.masks: list[tuple[Tensor, float]] = []
         self.valid = True
         self.replay = False
-        self.expected = tuple(expected)  # packed sizes of the masks this segment kept last time
-        self._block: Tensor | None = None
-        self._used = 0
         self._cursor = 0
         self._state: bytes | None = None
-
-    def packed_sizes(self) -> list[int]:
-        """The byte sizes of the kept masks, in order (empty when the tape redraws instead)."""
-        return [packed.numel() for packed, _ in self.masks]
 
     # -- the two contexts a checkpoint uses (each re-enterable)
 
@@ -185,7 +167,6 @@ class DropoutTape:
         if not replay:
             self.masks.clear()
             self.valid = True
-            self._block, self._used = None, 0
             self._state = _generator_state()
 
     def _stop(self) -> None:
@@ -215,23 +196,8 @@ class DropoutTape:
             return draw_noise(x, keep)
         noise = torch.empty_like(x).bernoulli_(keep)
         self._state = _generator_state()
-        self.masks.append((pack_bits(noise, self._slot(packed_bytes(x.numel()), x.device)), keep))
+        self.masks.append((pack_bits(noise), keep))
         return noise.div_(keep)
-
-    def _slot(self, nbytes: int, device: torch.device) -> Tensor | None:
-        """Where the next mask is packed: its slice of the tape's block when this recording has so
-        far kept the sizes ``expected`` says (the block is allocated at the first mask), else None
-        (``pack_bits`` allocates it alone)."""
-        index, expected = len(self.masks), self.expected
-        if index >= len(expected) or expected[index] != nbytes:
-            self._block = None  # this mask and the rest are allocated one by one
-            return None
-        if index == 0:
-            self._block = torch.empty(sum(expected), dtype=torch.uint8, device=device)
-        if self._block is None:
-            return None
-        start, self._used = self._used, self._used + nbytes
-        return self._block[start : self._used]
 
     def dropout(self, x: Tensor, p: float) -> Tensor:
         return x * self.noise(x, p)

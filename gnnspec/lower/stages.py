@@ -123,7 +123,6 @@ class LayerStack(Stage):
         self.layers, self.table = _layers(
             lambda i: ConvLayer(stage.kind, stage, hidden, in_channels=widths[i], layer=i + 1), stage.depth, stage.tie
         )
-        self._tape_sizes: dict[tuple[int, int], list[int]] = {}  # the checkpoint's, across steps
 
     def graph_forms(self) -> set[str]:
         return {self.form}
@@ -149,8 +148,7 @@ class LayerStack(Stage):
         steps = [partial(self._step, i) for i in range(self.depth)]
         if self.plan == "checkpoint":
             modules = [self.layers[i] for i in self.table]
-            state = run_segments(steps, state, graph, segments=self.segments, modules=modules,
-                                 tape_sizes=self._tape_sizes)
+            state = run_segments(steps, state, graph, segments=self.segments, modules=modules)
         else:
             for step in steps:
                 state = step(state, graph)
