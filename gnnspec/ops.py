@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 from torch_geometric.nn import (
     APPNP,
     ChebConv,
@@ -377,7 +378,18 @@ def _fusable_product(x: Any, adjacency: Any, *modules: nn.Module) -> bool:
     if not (isinstance(adjacency, CsrAdjacency) and isinstance(x, Tensor) and x.dim() == 2
             and adjacency.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)):
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return not has_forward_hooks(*modules)
+
+
+def has_forward_hooks(*modules: nn.Module) -> bool:
+    """Whether calling any of ``modules`` would run a forward (pre-)hook: one of its own, or a
+    global one (``register_module_forward_hook``). A fused function that reads their parameters
+    instead of calling them computes the same only when none would run."""
+    if not modules:
+        return False
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 @dataclass(frozen=True)

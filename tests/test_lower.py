@@ -464,6 +464,13 @@ def test_csr_layer_products_are_one_node(op, unfused):
             m.lin.register_forward_hook(lambda *args: calls.append(1))
     hooked.train()
     assert unfused in _backward_nodes(hooked(x, edge_index)) and calls
+    lins = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, inp, res: lins.append(mod) if isinstance(mod, torch.nn.Linear) else None)
+    try:  # a global hook too: the fused node would skip lin's call
+        assert unfused in _backward_nodes(build(text, "store").train()(x, edge_index)) and lins
+    finally:
+        handle.remove()
     ref_out, ref_grads, _ = train_step(hooked, x, edge_index, y)
     assert torch.allclose(out, ref_out, rtol=1e-12, atol=0)
     for name in grads:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as torch_module
 from torch_geometric.nn.norm import BatchNorm, GraphNorm, InstanceNorm
 
 from gnnspec import ir
 from gnnspec.lower.dropout_tape import dropout, dropout_noise, noise_scale
 from gnnspec.lower.recompute import SharedDropout
-from gnnspec.ops import PreparedGraph, call_conv, make_conv, make_gcn2
+from gnnspec.ops import PreparedGraph, call_conv, has_forward_hooks, make_conv, make_gcn2
 
 
 class NodeNorm(nn.Module):
@@ -141,15 +140,9 @@ def _fusable_layer_norm(norm: nn.Module, x: Tensor) -> nn.LayerNorm | None:
     if not (isinstance(norm, NodeNorm) and norm.kind == "layer") or torch.is_autocast_enabled(x.device.type):
         return None
     ln = norm.norm
-    hooked = (norm._forward_hooks or norm._forward_pre_hooks or ln._forward_hooks or ln._forward_pre_hooks
-              or _has_global_module_hooks())
-    if hooked or not x.is_contiguous() or len(ln.normalized_shape) != 1:
+    if has_forward_hooks(norm, ln) or not x.is_contiguous() or len(ln.normalized_shape) != 1:
         return None
     return ln
-
-
-def _has_global_module_hooks() -> bool:
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 def norm_relu_of_masked(norm: nn.Module, x: Tensor, noise: Tensor, p: float) -> Tensor:
