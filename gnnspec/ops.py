@@ -327,21 +327,29 @@ class _CsrAddMatmul(torch.autograd.Function):
 
 
 class _PropagatedLinear(torch.autograd.Function):
-    r"""``out = A (x W^T) + x R^T + b`` (root weight ``R`` and bias ``b`` optional), one autograd
-    node for the products of :class:`CsrGCNConv` (no ``R``) and :class:`CsrSAGEConv`, with the
-    kernels of their unfused order (``addmm``/``mm``, then the sparse product: added into the root
-    term in place, or with the bias into a fresh output). Saves ``x`` alone (the weights are held on
-    the node: parameters, alive anyway). Backward, with ``h = A^T g``: ``dL/dx = g R + h W`` (one
+    r"""``out = r + A (x W^T) + x R^T + b`` (residual ``r``, root weight ``R`` and bias ``b``
+    optional), one autograd node for the products of :class:`CsrGCNConv` (no ``R``) and
+    :class:`CsrSAGEConv`, with the kernels of their unfused order (``addmm``/``mm``, then the
+    sparse product: added into the root term in place, or with the bias into a fresh output).
+    With a residual (a ``res+`` layer's ``x + conv(h)``) the output starts as ``r + b``, the root
+    product and the sparse product accumulate into it in place: one fresh ``[N, C]`` tensor where
+    the conv's output and the sum were two. Saves ``x`` alone (the weights are held on the node:
+    parameters, alive anyway). Backward, with ``h = A^T g``: ``dL/dx = g R + h W`` (one
     ``[N, C_in]`` tensor, accumulated in place), ``dL/dW = h^T x``, ``dL/dR = g^T x``,
-    ``dL/db = sum_rows g``. The unfused order runs three to five nodes and saves two to five
-    tensors; a checkpoint's hooks here pack and unpack one. ``x``, the weights and ``A`` share one
-    dtype (no autocast)."""
+    ``dL/db = sum_rows g``, ``dL/dr = g``. The unfused order runs three to five nodes and saves
+    two to five tensors; a checkpoint's hooks here pack and unpack one. ``x``, ``r``, the weights
+    and ``A`` share one dtype (no autocast)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, root_weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
-                adjacency: CsrAdjacency) -> Tensor:
+                adjacency: CsrAdjacency, residual: Tensor | None = None) -> Tensor:
         neighbours = torch.mm(x, weight.t())
-        if root_weight is None:
+        if residual is not None:
+            out = residual.clone(memory_format=torch.contiguous_format) if bias is None else torch.add(residual, bias)
+            if root_weight is not None:
+                out.addmm_(x, root_weight.t())
+            out = adjacency._add_product_(out, neighbours)
+        elif root_weight is None:
             out = adjacency._product(neighbours, bias)
         else:
             root = torch.mm(x, root_weight.t()) if bias is None else torch.addmm(bias, x, root_weight.t())
@@ -368,7 +376,8 @@ class _PropagatedLinear(torch.autograd.Function):
             grad_root = torch.mm(grad.t(), x)
         if ctx.has_bias and needs[3]:
             grad_b = grad.sum(0)
-        return grad_x, grad_w, grad_root, grad_b, None
+        grads = (grad_x, grad_w, grad_root, grad_b, None)
+        return grads + (grad if needs[5] else None,) if len(needs) > 5 else grads
 
 
 def _fusable_product(x: Any, adjacency: Any, *modules: nn.Module) -> bool:
@@ -379,6 +388,18 @@ def _fusable_product(x: Any, adjacency: Any, *modules: nn.Module) -> bool:
             and adjacency.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)):
         return False
     return not has_forward_hooks(*modules)
+
+
+def _fusable_residual(residual: Tensor | None, x: Tensor, out_channels: int) -> bool:
+    """Whether :class:`_PropagatedLinear` can start its output from ``residual``: one ``[N, out]``
+    tensor of ``x``'s dtype and device (anything else is added after the product, broadcast as
+    ``residual + out`` would be)."""
+    return (isinstance(residual, Tensor) and residual.shape == (x.shape[0], out_channels)
+            and residual.dtype == x.dtype and residual.device == x.device)
+
+
+def _plus(residual: Tensor | None, out: Tensor) -> Tensor:
+    return out if residual is None else residual + out
 
 
 def has_forward_hooks(*modules: nn.Module) -> bool:
@@ -766,14 +787,18 @@ class CsrGCNConv(CsrPropagation, GCNConv):
 
     graph_form = "gcn_csr"
 
-    def forward(self, x: Tensor, edge_index: Any, edge_weight: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, edge_index: Any, edge_weight: Tensor | None = None,
+                residual: Tensor | None = None) -> Tensor:
+        """``residual + conv(x)`` where ``residual`` is given (see :func:`call_conv`)."""
         if not isinstance(edge_index, CsrAdjacency) or self.normalize or isinstance(x, (tuple, list)):
-            return super().forward(x, edge_index, edge_weight)
+            return _plus(residual, super().forward(x, edge_index, edge_weight))
         if edge_weight is not None:
             raise ValueError("CsrGCNConv: the edge weights belong in the CsrAdjacency")
         if not _fusable_product(x, edge_index, self.lin) or self.lin.bias is not None:
-            return edge_index.matmul(self.lin(x), bias=self.bias)
-        return _PropagatedLinear.apply(x, self.lin.weight, None, self.bias, edge_index)
+            return _plus(residual, edge_index.matmul(self.lin(x), bias=self.bias))
+        if not _fusable_residual(residual, x, self.out_channels):
+            return _plus(residual, _PropagatedLinear.apply(x, self.lin.weight, None, self.bias, edge_index))
+        return _PropagatedLinear.apply(x, self.lin.weight, None, self.bias, edge_index, residual)
 
 
 class CsrGCN2Conv(CsrPropagation, GCN2Conv):
@@ -803,14 +828,18 @@ class CsrSAGEConv(CsrPropagation, SAGEConv):
 
     graph_form = "mean_csr"
 
-    def forward(self, x: Any, edge_index: Any, size: Any = None) -> Tensor:
+    def forward(self, x: Any, edge_index: Any, size: Any = None, residual: Tensor | None = None) -> Tensor:
+        """``residual + conv(x)`` where ``residual`` is given (see :func:`call_conv`)."""
         if (not isinstance(edge_index, CsrAdjacency) or isinstance(x, (tuple, list)) or size is not None
                 or self.project or self.normalize or not self.root_weight):
-            return super().forward(x, edge_index, size)
+            return _plus(residual, super().forward(x, edge_index, size))
         if not _fusable_product(x, edge_index):
             out = F.linear(x, self.lin_r.weight, self.lin_l.bias)
-            return edge_index.add_matmul_(out, F.linear(x, self.lin_l.weight))
-        return _PropagatedLinear.apply(x, self.lin_l.weight, self.lin_r.weight, self.lin_l.bias, edge_index)
+            return _plus(residual, edge_index.add_matmul_(out, F.linear(x, self.lin_l.weight)))
+        if not _fusable_residual(residual, x, self.out_channels):
+            return _plus(residual, _PropagatedLinear.apply(
+                x, self.lin_l.weight, self.lin_r.weight, self.lin_l.bias, edge_index))
+        return _PropagatedLinear.apply(x, self.lin_l.weight, self.lin_r.weight, self.lin_l.bias, edge_index, residual)
 
 
 class _SortedAggregation(torch.autograd.Function):
@@ -1044,27 +1073,39 @@ class CsrGATConv(GATConv):
 
     graph_form = "self_loops"
 
-    def forward(self, x, edge_index, edge_attr=None, size=None, return_attention_weights=None):
-        r"""``GATConv.forward``; on the sorted path (a tensor ``x`` in float32/float64 outside
-        autocast, one shared projection, no residual, edge features or attention weights returned)
-        both attention scores come from one product ``[a_src | a_dst] = (W x) M`` with ``M
-        [H C, 2 H]`` block-diagonal in ``att_src``/``att_dst`` (:func:`_score_matrix`), the value
-        of ``((W x).view(N, H, C) * att).sum(-1)``: one GEMM and, in backward, two, instead of two
-        broadcast products and sums, and their ``[N, H, C]`` temporaries in each direction."""
+    def forward(self, x, edge_index, edge_attr=None, size=None, return_attention_weights=None, residual=None):
+        r"""``GATConv.forward`` (``residual + GATConv.forward`` where ``residual`` is given, see
+        :func:`call_conv`); on the sorted path (a tensor ``x`` in float32/float64 outside
+        autocast, one shared projection, no residual projection, edge features or attention
+        weights returned) both attention scores come from one product ``[a_src | a_dst] = (W x) M``
+        with ``M [H C, 2 H]`` block-diagonal in ``att_src``/``att_dst`` (:func:`_score_matrix`), the
+        value of ``((W x).view(N, H, C) * att).sum(-1)``: one GEMM and, in backward, two, instead
+        of two broadcast products and sums, and their ``[N, H, C]`` temporaries in each direction;
+        the bias and ``residual`` are added in place to the aggregation's output, which no backward
+        keeps (the same values as the sums: IEEE addition commutes), not into fresh tensors."""
         # getattr: `res` (a residual projection) is newer than some torch-geometric releases we accept
         plain_layer = getattr(self, "lin", None) is not None and getattr(self, "res", None) is None
         if not (isinstance(x, Tensor) and plain_layer and return_attention_weights is None
                 and not torch.is_autocast_enabled(x.device.type) and self._sorted(edge_index, x, edge_attr)):
-            return super().forward(x, edge_index, edge_attr=edge_attr, size=size,
-                                   return_attention_weights=return_attention_weights)
+            return _plus(residual, super().forward(x, edge_index, edge_attr=edge_attr, size=size,
+                                                   return_attention_weights=return_attention_weights))
         heads, channels = self.heads, self.out_channels
         projected = self.lin(x)
         scores = projected @ _score_matrix(self.att_src, self.att_dst)
         alpha = self.edge_updater(edge_index, alpha=(scores[:, :heads], scores[:, heads:]), size=size)
         nodes = projected.view(-1, heads, channels)
         out = self.propagate(edge_index, x=(nodes, nodes), alpha=alpha, size=size)
-        out = out.view(-1, heads * channels) if self.concat else out.mean(dim=1)
-        return out if self.bias is None else out + self.bias
+        if not self.concat:
+            out = out.mean(dim=1)
+            return _plus(residual, out if self.bias is None else out.add_(self.bias))
+        # in place on the [N, H, C] output itself: on its [N, H C] view autograd would rewrite
+        # the graph to copy slices (a gradient clone more in backward)
+        if self.bias is not None:
+            out.add_(self.bias.view(heads, channels))
+        if _fusable_residual(residual, x, heads * channels) and residual.is_contiguous():
+            out.add_(residual.view(-1, heads, channels))
+            residual = None
+        return _plus(residual, out.view(-1, heads * channels))
 
     @staticmethod
     def _sorted(edge_index: object, like: Tensor, edge_attr: object = None) -> bool:
@@ -1107,11 +1148,11 @@ def _score_matrix(att_src: Tensor, att_dst: Tensor) -> Tensor:
     return torch.diag_embed(both, dim1=0, dim2=3).view(heads * channels, 2 * heads)
 
 
-def _call_gat(conv: nn.Module, x: Tensor, graph: PreparedGraph) -> Tensor:
+def _call_gat(conv: nn.Module, x: Tensor, graph: PreparedGraph, residual: Tensor | None = None) -> Tensor:
     (edge_index,) = graph.tensors("self_loops")
     if isinstance(conv, CsrGATConv):
-        return conv(x, graph.loop_sorted)
-    return conv(x, edge_index)
+        return conv(x, graph.loop_sorted, residual=residual)
+    return _plus(residual, conv(x, edge_index))
 
 
 # Built-in factories: `make(channels, *, in_channels, **args)`, a conv [N, in_channels] -> [N, channels].
@@ -1328,13 +1369,23 @@ def _takes_keyword(factory: Callable[..., object], name: str) -> bool:
 
 
 def call_conv(
-    conv: nn.Module, op_name: str, x: Tensor, graph: PreparedGraph, *, x_0: Tensor | None = None
+    conv: nn.Module, op_name: str, x: Tensor, graph: PreparedGraph, *, x_0: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """``conv`` (built for ``op_name``) applied to ``x [N, c]`` on ``graph``; returns ``[N, c]``.
 
     ``graph`` must hold the form ``conv`` takes (:func:`graph_form` of the op it was built for).
-    ``x_0`` is the initial representation that ``gcn2`` (GCNII) needs, and only it.
+    ``x_0`` is the initial representation that ``gcn2`` (GCNII) needs, and only it. With
+    ``residual``, returns ``residual + conv(x)`` (a ``res+`` layer): the CSR gcn and sage layers
+    add it inside their product (:class:`_PropagatedLinear`, one ``[N, c]`` pass and tensor fewer)
+    unless a forward hook on ``conv`` must see the convolution's own output.
     """
+    if residual is not None:
+        if isinstance(conv, (CsrGCNConv, CsrSAGEConv)) and not has_forward_hooks(conv):
+            return conv(x, *graph.tensors(conv.graph_form), residual=residual)
+        if isinstance(conv, CsrGATConv) and op_name == "gat" and not has_forward_hooks(conv):
+            return _call_gat(conv, x, graph, residual=residual)
+        return residual + call_conv(conv, op_name, x, graph, x_0=x_0)
     if isinstance(conv, CsrPropagation):
         form = conv.graph_form
     else:

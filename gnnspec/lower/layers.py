@@ -204,8 +204,8 @@ class ConvLayer(nn.Module):
         else:
             self.conv = make_conv(stage.op, channels, in_channels=in_channels)
 
-    def _conv(self, x: Tensor, graph: PreparedGraph, x0: Tensor | None = None) -> Tensor:
-        return call_conv(self.conv, self.op_name, x, graph, x_0=x0)
+    def _conv(self, x: Tensor, graph: PreparedGraph, x0: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        return call_conv(self.conv, self.op_name, x, graph, x_0=x0, residual=residual)
 
     def _drop(self, x: Tensor) -> Tensor:
         return dropout(x, self.dropout, self.training) if self.dropout > 0 else x
@@ -224,7 +224,7 @@ class ConvLayer(nn.Module):
         if kind == "res":
             return self._norm_act_drop(self._conv(x, graph)) + x
         if kind == "res+":
-            return x + self._conv(self._norm_act_drop(x), graph)
+            return self._conv(self._norm_act_drop(x), graph, residual=x)  # x + conv(...)
         if kind == "dense":
             return torch.cat([x, self._norm_act_drop(self._conv(x, graph))], dim=-1)
         if kind == "gcnii":
