@@ -402,6 +402,15 @@ def _plus(residual: Tensor | None, out: Tensor) -> Tensor:
     return out if residual is None else residual + out
 
 
+def _propagated_linear(x: Tensor, weight: Tensor, root_weight: Tensor | None, bias: Tensor | None,
+                       adjacency: CsrAdjacency, residual: Tensor | None, out_channels: int) -> Tensor:
+    """``residual + A (x W^T) + x R^T + b`` by :class:`_PropagatedLinear`, the residual inside the
+    node where :func:`_fusable_residual` allows it, else added after it."""
+    if _fusable_residual(residual, x, out_channels):
+        return _PropagatedLinear.apply(x, weight, root_weight, bias, adjacency, residual)
+    return _plus(residual, _PropagatedLinear.apply(x, weight, root_weight, bias, adjacency))
+
+
 def has_forward_hooks(*modules: nn.Module) -> bool:
     """Whether calling any of ``modules`` would run a forward (pre-)hook: one of its own, or a
     global one (``register_module_forward_hook``). A fused function that reads their parameters
@@ -796,9 +805,7 @@ class CsrGCNConv(CsrPropagation, GCNConv):
             raise ValueError("CsrGCNConv: the edge weights belong in the CsrAdjacency")
         if not _fusable_product(x, edge_index, self.lin) or self.lin.bias is not None:
             return _plus(residual, edge_index.matmul(self.lin(x), bias=self.bias))
-        if not _fusable_residual(residual, x, self.out_channels):
-            return _plus(residual, _PropagatedLinear.apply(x, self.lin.weight, None, self.bias, edge_index))
-        return _PropagatedLinear.apply(x, self.lin.weight, None, self.bias, edge_index, residual)
+        return _propagated_linear(x, self.lin.weight, None, self.bias, edge_index, residual, self.out_channels)
 
 
 class CsrGCN2Conv(CsrPropagation, GCN2Conv):
@@ -836,10 +843,8 @@ class CsrSAGEConv(CsrPropagation, SAGEConv):
         if not _fusable_product(x, edge_index):
             out = F.linear(x, self.lin_r.weight, self.lin_l.bias)
             return _plus(residual, edge_index.add_matmul_(out, F.linear(x, self.lin_l.weight)))
-        if not _fusable_residual(residual, x, self.out_channels):
-            return _plus(residual, _PropagatedLinear.apply(
-                x, self.lin_l.weight, self.lin_r.weight, self.lin_l.bias, edge_index))
-        return _PropagatedLinear.apply(x, self.lin_l.weight, self.lin_r.weight, self.lin_l.bias, edge_index, residual)
+        return _propagated_linear(x, self.lin_l.weight, self.lin_r.weight, self.lin_l.bias, edge_index, residual,
+                                  self.out_channels)
 
 
 class _SortedAggregation(torch.autograd.Function):
@@ -1383,7 +1388,7 @@ def call_conv(
     if residual is not None:
         if isinstance(conv, (CsrGCNConv, CsrSAGEConv)) and not has_forward_hooks(conv):
             return conv(x, *graph.tensors(conv.graph_form), residual=residual)
-        if isinstance(conv, CsrGATConv) and op_name == "gat" and not has_forward_hooks(conv):
+        if isinstance(conv, CsrGATConv) and not has_forward_hooks(conv):
             return _call_gat(conv, x, graph, residual=residual)
         return residual + call_conv(conv, op_name, x, graph, x_0=x_0)
     if isinstance(conv, CsrPropagation):
