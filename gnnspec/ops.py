@@ -45,6 +45,7 @@ import copy
 import functools
 import inspect
 import math
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
@@ -68,7 +69,8 @@ from torch_geometric.nn import (
     TransformerConv,
 )
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, is_fake
+from torch.utils._mode_utils import no_dispatch
 from torch_geometric.utils import add_self_loops, degree, remove_self_loops, to_torch_csr_tensor
 
 from gnnspec.ir import OP_SIGNATURES, Op, OpParam, OpSignature, register_op_signature
@@ -625,6 +627,23 @@ def _long_indices(edge_index: Tensor) -> Tensor:
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+def _check_node_range(edge_index: Tensor, num_nodes: int) -> None:
+    """IndexError, as torch-geometric's message passing raises, unless every index of
+    ``edge_index`` lies in ``[0, num_nodes)``: a CSR product would read outside ``x`` instead.
+    Once per prepared graph, outside any dispatch mode (a tracker sees no temporary); a fake or
+    meta ``edge_index`` (dry run, calibration) has no values to check."""
+    if edge_index.numel() == 0 or is_fake(edge_index) or edge_index.device.type == "meta":
+        return
+    with no_dispatch():
+        low, high = (int(v) for v in torch.aminmax(edge_index))
+    if low < 0 or high >= num_nodes:
+        bad = low if low < 0 else high
+        raise IndexError(
+            f"edge_index holds node index {bad}, outside [0, {num_nodes}) for {num_nodes} nodes: "
+            f"every index must point to a row of the node feature matrix"
+        )
+
+
 class GraphCache:
     """Prepares a graph's forms once and reuses them while the same ``edge_index`` comes back.
 
@@ -652,6 +671,12 @@ class GraphCache:
         self._key: tuple | None = None
         self._graph: PreparedGraph | None = None
         self._source: Tensor | None = None
+
+    def __reduce__(self) -> tuple:
+        # A copy (copy.copy, copy.deepcopy(model), pickling) starts empty: the key names the
+        # original ``edge_index`` by address, which the copy would not keep alive, and torch cannot
+        # deep-copy the CSR matrices. The copy prepares the graph again on its first forward.
+        return (GraphCache, ())
 
     @property
     def graph(self) -> PreparedGraph | None:
@@ -685,6 +710,7 @@ class GraphCache:
         graph = self._graph if key is not None and key == self._key else None
         if graph is None:
             graph = PreparedGraph(edge_index=_long_indices(edge_index), num_nodes=int(num_nodes))
+            _check_node_range(graph.edge_index, graph.num_nodes)
         missing = forms - graph.forms
         if missing:
             graph = self._add_forms(graph, missing, dtype)
@@ -1409,11 +1435,32 @@ def call_conv(
     return conv(x, *graph.tensors(form))
 
 
+# What a spec can write as a name (grammars/gnnspec.lark: NAME, less its ``res+`` suffix), and the
+# words it reads as values instead.
+_SPEC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SPEC_WORDS = frozenset({"true", "false", "auto", "none"})
+# Keywords the lowering passes to a factory itself: ``factory(channels, in_channels=w, **args)``.
+_FACTORY_KEYWORDS = frozenset({"channels", "in_channels"})
+
+
+def _check_spec_name(what: str, name: str) -> None:
+    if not _SPEC_NAME.fullmatch(name) or name in _SPEC_WORDS:
+        raise ValueError(
+            f"{what} {name!r} must be a name a spec can write: ASCII letters, digits and '_', not "
+            f"starting with a digit, and not one of {', '.join(sorted(_SPEC_WORDS))}"
+        )
+
+
 def _infer_param(name: str, value: object) -> OpParam:
+    if not isinstance(name, str):
+        raise TypeError(f"a parameter name is a str, got {type(name).__name__}")
+    _check_spec_name("parameter name", name)
+    if name in _FACTORY_KEYWORDS:
+        raise ValueError(f"parameter name {name!r} is reserved: the factory receives it from the model's widths")
     if isinstance(value, OpParam):
         if value.name != name:
             raise ValueError(f"parameter {name!r} is given an OpParam named {value.name!r}")
-        return value
+        return _checked_default(value)
     if isinstance(value, bool):
         return OpParam(name, "bool", value)
     if isinstance(value, int):
@@ -1428,6 +1475,29 @@ def _infer_param(name: str, value: object) -> OpParam:
         f"default of parameter {name!r} must be a bool, int, float, a non-empty tuple of strings "
         f"(an enumeration, the first its default) or an OpParam; got {value!r}"
     )
+
+
+def _checked_default(param: OpParam) -> OpParam:
+    """``param`` if a spec that omits it is valid: its default within its minimum and choices."""
+    if param.minimum is not None and param.type in ("int", "float") and param.default < param.minimum:
+        raise ValueError(f"default {param.default!r} of parameter {param.name!r} is below its minimum {param.minimum!r}")
+    if param.type == "enum" and param.default not in param.choices:
+        raise ValueError(f"default {param.default!r} of parameter {param.name!r} is not one of {list(param.choices)}")
+    return param
+
+
+def _check_factory_takes(name: str, factory: Callable[..., nn.Module], params: Iterable[OpParam]) -> None:
+    """A ValueError naming the op when ``factory(channels, **defaults)`` cannot bind (a factory
+    whose signature Python cannot read is taken on trust)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(1, **{p.name: p.default for p in params})
+    except TypeError as err:
+        call = ", ".join(["channels", *(f"{p.name}=..." for p in params)])
+        raise ValueError(f"factory of op {name!r} cannot be called as factory({call}): {err}") from None
 
 
 def register_op(
@@ -1454,8 +1524,7 @@ def register_op(
         raise TypeError(f"an op name is a str, got {type(name).__name__}")
     if name in _BUILTIN_OPS or name in _STAGE_CONVS:
         raise ValueError(f"{name!r} is a built-in op or convolution and cannot be replaced")
-    if not name.isidentifier():
-        raise ValueError(f"op name {name!r} must be an identifier")
+    _check_spec_name("op name", name)
     if not callable(factory):
         raise TypeError(f"factory for op {name!r} is not callable")
     if graph not in GRAPH_FORMS:
@@ -1464,17 +1533,14 @@ def register_op(
         raise TypeError(f"params of op {name!r} maps each argument's name to its default (a dict), "
                         f"got {type(params).__name__}")
     op_params = tuple(_infer_param(k, v) for k, v in (params or {}).items())
+    _check_factory_takes(name, factory, op_params)
     signature = OpSignature(name, op_params, heads=heads, builtin=False)
     if heads is not None:
         head_param = signature.param(heads)
         if head_param is None or head_param.type != "int":
             raise ValueError(f"heads={heads!r} must name an int parameter of op {name!r}")
         if head_param.minimum is None:
-            signature = OpSignature(
-                name,
-                tuple(replace(p, minimum=1) if p.name == heads else p for p in op_params),
-                heads=heads,
-                builtin=False,
-            )
+            op_params = tuple(_checked_default(replace(p, minimum=1)) if p.name == heads else p for p in op_params)
+            signature = OpSignature(name, op_params, heads=heads, builtin=False)
     register_op_signature(signature)
     _IMPLS[name] = OpImpl(name, factory, graph)

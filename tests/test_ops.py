@@ -674,3 +674,58 @@ def test_register_op_rejects_builtin_names_and_untyped_defaults(user_ops):
     with pytest.raises(ValueError, match="unknown graph form"):
         register_op("strop", Scale, graph="dense")
     assert "strop" not in OP_SIGNATURES
+
+
+@pytest.mark.parametrize("op", ["gcn", "sage", "gat(heads=2)", "gin"])
+@pytest.mark.parametrize("bad", [N, N + 1000, -1])
+def test_an_edge_index_outside_the_nodes_is_an_index_error(op, bad):
+    # sage's mean CSR product read outside x for a source index >= N (its output changed between
+    # identical calls, and a large index crashed the process); PyG's layers raise IndexError.
+    x, edge_index = _graph()
+    model = gnnspec.build(f"plain(op={op}, depth=2, hidden=8)", in_channels=8, out_channels=3).double()
+    for row in (0, 1):
+        broken = edge_index.clone()
+        broken[row, 3] = bad
+        with pytest.raises(IndexError, match=f"node index {bad}, outside \\[0, {N}\\) for {N} nodes"):
+            model(x, broken)
+    model(x, edge_index)  # the valid graph still runs
+
+
+@pytest.mark.parametrize("op", ["gcn", "sage", "gat(heads=2)", "cheb"])
+def test_a_copied_model_prepares_its_graph_again(op, tmp_path):
+    # The CSR matrices could not be deep-copied (NotImplementedError after one forward), and a
+    # copy's cache named the original edge_index by address, which a new graph could then reuse.
+    import copy
+
+    x, edge_index = _graph()
+    model = gnnspec.build(f"plain(op={op}, depth=2, hidden=8)", in_channels=8, out_channels=3).double().eval()
+    expected = model(x, edge_index)
+    assert model.graph_cache.graph is not None
+    clone = copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for other in (clone, loaded):
+        assert other.graph_cache.graph is None
+        torch.testing.assert_close(other(x, edge_index), expected, rtol=0, atol=0)
+        other_x, other_edges = _graph(seed=1)
+        torch.testing.assert_close(other(other_x, other_edges), model(other_x, other_edges), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("register, message", [
+    (lambda: register_op("true", Scale), "op name 'true' must be a name a spec can write"),
+    (lambda: register_op("g\u010bn", Scale), "must be a name a spec can write"),
+    (lambda: register_op("u1", Scale, params={"a b": 1}), "parameter name 'a b' must be a name"),
+    (lambda: register_op("u1", Scale, params={"channels": 4}), "parameter name 'channels' is reserved"),
+    (lambda: register_op("u1", Scale, params={"in_channels": 4}), "parameter name 'in_channels' is reserved"),
+    (lambda: register_op("u1", lambda channels, heads: Scale(channels), params={"heads": 0}, heads="heads"),
+     "default 0 of parameter 'heads' is below its minimum 1"),
+    (lambda: register_op("u1", lambda channels: Scale(channels), params={"k": 2}),
+     r"factory of op 'u1' cannot be called as factory\(channels, k=...\)"),
+])
+def test_register_op_refuses_what_no_spec_could_build(user_ops, register, message):
+    # Each of these was accepted and failed later, at parse or build time, with an unrelated
+    # SpecError or a TypeError that did not name the op.
+    user_ops.append("u1")
+    with pytest.raises(ValueError, match=message):
+        register()
+    assert "u1" not in OP_SIGNATURES and "true" not in OP_SIGNATURES
