@@ -70,20 +70,26 @@ def stack_width(spec: ir.Spec, stage: ir.Stack) -> int:
 
 
 def positive_widths(spec: ir.Spec) -> Iterator[SpecError]:
+    """Every width in ``[1, MAX_WIDTH]``."""
     for key, field in (("in", "in_"), ("out", "out"), ("hidden", "hidden")):
         value = getattr(spec, field)
-        if isinstance(value, int) and value < 1:
-            yield _out_of_range(spec.span(key), key, "positive", value)
+        if isinstance(value, int) and _width_range(value):
+            yield _out_of_range(spec.span(key), key, _width_range(value), value)
     for stage in spec.model:
         for name in ("hidden", "dim"):
             value = getattr(stage, name, None)
-            if isinstance(value, int) and value < 1:
-                yield _out_of_range(stage.span(name), name, "positive", value)
+            if isinstance(value, int) and _width_range(value):
+                yield _out_of_range(stage.span(name), name, _width_range(value), value)
         if isinstance(stage, ir.Mlp):
             for index, value in enumerate(stage.dims):
-                if value < 1:
+                if _width_range(value):
                     span = stage.spans.exact(f"dims.{index}") or stage.span("dims")
-                    yield _error(span, f"widths in `dims` must be positive, got {value}", _MEANING["dim"])
+                    yield _error(span, f"widths in `dims` must be {_width_range(value)}, got {value}", _MEANING["dim"])
+
+
+def _width_range(value: int) -> str:
+    """The bound a width breaks, in words, or "" for a width in ``[1, MAX_WIDTH]``."""
+    return "positive" if value < 1 else "at most 2**31 - 1" if value > ir.MAX_WIDTH else ""
 
 
 def depth_at_least_one(spec: ir.Spec) -> Iterator[SpecError]:

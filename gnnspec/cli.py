@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import gnnspec
 from gnnspec.errors import SpecError
-from gnnspec.ir import MAX_SEED, ir_json, uses_batch_norm
+from gnnspec.ir import MAX_SEED, MAX_WIDTH, ir_json, uses_batch_norm
 from gnnspec.schema import yaml_form_schema
 from gnnspec.syntax import read_spec_file
 
@@ -190,6 +190,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     in_channels, out_channels = _channels(args, spec)
     if (args.nodes is None) != (args.edges is None):
         raise UsageError("give both --nodes and --edges")
+    import torch
+
+    torch.manual_seed(spec.seed)  # the spec's seed sets the initial weights, as `train` starts from
     model, label = _build(args, spec, text, shown, in_channels, out_channels, args.nodes, args.edges)
     summary = model.summary(label)
     if args.save:
@@ -224,7 +227,10 @@ def _data(args: argparse.Namespace, spec: gnnspec.Spec, text: str, shown: str):
     from gnnspec.data import check_widths, load_data
 
     seed = args.seed if getattr(args, "seed", None) is not None else spec.seed
-    data = load_data(args.data, data_root=args.data_root, seed=seed)
+    try:
+        data = load_data(args.data, data_root=args.data_root, seed=seed)
+    except OSError as err:  # a path the system refuses (a name too long, a loop of links)
+        raise UsageError(f"cannot read --data {args.data}: {err.strerror or err}") from None
     try:
         check_widths(spec.in_, spec.out, data, spans=spec.spans)
     except SpecError as err:
@@ -310,11 +316,16 @@ def _save_target(text: str) -> Path:
     """``--save FILE``: a path that can be written, checked before any work is done."""
     if not text:
         raise argparse.ArgumentTypeError("needs a file name")
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text} names a directory, not a file")
     path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
-    parent = path.resolve().parent
-    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    try:
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+        parent = path.resolve().parent
+        existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    except (OSError, RuntimeError) as err:  # a name too long, a loop of symbolic links
+        raise argparse.ArgumentTypeError(f"{text}: {getattr(err, 'strerror', None) or err}") from None
     if existing is not None and not existing.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: {existing} is a file, not a directory")
     return path
@@ -331,6 +342,8 @@ def cmd_estimate_mem(args: argparse.Namespace) -> int:
         raise UsageError("give both --nodes and --edges")
     if args.data is not None and args.nodes is not None:
         raise UsageError("give --nodes/--edges or --data, not both")
+    if args.data is not None and (args.in_channels is not None or args.out_channels is not None):
+        raise UsageError("--data sets the input and output widths; give --in/--out or --data, not both")
     data, self_loops = None, 0
     if args.data is not None:
         data = _data(args, spec, text, shown)
@@ -419,12 +432,15 @@ def _write_atomically(path: Path, content: str | Callable[[Any], None], binary: 
     encoding = {} if binary else {"encoding": "utf-8"}
     write = content if callable(content) else lambda handle: handle.write(content)
     tmp: str | None = None
+    created: Path | None = None  # the outermost directory this call made, removed on failure
     try:
         if target.exists() and not target.is_file():
             with open(target, *mode_args, **encoding) as handle:
                 write(handle)
             return
+        missing = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
         target.parent.mkdir(parents=True, exist_ok=True)
+        created = missing[-1] if missing else None
         mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         with os.fdopen(fd, *mode_args, **encoding) as handle:
@@ -432,10 +448,27 @@ def _write_atomically(path: Path, content: str | Callable[[Any], None], binary: 
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        _remove_empty_directories(target.parent, created)
         raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             Path(tmp).unlink(missing_ok=True)
+
+
+def _remove_empty_directories(directory: Path, outermost: Path | None) -> None:
+    """Remove ``directory`` and its parents up to ``outermost`` (directories a failed write made),
+    each only if empty."""
+    if outermost is None:
+        return
+    for d in (directory, *directory.parents):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if d == outermost:
+            return
 
 
 def _umask() -> int:
@@ -460,8 +493,10 @@ def _integer_at_least(lowest: int, what: str, highest: int | None = None) -> Cal
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
-        if value < lowest or (highest is not None and value > highest):
+        if value < lowest:
             raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value}")
+        if highest is not None and value > highest:
+            raise argparse.ArgumentTypeError(f"expected an integer of at most {highest:,}, got {value}")
         return value
 
     return convert
@@ -477,6 +512,7 @@ def _size(text: str) -> int:
 
 
 _positive_int = _integer_at_least(1, "positive")
+_width = _integer_at_least(1, "positive", MAX_WIDTH)
 _non_negative_int = _integer_at_least(0, "non-negative")
 
 
@@ -500,8 +536,8 @@ def build_parser() -> ArgumentParser:
 
     compile_ = commands.add_parser("compile", help="resolve widths and plans; print the stages and parameters")
     _add_spec_arguments(compile_, many=False)
-    compile_.add_argument("--in", dest="in_channels", type=_positive_int, metavar="N", help="input feature width")
-    compile_.add_argument("--out", dest="out_channels", type=_positive_int, metavar="N", help="output width")
+    compile_.add_argument("--in", dest="in_channels", type=_width, metavar="N", help="input feature width")
+    compile_.add_argument("--out", dest="out_channels", type=_width, metavar="N", help="output width")
     compile_.add_argument("--plan", metavar="PLAN", help="plan for every stage, e.g. reversible or checkpoint(segments=4)")
     compile_.add_argument("--budget", type=_size, metavar="SIZE", help="let the planner choose plans that fit, e.g. 16GiB")
     compile_.add_argument("--nodes", type=_positive_int, metavar="N", help="graph size for the planner")
@@ -530,8 +566,8 @@ def build_parser() -> ArgumentParser:
     estimate.add_argument("--budget", type=_size, metavar="SIZE", help="e.g. 16GiB; default: the spec's auto(budget=...)")
     estimate.add_argument("--plan", metavar="PLAN", help="estimate this plan only")
     estimate.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"))
-    estimate.add_argument("--in", dest="in_channels", type=_positive_int, metavar="N")
-    estimate.add_argument("--out", dest="out_channels", type=_positive_int, metavar="N")
+    estimate.add_argument("--in", dest="in_channels", type=_width, metavar="N")
+    estimate.add_argument("--out", dest="out_channels", type=_width, metavar="N")
     estimate.add_argument("--data", metavar="DATA", help="take the graph size and widths from data (as train)")
     estimate.add_argument("--data-root", metavar="DIR", help="folder holding Cora/raw/ind.cora.* etc.")
     estimate.add_argument("--measure", action="store_true",

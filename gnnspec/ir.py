@@ -434,6 +434,10 @@ STACK_KINDS = tuple(k for k, m in STAGE_MODELS.items() if issubclass(m, Stack))
 # torch's generators take 64-bit seeds; the data generators derive seeds from it, so stay signed
 MAX_SEED = 2**63 - 1
 
+MAX_WIDTH = 2**31 - 1
+"""The widest layer a spec may ask for (``in``, ``out``, ``hidden``, ``dim``, ``dims``): beyond it
+torch's kernels index with 32-bit integers, and a weight matrix alone holds 2**31 elements."""
+
 # Which stage kinds each plan is valid for (SPEC.md section 4); None: every stage.
 PLAN_VALID_FOR: dict[str, tuple[str, ...] | None] = {
     "store": None,

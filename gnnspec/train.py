@@ -92,7 +92,7 @@ def plan_label(model: nn.Module, requested: Any, spec: ir.Spec) -> str:
     chosen = ", ".join(stacks) or "store"
     if requested is not None and not isinstance(requested, str):
         return chosen
-    label = requested or format_node(spec.plan)
+    label = (requested or "").strip() or format_node(spec.plan)  # a --plan text may be padded
     return f"{label} -> {chosen}" if label.startswith("auto") else label
 
 

@@ -166,14 +166,19 @@ def test_save_into_a_fifo_or_device_writes_into_it_instead_of_replacing_it(tmp_p
 @pytest.mark.parametrize("where, message", [
     ("dir", "is a directory, not a file"), ("", "needs a file name"),
     ("file.pt/sub.pt", "is a file, not a directory"),
+    ("new/", "new/ names a directory, not a file"),  # was written as a file named `new`
+    ("a" * 300 + ".pt", "File name too long"),  # was an internal error (exit 1)
+    ("new/" + "a" * 300 + ".pt", "File name too long"),  # refused at the write: `new/` is not left behind
+    ("loop/x.pt", "Symlink loop"),  # was an internal error (exit 1)
 ])
 def test_save_to_an_unwritable_path_is_refused_before_any_work(tmp_path, capsys, monkeypatch, where, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dir").mkdir()
     (tmp_path / "file.pt").write_bytes(b"x")
+    (tmp_path / "loop").symlink_to("loop")
     code, _, err = run(capsys, "compile", "--expr", "rev", "--in", "3", "--out", "2", "--save", where)
     assert code == 2 and message in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file.pt"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file.pt", "loop"]  # no temporary left
     assert (tmp_path / "file.pt").read_bytes() == b"x"
 
 
@@ -182,6 +187,54 @@ def test_a_yaml_spec_nested_too_deeply_is_a_located_error(tmp_path, capsys):
     path.write_text("model: " + "[" * 900 + "linear" + "]" * 900 + "\n")
     code, _, err = run(capsys, "check", str(path))
     assert code == 2 and "deep.yaml:1:1: YAML nested too deeply to read" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--expr", "rev(depth=2)", "--in", str(2**64), "--out", "2"], "--in: expected an integer of at most 2,147,483,647"),
+    (["--expr", "rev(depth=2, hidden=18446744073709551616)", "--in", "3", "--out", "2"],
+     "<expr>:1:21: `hidden` must be at most 2**31 - 1, got 18446744073709551616"),
+    (["--expr", "mlp(dims=[4, 18446744073709551616])", "--in", "3", "--out", "2"],
+     "widths in `dims` must be at most 2**31 - 1"),
+])
+def test_a_width_beyond_32_bits_is_refused(capsys, argv, message):
+    # was an internal error (exit 1) with torch's C++ stack: "Overflow when unpacking long long"
+    code, _, err = run(capsys, "compile", *argv)
+    assert code == 2 and message in err
+
+
+def test_compile_save_writes_the_initial_weights_of_the_spec_seed(capsys, tmp_path):
+    import torch
+
+    import gnnspec
+
+    states = []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        spec = tmp_path / f"{name}.gnn"
+        spec.write_text(f"in: 3\nout: 2\nseed: {seed}\nmodel: rev(depth=2)\n")
+        code, _, _ = run(capsys, "compile", str(spec), "--save", str(tmp_path / f"{name}.pt"))
+        assert code == 0
+        states.append(torch.load(tmp_path / f"{name}.pt"))
+    torch.manual_seed(7)
+    built = gnnspec.build("in: 3\nout: 2\nseed: 7\nmodel: rev(depth=2)").state_dict()
+    for first, second, third in zip(states[0].values(), states[1].values(), states[2].values()):
+        assert torch.equal(first, second)  # were drawn afresh on every run
+    assert any(not torch.equal(a, c) for a, c in zip(states[0].values(), states[2].values()))
+    assert all(torch.equal(built[k], v) for k, v in states[0].items())
+
+
+def test_standard_input_closed_or_an_empty_path_is_a_clear_error(tmp_path):
+    closed = subprocess.run([sys.executable, "-m", "gnnspec.cli", "check", "-"], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, preexec_fn=lambda: os.close(0))
+    assert closed.returncode == 2 and "cannot read <stdin>: standard input is closed" in closed.stderr
+    empty = subprocess.run([sys.executable, "-m", "gnnspec.cli", "check", ""], capture_output=True, text=True)
+    assert empty.returncode == 2 and "an empty file name" in empty.stderr
+    assert "Traceback" not in closed.stderr + empty.stderr
+
+
+def test_a_padded_plan_option_reports_the_planned_choice(capsys):
+    code, out, _ = run(capsys, "compile", "--expr", "rev(depth=2)", "--in", "3", "--out", "2", "--plan", " auto ",
+                       "--json")
+    assert code == 0 and json.loads(out)["plan"] == "auto -> store"  # was " auto "
 
 
 def test_a_seed_beyond_64_bits_is_refused(tmp_path, capsys):
@@ -456,6 +509,10 @@ def test_estimate_mem_takes_the_graph_from_data(capsys):
     assert abs(data["measured_peak_bytes"] - chosen["peak_bytes"]) <= 0.05 * data["measured_peak_bytes"]
     code, _, err = run(capsys, "estimate-mem", "--expr", TWO, "--data", sbm, "--nodes", "5", "--edges", "5")
     assert code == 2 and "not both" in err
+    code, _, err = run(capsys, "estimate-mem", "--expr", TWO, "--data", sbm, "--in", "5")  # was ignored
+    assert code == 2 and "give --in/--out or --data, not both" in err
+    code, _, err = run(capsys, "estimate-mem", "--expr", TWO, "--data", "c" * 300 + ".pt")  # was exit 1
+    assert code == 2 and "cannot read --data" in err and "File name too long" in err
     code, _, err = run(capsys, "estimate-mem", "--expr", TWO, "--data", "sbm(nodes=10, edgez=5)")
     assert code == 2 and "edgez" in err
 

@@ -122,7 +122,12 @@ def read_spec_file(path: str | Path) -> tuple[str, str]:
     """(text, display name) of a spec file, or of standard input when ``path`` is "-"; at most
     :data:`MAX_SPEC_BYTES`."""
     if str(path) == "-":
+        if sys.stdin is None:  # started with standard input closed
+            raise SpecError(f"cannot read {STDIN_NAME}: standard input is closed", filename=STDIN_NAME,
+                            hint="give the path of a .gnn or .yaml spec, or pipe one in")
         return decode_spec_bytes(_read_bounded(sys.stdin.buffer, STDIN_NAME), STDIN_NAME), STDIN_NAME
+    if not str(path):
+        raise SpecError("an empty file name", filename="<empty path>", hint="give the path of a .gnn or .yaml spec")
     p = Path(path)
     try:
         with p.open("rb") as stream:
