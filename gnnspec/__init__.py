@@ -90,7 +90,8 @@ def build(
 ):
     """The model of a spec (or spec text): an ``nn.Module`` called as ``model(x, edge_index)``.
 
-    ``in_channels``/``out_channels`` fill the spec's ``auto`` widths. ``plan`` overrides the
+    ``in_channels``/``out_channels`` fill the spec's ``auto`` widths (default: its ``graph:``
+    ``features``/``classes``, as ``estimate`` and the command line take them). ``plan`` overrides the
     spec's plans: a plan or its text (``"reversible"``, ``"checkpoint(segments=4)"``), one per
     resolved stage or one per stack, an :class:`Estimate` or its ``.chosen`` name. Every plan gives
     the same parameters, outputs and gradients.
@@ -104,9 +105,11 @@ def build(
     import torch
 
     from gnnspec.lower.model import build_model
+    from gnnspec.lower.widths import declared_widths
     from gnnspec.plan import plans_for_build
 
     spec = _spec_of(spec, "build")
+    in_channels, out_channels = declared_widths(spec, in_channels, out_channels)
     plan = plans_for_build(spec, plan, nodes=nodes, edges=edges, budget=budget, in_channels=in_channels,
                            out_channels=out_channels, device=device, self_loops=self_loops)
     model = build_model(spec, in_channels, out_channels, plan)

@@ -106,10 +106,22 @@ def candidate_assignments(model, fixed=None) -> list[list[ir.Plan]]:
     return combos
 
 
-def choose(estimates: list, budget_bytes: int | None, model) -> Any:
+def given_segments(model, fixed=None) -> list[bool]:
+    """Per stage, whether the user gave its checkpoint segment count (``checkpoint(segments=k)``
+    in ``fixed``, else in the stage's own ``plan=``, else in the spec's plan): the planner keeps
+    such a count and re-plans only the counts it chose itself."""
+    if fixed is not None:
+        plans = ir.runnable_plans([st.stage for st in model.stages], fixed)
+    else:
+        plans = [getattr(st.stage, "plan", None) or model.spec.plan for st in model.stages]
+    return [p.kind == "checkpoint" and p.segments is not None for p in plans]
+
+
+def choose(estimates: list, budget_bytes: int | None, model, given: Sequence[bool] = ()) -> Any:
     """The estimate to run: with a budget, the fastest that fits (each checkpoint assignment
-    re-planned, in ``estimates``, with the fewest segments that fit); without, the fastest
-    (all-``store``, or the fixed assignment). None when nothing fits."""
+    re-planned, in ``estimates``, with the fewest segments that fit, except where ``given``
+    (:func:`given_segments`) says the user set the count); without, the fastest (all-``store``,
+    or the fixed assignment). None when nothing fits."""
     if not estimates:
         return None
     if budget_bytes is None:
@@ -119,7 +131,7 @@ def choose(estimates: list, budget_bytes: int | None, model) -> Any:
     for i, e in enumerate(list(estimates)):
         if not any(s.startswith("checkpoint") for s in e.stages):
             continue
-        found = _fewest_segments(model, e, budget_bytes)
+        found = _fewest_segments(model, e, budget_bytes, given)
         if found is None or found.stages == e.stages:
             continue
         if any(x.stages == found.stages for x in estimates):
@@ -138,10 +150,10 @@ def _plans_of(model, stages_text: Sequence[str]) -> list[ir.Plan]:
     return [model.stage_plan(st, parse_plan(t)) for st, t in zip(model.stages, stages_text)]
 
 
-def _fewest_segments(model, estimate, budget_bytes: int):
+def _fewest_segments(model, estimate, budget_bytes: int, given: Sequence[bool] = ()):
     """The assignment with each checkpoint stage at the fewest segments that fit (stages searched
     one after the other, the others at their current counts), or, where no count fits, at the
-    count with the lowest peak.
+    count with the lowest peak; a stage whose count the user gave (``given[i]``) keeps it.
 
     The peak of ``k`` segments of an ``L``-step stack is close to ``a + b k + c ceil(L / k)`` (the
     segment inputs kept, plus one segment's activations), so three exact estimates fit ``a, b, c``;
@@ -151,7 +163,7 @@ def _fewest_segments(model, estimate, budget_bytes: int):
 
     plans = _plans_of(model, estimate.stages)
     for i, (st, p) in enumerate(zip(model.stages, plans)):
-        if p.kind != "checkpoint":
+        if p.kind != "checkpoint" or (i < len(given) and given[i]):
             continue
         steps = st.steps()
 

@@ -217,6 +217,17 @@ def test_widths_insert_projections_and_take_data_widths():
         resolve_widths(fixed, 7, 3)
 
 
+def test_build_takes_auto_widths_from_the_specs_graph_as_estimate_does():
+    # build raised "`in` is `auto` and no data gives it" where estimate and compile used the graph
+    text = "graph: nodes=20, edges=60, features=5, classes=3\nhidden: 8\nmodel: res(op=gcn, depth=2)"
+    model = gnnspec.build(text)
+    x, edge_index = torch.randn(20, 5), torch.randint(0, 20, (2, 60))
+    assert model(x, edge_index).shape == (20, 3)
+    assert gnnspec.build(text, 7, 2)(torch.randn(20, 7), edge_index).shape == (20, 2)  # given widths win
+    est = gnnspec.estimate(text, nodes=20, edges=60)
+    assert est.chosen_plan.peak_bytes > 0
+
+
 @pytest.mark.parametrize("in_channels, out_channels, bad", [(0, 3, "in_channels"), (-1, 3, "in_channels"),
                                                             (8, 2.5, "out_channels"), (True, 3, "in_channels")])
 def test_build_rejects_widths_that_are_not_positive_integers(in_channels, out_channels, bad):
@@ -538,3 +549,79 @@ def test_res_plus_adds_the_residual_inside_the_conv(op):
     rtol, atol = (0, 0) if exact else (1e-10, 1e-14)
     for name in grads:
         assert torch.allclose(grads[name], ref_grads[name], rtol=rtol, atol=atol), name
+
+
+@pytest.mark.parametrize("kind", ["plain", "res+", "rev"])
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_a_forward_hook_on_the_activation_sees_it_called_and_changes_the_output(kind, norm):
+    # relu and dropout ran fused, so a hook on `act` was never called (0 of 2 calls) and a hook
+    # that replaces the activation's output changed nothing.
+    text = stack_text(kind, "gcn", norm=norm)
+    x, edge_index, _ = graph()
+    for plan in ["store", *PLANS[kind]]:
+        outputs = []
+        for hooked in (False, True):
+            model = build(text, plan).train()
+            acts = [m.act for m in model.modules() if isinstance(getattr(m, "act", None), torch.nn.ReLU)]
+            calls = []
+            if hooked:
+                for act in acts:
+                    act.register_forward_hook(lambda mod, inp, out: calls.append(1) or torch.zeros_like(out))
+            torch.manual_seed(1)
+            outputs.append(model(x, edge_index))
+            assert len(calls) == (len(acts) if hooked else 0) and acts, plan
+        assert not torch.equal(outputs[0], outputs[1]), plan
+
+
+def test_a_constant_made_under_inference_mode_does_not_break_later_training():
+    # The cached dropout scale was an inference tensor when first made under inference mode;
+    # every later training step then failed: "Inference tensors cannot be saved for backward".
+    text = stack_text("res+", "gcn", norm="layer", dropout=0.37)
+    x, edge_index, y = graph()
+    with torch.inference_mode():
+        build(text, "store").train()(x, edge_index)  # Monte-Carlo dropout at inference
+    for plan in ["store", "checkpoint(segments=2)"]:
+        assert_same_step(text, plan)
+    assert_same_step(stack_text("rev", "gcn", norm="layer", dropout=0.37), "reversible")
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_reversible_backward_after_switching_to_eval_recomputes_in_the_forward_mode(norm):
+    # The backward recomputed each group function in eval mode (batch norm on running statistics):
+    # gradients were 0.35-7.4 off in relative norm, with equal outputs.
+    text = stack_text("rev", "gcn", norm=norm)
+    x, edge_index, y = graph()
+    results = []
+    for plan in ["store", "reversible"]:
+        model = build(text, plan)
+        model.train()
+        torch.manual_seed(1)
+        out = model(x, edge_index)
+        model.eval()  # an evaluation helper that leaves the model in eval mode
+        torch.nn.functional.cross_entropy(out, y).backward()
+        assert not any(m.training for m in model.modules())  # the mode is the caller's again
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (ref_out, ref_grads), (out, grads) = results
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-9)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("kind, plan", [("rev", "reversible"), ("deq", "implicit")])
+def test_second_order_gradients_are_refused_where_the_backward_recomputes(kind, plan):
+    # create_graph=True returned None for most parameters' second-order gradients, silently.
+    text = stack_text(kind, "gcn", norm="none", dropout=0.0)
+    x, edge_index, y = graph()
+    x = x.clone().requires_grad_()
+    model = build(text, plan).train()
+    loss = torch.nn.functional.cross_entropy(model(x, edge_index), y)
+    with pytest.raises(RuntimeError, match=f"second-order gradients .* not supported under the `{plan}` plan"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # first-order gradients are unaffected, and store/checkpoint differentiate twice
+    (first,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x, edge_index), y), x)
+    for other in ["store", "checkpoint(segments=2)"]:
+        reference = build(text, other).train()
+        (gx,) = torch.autograd.grad(torch.nn.functional.cross_entropy(reference(x, edge_index), y), x, create_graph=True)
+        torch.testing.assert_close(gx.detach(), first, rtol=1e-6, atol=1e-9)
+        (gx ** 2).sum().backward()
+        assert all(p.grad is not None for p in reference.parameters() if p.requires_grad)

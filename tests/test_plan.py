@@ -94,6 +94,24 @@ def test_a_stage_plan_in_the_spec_is_kept() -> None:
     assert all(p.stages[1] == "reversible" for p in est.plans)
 
 
+@pytest.mark.parametrize("where", ["stage", "fixed"])
+def test_a_given_segment_count_is_kept_under_a_budget(where) -> None:
+    # Under `auto(budget=...)`, a stage's own `plan=checkpoint(segments=3)` ran with 1 segment: the
+    # planner re-planned every checkpoint stage's count, including the ones the user set.
+    def chosen(segments: str) -> str:
+        own = f", plan=checkpoint{segments}" if where == "stage" else ""
+        text = f"plan: auto(budget=100GiB)\nmodel: res+(op=gcn, depth=9{own}) >> rev(op=gcn, depth=4)"
+        fixed = [f"checkpoint{segments}", "store"] if where == "fixed" else None
+        return estimate_spec(text, plan=fixed, budget="100GiB" if fixed else None, **GRAPH).chosen
+
+    assert chosen("(segments=3)") == "checkpoint(segments=3), store"
+    assert chosen("") == "checkpoint(segments=1), store"  # a count left to the planner: the fewest that fit
+    if where == "stage":
+        model = gnnspec.build("in: 8\nout: 4\nhidden: 16\ngraph: nodes=2000, edges=10000\nplan: auto(budget=1GiB)\n"
+                              "model: res+(op=gcn, depth=9, plan=checkpoint(segments=3)) >> rev(op=gcn, depth=4)")
+        assert model.stages[1].plan_text == "checkpoint(segments=3)"
+
+
 def test_a_fixed_plan_is_estimated_alone() -> None:
     est = estimate_spec(REV, plan="checkpoint(segments=4)", **GRAPH)
     assert [p.name for p in est.plans] == ["checkpoint(segments=4)"]

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from gnnspec.lower.recompute import preserved_running_stats
+from gnnspec.lower.recompute import preserved_running_stats, refuse_second_order
 
 __all__ = ["SOLVERS", "MODES", "SolverInfo", "solve", "DEQFixedPoint", "NotConvergedWarning"]
 
@@ -284,6 +284,7 @@ class _ImplicitAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        refuse_second_order("implicit")
         (z_in,) = ctx.saved_tensors
         owner: DEQFixedPoint = ctx.owner
 

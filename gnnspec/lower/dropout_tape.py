@@ -107,13 +107,20 @@ def _has_numpy_data(t: Tensor) -> bool:
 
 def _constant_tensor(make: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``make(*key)``, a tensor no caller writes to, kept per key (64 most recent) and handed out
-    again outside dispatch modes; under one (fake tensors: dry run, calibration; a tracker) made
+    again outside dispatch modes (made outside inference mode, so it can be saved for backward); under one (fake tensors: dry run, calibration; a tracker) made
     afresh, so no real tensor is kept across calls and no fake one outlives its mode."""
     cached = functools.lru_cache(maxsize=64)(make)
 
     @functools.wraps(make)
     def get(*key: Any) -> Tensor:
-        return cached(*key) if _get_current_dispatch_mode() is None else make(*key)
+        if _get_current_dispatch_mode() is not None:
+            return make(*key)
+        if torch.is_inference_mode_enabled():
+            # Made outside inference mode: an inference tensor, once cached, could never again be
+            # saved for a backward (every later training step would fail).
+            with torch.inference_mode(False):
+                return cached(*key)
+        return cached(*key)
 
     get.cache_info = cached.cache_info  # type: ignore[attr-defined]
     return get

@@ -210,10 +210,15 @@ class ConvLayer(nn.Module):
     def _drop(self, x: Tensor) -> Tensor:
         return dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
+    def _fuses_relu(self) -> bool:
+        """Whether the relu and dropout run fused (:func:`gnnspec.ir.drop_in_place`): not where a
+        forward hook on ``act`` must see the relu module called."""
+        return self.fused_relu_dropout and not has_forward_hooks(self.act)
+
     def _norm_act_drop(self, x: Tensor) -> Tensor:
         """``drop(act(norm(x)))``; by :func:`relu_of_dropout` in place on the norm's output where
-        :func:`gnnspec.ir.drop_in_place` says that is the same function."""
-        if self.fused_relu_dropout:
+        :meth:`_fuses_relu`."""
+        if self._fuses_relu():
             return norm_relu_of_dropout(self.norm, x, self.dropout, self.training)
         return self._drop(self.act(self.norm(x)))
 
@@ -233,7 +238,7 @@ class ConvLayer(nn.Module):
         if extra is not None and kind == "rev":
             width = x.shape[-1]
             extra = extra[:, self.group * width : (self.group + 1) * width]
-        if self.fused_relu_dropout and extra is not None:
+        if extra is not None and self._fuses_relu():
             return self._conv(norm_relu_of_masked(self.norm, x, extra, self.dropout), graph)
         return self._conv(SharedDropout.apply_mask(self.act(self.norm(x)), extra), graph)
 

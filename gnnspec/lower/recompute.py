@@ -17,6 +17,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -65,6 +66,43 @@ def preserved_buffers(buffers: list[Tensor]) -> Iterator[None]:
         # an autograd graph recorded inside the block (which saved the running buffers) stays valid.
         for buf, value in zip(buffers, saved):
             buf.data.copy_(value)
+
+
+def refuse_second_order(plan: str) -> None:
+    """A RuntimeError inside a backward run with ``create_graph=True``: ``plan``'s backward
+    computes its gradients from a recomputation of its own, which records no graph for them, and
+    would hand back gradients that cannot be differentiated again (second-order terms silently
+    missing)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"second-order gradients (backward with create_graph=True) are not supported under the "
+            f"`{plan}` plan, whose backward recomputes the stack without recording a graph; "
+            f"use `store` or `checkpoint` for this stack"
+        )
+
+
+def training_modes(module: nn.Module) -> tuple[tuple[nn.Module, bool], ...]:
+    """Each submodule of ``module`` (itself included) with its ``training`` flag, as
+    :func:`restored_training_modes` takes them."""
+    return tuple((m, m.training) for m in module.modules())
+
+
+@contextmanager
+def restored_training_modes(modes: tuple[tuple[nn.Module, bool], ...]) -> Iterator[None]:
+    """Each module in the training mode recorded in ``modes`` while the block runs, and back in its
+    current mode afterwards: a recomputation in backward computes what the forward computed even
+    when the model was switched to ``eval()`` (or back) in between."""
+    changed = [(m, m.training) for m, recorded in modes if m.training != recorded]
+    if not changed:
+        yield
+        return
+    for m, current in changed:
+        m.training = not current
+    try:
+        yield
+    finally:
+        for m, current in changed:
+            m.training = current
 
 
 class SharedDropout(nn.Module):

@@ -9,7 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._mode_utils import no_dispatch
 
-from gnnspec.lower.recompute import preserved_buffers, running_stat_buffers
+from gnnspec.lower.recompute import (
+    preserved_buffers, refuse_second_order, restored_training_modes, running_stat_buffers, training_modes,
+)
 
 
 class ReversibleStack(nn.Module):
@@ -104,7 +106,8 @@ class ReversibleStack(nn.Module):
                 if id(p) not in position:
                     position[id(p)] = len(params)
                     params.append(p)
-            states.append(_FunctionState(own, [position[id(p)] for p in own], running_stat_buffers([f])))
+            states.append(_FunctionState(own, [position[id(p)] for p in own], running_stat_buffers([f]),
+                                         training_modes(f)))
         return params, states
 
     def _layer_forward(self, layer: tuple[int, ...], x: Tensor, args: Sequence[Any]) -> Tensor:
@@ -125,11 +128,13 @@ class ReversibleStack(nn.Module):
 
 class _FunctionState(NamedTuple):
     """One group function's trainable parameters, their positions among the stack's parameter
-    inputs, and the running-statistic buffers its recomputation must leave unchanged."""
+    inputs, the running-statistic buffers its recomputation must leave unchanged, and its
+    modules' training modes at the forward (which the recomputation runs in)."""
 
     params: list[Tensor]
     positions: list[int]
     buffers: list[Tensor]
+    modes: tuple[tuple[nn.Module, bool], ...]
 
 
 def _rng_state(device: torch.device) -> Tensor:
@@ -206,6 +211,7 @@ class _ReversibleStackFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        refuse_second_order("reversible")
         if not ctx.output:
             raise RuntimeError(
                 "a reversible stack runs backward once per forward (retain_graph is not supported)"
@@ -257,7 +263,7 @@ def _layer_backward(
         f_input = (ys[i - 1] if i > 0 else _sum(xs[1:])).detach().requires_grad_()
         # autograd.grad runs before the running statistics are restored: batch norm saved them
         # for backward, so the restore must not come between the recomputation and its backward.
-        with preserved_buffers(state.buffers):
+        with preserved_buffers(state.buffers), restored_training_modes(state.modes):
             with torch.enable_grad(), torch.autocast(
                 device_type, dtype=autocast_dtype, enabled=autocast_enabled
             ):

@@ -1310,7 +1310,7 @@ def estimate_spec(spec: ir.Spec | str, *, nodes: int, edges: int, in_channels: i
     fastest whose peak fits ``budget`` (see :mod:`gnnspec.plan`). ``plan`` fixes the assignment
     (one plan, or one per resolved stage or per stack); else the spec's plans are used where it fixes them
     and every candidate is estimated where it says ``auto``."""
-    from gnnspec.plan import candidate_assignments, choose
+    from gnnspec.plan import candidate_assignments, choose, given_segments
 
     if isinstance(spec, str):
         import gnnspec
@@ -1324,7 +1324,7 @@ def estimate_spec(spec: ir.Spec | str, *, nodes: int, edges: int, in_channels: i
     fixed = _parse_plans(plan)
     assignments = candidate_assignments(model, fixed)
     estimates = [plan_estimate(model, a, budget_bytes) for a in assignments]
-    chosen = choose(estimates, budget_bytes, model)
+    chosen = choose(estimates, budget_bytes, model, given_segments(model, fixed))
     return Estimate(spec.name, model.graph.nodes, model.graph.edges, model.dtype, budget_bytes, estimates,
                     chosen.name if chosen else None, device, [s.kind for s in model.stages])
 
