@@ -433,7 +433,7 @@ def record_rev_back(groups: int, pt: dict[str, int], s: int, first: bool) -> dic
                         **{f"Xg{i}": rec.uid_of(t) for i, t in enumerate(grad_ys)}}
             # The holes' parameters are not the stack's: their gradients belong to the hole's own
             # calibration, so each function recomputes with no parameters to differentiate.
-            states = [_FunctionState([], [], []) for _ in stack.functions]
+            states = [_FunctionState([], [], [], ()) for _ in stack.functions]
             ctx = SimpleNamespace(stack=stack, autocast=("cpu", False, torch.bfloat16), states=states)
             rec.mark("F")
             xs, grad_xs = _layer_backward(ctx, stack.table[0], ys, grad_ys, (), [])
