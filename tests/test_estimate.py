@@ -354,3 +354,21 @@ def test_optimizer_state_follows_the_optimizer() -> None:
 def test_estimate_rejects_a_graph_or_dtype_it_cannot_estimate(graph, message):
     with pytest.raises(ValueError, match=message):
         gnnspec.estimate("res+(op=gcn, depth=2)", in_channels=8, out_channels=3, **graph)
+
+
+def test_the_shipped_table_is_what_calibration_records_for_a_sample_of_pieces(capsys) -> None:
+    """A change to the lowering that the calibration code did not follow (the reversible backward's
+    function state gained a field, and `calibrate --check` failed on `skel:rev<G>:back`) or that
+    changed what a piece allocates shows here, not only in the 10-minute full check."""
+    import torch
+
+    from gnnspec.memory import calibrate
+
+    threads = torch.get_num_threads()
+    try:
+        code = calibrate.main(["--check", "--only", "skel:rev2:back", "--only", "op:gcn", "--only", "skel:res:op:gcn"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert code == 0 and "the table is up to date" in out, out
+    assert "skel:rev2:back:first" in out and "op:gcn" in out
