@@ -125,7 +125,7 @@ def rev_groups(spec: ir.Spec) -> Iterator[SpecError]:
             yield _error(
                 stage.spans.exact("groups") or stage.spans.exact("hidden") or spec.spans.exact("hidden") or stage.span(),
                 f"`hidden` ({hidden}) is not divisible by `groups` ({stage.groups})",
-                f"each group is hidden/groups channels wide; try groups={_divisor_near(hidden, stage.groups)}",
+                f"each group is hidden/groups channels wide; {_try_divisor('groups', hidden, stage.groups, 2, 'hidden')}",
             )
 
 
@@ -142,7 +142,7 @@ def heads_divide_width(spec: ir.Spec) -> Iterator[SpecError]:
             yield _error(
                 stage.op.span("heads"),
                 f"{heads} attention heads do not divide the {where}",
-                f"heads split the width; try heads={_divisor_near(width, heads)}",
+                f"heads split the width; try heads={_divisor_near(width, heads, 1) or 1}",
             )
 
 
@@ -335,6 +335,19 @@ def violations(spec: ir.Spec) -> list[SpecError]:
     return [error for rule in RULES for error in rule(spec)]
 
 
-def _divisor_near(n: int, k: int) -> int:
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return min(divisors, key=lambda d: (abs(d - k), -d)) if divisors else 1
+def _divisor_near(n: int, k: int, lowest: int) -> int | None:
+    """The divisor of ``n`` in ``[lowest, n]`` nearest ``k`` (the larger on a tie), searched within
+    64 of ``k`` (a hint, not a factorisation: ``n`` may be a large prime); None if none is there."""
+    for distance in range(65):
+        for candidate in (k + distance, k - distance) if distance else (k,):
+            if lowest <= candidate <= n and n % candidate == 0:
+                return candidate
+    return None
+
+
+def _try_divisor(name: str, n: int, k: int, lowest: int, width: str) -> str:
+    """``try name=d`` for a divisor ``d`` of ``n`` near ``k``, and ``width`` at a multiple of ``k``."""
+    near = _divisor_near(n, k, lowest)
+    nearest = round(n / k) * k
+    multiple = f"{width}={max(k, nearest - k if nearest > ir.MAX_WIDTH else nearest)}"
+    return f"try {name}={near} or {multiple}" if near is not None else f"try {multiple}"

@@ -50,7 +50,8 @@ def format_scalar(value: Any) -> str:
 
 def quote_string(text: str) -> str:
     r"""A string literal the grammar reads back as ``text``: ``\\``, ``\"``, ``\n``, ``\t``,
-    ``\r`` and ``\uXXXX`` for other characters that are not printable."""
+    ``\r``, and ``\uXXXX`` (``\UXXXXXXXX`` beyond the 16-bit plane) for other characters that are
+    not printable."""
     out = []
     for char in text:
         if char in '\\"':
@@ -58,7 +59,7 @@ def quote_string(text: str) -> str:
         elif char in _ESCAPES:
             out.append(_ESCAPES[char])
         elif not char.isprintable():
-            out.append(f"\\u{ord(char):04x}")
+            out.append(f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}")
         else:
             out.append(char)
     return '"' + "".join(out) + '"'
@@ -223,6 +224,12 @@ def _yaml_scalar(value: Any) -> Any:
     return format_scalar(value)
 
 
+def _keeps_name(spec: ir.Spec) -> bool:
+    """Whether the text keeps ``name:``: where it was written (a file's name otherwise defaults to
+    its stem, so even ``name: model`` matters) or differs from the default ``model``."""
+    return spec.name != "model" or spec.spans.exact("name") is not None
+
+
 def format_spec(spec: ir.Spec, layout: Layout | None = None, *, style: str = "gnn") -> str:
     """The canonical text of ``spec`` (``style`` "gnn" or "yaml"), ending with a newline.
 
@@ -233,7 +240,7 @@ def format_spec(spec: ir.Spec, layout: Layout | None = None, *, style: str = "gn
     defaults = ir.Spec.model_construct()
     for key, attr in ir.SPEC_KEYS.items():
         value = getattr(spec, attr)
-        if key == "model" or value != getattr(defaults, attr, None) or (key == "name" and value != "model"):
+        if key == "model" or value != getattr(defaults, attr, None) or (key == "name" and _keeps_name(spec)):
             values[key] = value
     width = max(len(k) for k in values) + 2
     lines: list[str] = []

@@ -293,3 +293,91 @@ def test_an_upper_case_yaml_suffix_is_read_as_yaml(tmp_path):
     path = tmp_path / "m.YML"
     path.write_text("model: linear >> rev(depth=2)\nhidden: 8\n")
     assert gnnspec.load(path).hidden == 8
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+
+@pytest.mark.parametrize("text, column", [
+    ("model: plain(depth=" + "1" * 5000 + ")", 20),
+    ("model: linear\nplan: auto(budget=" + "9" * 4300 + "GiB)", 19),
+    ("model: plain(dropout=0." + "1" * 200 + ")", 22),
+])
+def test_a_number_too_long_for_any_setting_is_a_located_error(text, column):
+    # was lark's VisitError from int() ("Exceeds the limit (4300 digits)"): exit 1 on the command line
+    with pytest.raises(gnnspec.SpecError, match="digits, longer than any setting takes") as err:
+        gnnspec.parse(text)
+    assert err.value.column == column and "at most 100 digits" in err.value.hint
+
+
+def test_fmt_keeps_a_written_name_even_when_it_is_model(tmp_path):
+    # `name: model` was dropped, so the formatted file took its stem as the name
+    path = tmp_path / "foo.gnn"
+    path.write_text("name: model\nmodel: linear\n")
+    spec = gnnspec.load(str(path))
+    assert spec.name == "model"
+    formatted = gnnspec.format(path.read_text())
+    again = tmp_path / "bar.gnn"
+    again.write_text(formatted)
+    assert gnnspec.load(str(again)).name == "model"
+    assert gnnspec.format("model: linear\n") == "model: linear\n"  # an unwritten name stays unwritten
+
+
+def test_a_yaml_name_is_the_whole_string_even_with_a_hash(tmp_path):
+    # `name: "gcn # v2"` was read as the name `gcn` and a comment
+    path = tmp_path / "n.yaml"
+    path.write_text('name: "gcn # v2"\nmodel: linear\n')
+    spec = gnnspec.load(str(path))
+    assert spec.name == "gcn # v2"
+    again = tmp_path / "m.yaml"
+    again.write_text(gnnspec.format(path.read_text()))
+    assert gnnspec.load(str(again)).name == "gcn # v2"
+
+
+@pytest.mark.parametrize("hidden, bad", [(35, "groups=1"), (7, "groups=1"), (2147483647, "hidden=2147483648")])
+def test_the_groups_hint_names_a_valid_fix_and_answers_fast(hidden, bad):
+    # the hint said "try groups=1" (groups must be >= 2) and, for a large hidden, took seconds to
+    # minutes to find it (a loop over every number up to hidden)
+    import time
+
+    start = time.process_time()
+    with pytest.raises(gnnspec.SpecError, match="is not divisible by `groups`") as err:
+        gnnspec.parse(f"hidden: {hidden}\nmodel: rev(groups=2)")
+    assert time.process_time() - start < 1.0
+    assert bad not in err.value.hint and "try " in err.value.hint
+    suggestion = err.value.hint.split("try ")[1].split(" or ")
+    for fix in suggestion:
+        key, value = fix.split("=")
+        groups, width = (int(value), hidden) if key == "groups" else (2, int(value))
+        assert groups >= 2 and width % groups == 0 and width <= ir.MAX_WIDTH
+
+
+@pytest.mark.parametrize("char", ["\U000F0000", "\U000E0001", "\u200b"])
+def test_a_non_printable_character_beyond_16_bits_survives_formatting(char):
+    # written as \uf0000 (five hex digits), read back as \uf000 and "0"
+    spec = gnnspec.parse(f'name: "x{char}"\nmodel: linear')
+    assert gnnspec.parse(gnnspec.format(spec)) == spec and gnnspec.parse(gnnspec.format(spec)).name == f"x{char}"
+
+
+@pytest.mark.parametrize("text, position", [
+    ("# a\x0cb\nmodel: rev(depth=4", (2, 19)),
+    ('name: "a\u2028b"\nmodel: rev(depth=4', (2, 19)),
+    ("# a\x0cb\nmodel: rev(\ndepth=2)", (2, 12)),
+])
+def test_positions_count_only_newlines_as_line_breaks(text, position):
+    # a form feed or U+2028 earlier in the file put the error on a line that does not exist
+    with pytest.raises(gnnspec.SpecError) as err:
+        gnnspec.parse(text)
+    assert (err.value.line, err.value.column) == position
+
+
+@pytest.mark.parametrize("text", ["# " + "(" * 70 + "\nmodel: linear", 'name: "' + "[" * 70 + '"\nmodel: linear',
+                                  "# (((\n" * 30 + "model: linear"])
+def test_brackets_in_comments_and_strings_are_not_nesting(text):
+    assert gnnspec.parse(text).model[0].kind == "linear"  # was "brackets nested more than 64 levels deep"
+
+
+def test_a_fractional_byte_count_hint_does_decimal_units_right():
+    with pytest.raises(gnnspec.SpecError, match="not a whole number of bytes") as err:
+        gnnspec.parse("model: linear\nplan: auto(budget=1.5B)")
+    assert "1500MB for 1.5GB" in err.value.hint and "1536MB" not in err.value.hint

@@ -12,6 +12,7 @@ from typing import Union
 
 from lark import Token, Transformer, v_args
 
+from gnnspec.errors import SpecError
 from gnnspec.ir import Span, size_bytes
 
 
@@ -128,6 +129,8 @@ class ToCST(Transformer):
         text = str(token)
         kind = token.type
         span = token_span(token)
+        if kind in ("INT", "FLOAT", "SIZE"):
+            _check_number_length(text, span)
         if kind == "INT":
             return Atom("int", int(text.replace("_", "")), text, span)
         if kind == "FLOAT":
@@ -145,18 +148,35 @@ class ToCST(Transformer):
         return Atom("name", text, text, span)
 
 
+MAX_NUMBER_DIGITS = 100
+"""The most digits a number literal may have: far beyond any setting's range (a seed has at most
+19), and below Python's 4300-digit limit on converting integers to and from text."""
+
+
+def _check_number_length(text: str, span: Span) -> None:
+    digits = sum(c.isdigit() for c in text)
+    if digits > MAX_NUMBER_DIGITS:
+        raise SpecError(
+            f"a number of {digits:,} digits, longer than any setting takes", line=span.line, column=span.column,
+            end_column=span.end_column if span.end_line == span.line else None,
+            hint=f"numbers in a spec have at most {MAX_NUMBER_DIGITS} digits",
+        )
+
+
 def _unquote(text: str) -> str:
-    r"""The value of a string literal: ``\n``, ``\t``, ``\r``, ``\uXXXX``; any other escaped
-    character stands for itself."""
+    r"""The value of a string literal: ``\n``, ``\t``, ``\r``, ``\uXXXX``, ``\UXXXXXXXX``; any other
+    escaped character stands for itself."""
     body = text[1:-1]
     out, i = [], 0
     while i < len(body):
         ch = body[i]
         if ch == "\\" and i + 1 < len(body):
             nxt = body[i + 1]
-            if nxt == "u" and len(body) >= i + 6 and all(c in "0123456789abcdefABCDEF" for c in body[i + 2 : i + 6]):
-                out.append(chr(int(body[i + 2 : i + 6], 16)))
-                i += 6
+            digits = {"u": 4, "U": 8}.get(nxt, 0)
+            code = body[i + 2 : i + 2 + digits]
+            if digits and len(code) == digits and all(c in "0123456789abcdefABCDEF" for c in code) and int(code, 16) <= 0x10FFFF:
+                out.append(chr(int(code, 16)))
+                i += 2 + digits
                 continue
             out.append({"n": "\n", "t": "\t", "r": "\r"}.get(nxt, nxt))
             i += 2

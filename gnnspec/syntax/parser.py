@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from lark import Lark
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from gnnspec.errors import SpecError
 from gnnspec.syntax.cst import Entry, Node, ToCST
@@ -94,15 +94,37 @@ def parse_cst(text: str, *, rule: str = "start") -> tuple[Entry, ...] | Node:
         tree = lark_parser().parse(text, start=rule)
     except UnexpectedInput as err:
         raise _spec_error(err, text) from None
-    return ToCST().transform(tree)
+    try:
+        return ToCST().transform(tree)
+    except VisitError as err:  # a SpecError raised while building the CST (a number too long)
+        if isinstance(err.orig_exc, SpecError):
+            raise err.orig_exc from None
+        raise
 
 
 def _check_nesting(text: str) -> None:
     """Brackets nested deeper than :data:`MAX_NESTING` (no spec needs that; the tree transform
     would run out of stack)."""
     depth = 0
+    quote: str | None = None  # the quote of the string being read, if any
+    comment = escaped = False
     for index, char in enumerate(text):
-        if char in "([":
+        if comment:  # brackets in comments and strings are text, not nesting
+            comment = char != "\n"
+            continue
+        if quote is not None:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote or char == "\n":
+                quote = None
+            continue
+        if char == "#":
+            comment = True
+        elif char in "\"'":
+            quote = char
+        elif char in "([":
             depth += 1
             if depth > MAX_NESTING:
                 line, column = _position_of(text, index)
@@ -259,7 +281,7 @@ def _spec_error(err: UnexpectedInput, text: str) -> SpecError:
 def _line_break_error(err: UnexpectedCharacters, text: str) -> SpecError:
     """A line break where the value cannot end: point at the end of the unfinished line."""
     line = err.line
-    lines = text.splitlines()
+    lines = _lines(text)
     column = len(lines[line - 1]) + 1 if line - 1 < len(lines) else 1
     expected = set(err.allowed or ())
     return SpecError(
@@ -271,6 +293,11 @@ def _line_break_error(err: UnexpectedCharacters, text: str) -> SpecError:
 
 
 def _end_position(text: str) -> tuple[int, int]:
-    stripped = text.rstrip()
-    lines = stripped.splitlines() or [""]
+    lines = _lines(text.rstrip())
     return len(lines), len(lines[-1]) + 1
+
+
+def _lines(text: str) -> list[str]:
+    """``text``'s lines as positions count them: split on "\n" alone (lark counts no other line
+    break: a form feed or U+2028 stays inside its line), a line's closing "\r" dropped."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]

@@ -142,7 +142,8 @@ def convert_value(node: Node, kind: dict[str, Any], label: str) -> Any:
         if wanted == "size" and node.type in ("size", "int"):
             if value is None:
                 raise error_at(span, f"`{node.text}` is not a whole number of bytes",
-                               "write a smaller unit, e.g. 1536MB for 1.5GB")
+                               "write a whole number of bytes, or a smaller unit: e.g. 1500MB for 1.5GB, "
+                               "1536MiB for 1.5GiB")
             return value
     if wanted == "ints" and isinstance(node, ListNode):
         items: list[int] = []

@@ -130,7 +130,8 @@ def _name_scalar(node: yaml.ScalarNode, text: str, span: Span) -> Node:
         parsed = _parse_scalar(node, text)
     except SpecError:
         parsed = None
-    if isinstance(parsed, Atom) and parsed.type in ("name", "string"):
+    # a name must be the whole scalar: in `name: "gcn # v2"` the `.gnn` reading stops at a comment
+    if isinstance(parsed, Atom) and (parsed.type == "string" or (parsed.type == "name" and parsed.value == node.value)):
         return parsed
     return Atom("string", node.value, node.value, span)
 
