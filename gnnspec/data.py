@@ -609,8 +609,23 @@ def random_split(
 
 
 def _with_split(name, x, edge_index, y, classes: int, gen: torch.Generator) -> GraphData:
-    train, val, test = random_split(y, seed=gen)
+    train, val, test = _filled_split(name, y, gen)
     return GraphData(name, x, edge_index, y, train, val, test, int(x.size(1)), int(classes))
+
+
+def _filled_split(name: str, y: Tensor, seed: int | torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`random_split`, refused where a split would hold no node: training would report a best
+    epoch and accuracies over nothing (0, or NaN, which is not JSON)."""
+    masks = random_split(y, seed=seed)
+    for split, mask in zip(("training", "validation", "test"), masks):
+        if not bool(mask.any()):
+            labelled = int((y >= 0).sum()) if y.dim() == 1 else int(y.size(0))
+            raise SpecError(
+                f"{name}: the {split} split holds no node ({labelled} labelled nodes, split 60/20/20)",
+                hint="a graph needs at least 5 labelled nodes, one in each split; or save train/val/test masks",
+                filename=_DATA_FILE,
+            )
+    return masks
 
 
 # ---------------------------------------------------------------------------- Planetoid
@@ -812,8 +827,9 @@ def _torch_load(file: Path, shown: str):
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        if "Unsupported global" in text:
-            detail = text.split("Unsupported global:", 1)[1].split(" was not", 1)[0].strip()
+        if "Unsupported global" in text or "unsupported GLOBAL" in text:
+            detail = (text.split("Unsupported global:", 1)[1].split(" was not", 1)[0].strip()
+                      if "Unsupported global:" in text else text.split("unsupported GLOBAL", 1)[1].split(" whose", 1)[0].strip())
             raise SpecError(
                 f"{shown} holds an object gnnspec does not load safely ({detail})",
                 hint="save a torch_geometric Data or a dict of tensors: "
@@ -869,7 +885,9 @@ def _graph_from_fields(fields: dict[str, Any], shown: str, seed: int) -> GraphDa
     n = x.size(0)
     if edge_index.dim() != 2 or edge_index.size(0) != 2 or edge_index.is_floating_point():
         raise fail(f"`edge_index` must be [2, edges] integers, got {list(edge_index.shape)} {edge_index.dtype}")
-    edge_index = edge_index.long()
+    from gnnspec.ops import plain_tensor
+
+    edge_index = plain_tensor(edge_index).long()
     if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= n):
         raise fail(
             f"`edge_index` refers to node {int(edge_index.max()) if int(edge_index.min()) >= 0 else int(edge_index.min())}"
@@ -915,7 +933,7 @@ def _graph_from_fields(fields: dict[str, Any], shown: str, seed: int) -> GraphDa
             masks.append(mask)
         train, val, test = masks
     else:
-        train, val, test = random_split(y, seed=seed)
+        train, val, test = _filled_split(shown, y, seed)
     return GraphData(shown, x, edge_index, y, train, val, test, int(x.size(1)), classes)
 
 

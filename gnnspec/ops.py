@@ -610,6 +610,14 @@ def _cheb_laplacian(edge_index: Tensor, num_nodes: int, dtype: torch.dtype) -> t
     )
 
 
+def plain_tensor(t: Tensor) -> Tensor:
+    """``t`` as a plain ``torch.Tensor``: torch-geometric's ``EdgeIndex`` (a wrapper subclass that
+    holds its data inside, which ``data_ptr``, numpy and ops outside its dispatch cannot reach)
+    unwrapped without a copy; any other tensor as it is."""
+    as_tensor = getattr(t, "as_tensor", None)
+    return as_tensor() if type(t) is not Tensor and callable(as_tensor) else t
+
+
 def _long_indices(edge_index: Tensor) -> Tensor:
     """``edge_index`` (``[2, E]``, integers) as int64, copied only if it holds another integer dtype.
 
@@ -703,6 +711,7 @@ class GraphCache:
         replaces the cached graph.
         """
         forms = frozenset(forms)
+        edge_index = plain_tensor(edge_index)
         unknown = forms - set(GRAPH_FORMS)
         if unknown:
             raise ValueError(f"unknown graph form {sorted(unknown)[0]!r}; known: {', '.join(GRAPH_FORMS)}")

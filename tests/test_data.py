@@ -360,8 +360,9 @@ def test_a_saved_multilabel_graph_keeps_its_targets(tmp_path) -> None:
 
 def test_an_existing_file_with_another_suffix_is_a_saved_graph(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    torch.save({"x": torch.randn(3, 2), "edge_index": torch.tensor([[0, 1], [1, 2]]), "y": torch.tensor([0, 1, 1])}, "graph.bin")
-    assert load_data("graph.bin").num_nodes == 3
+    torch.save({"x": torch.randn(6, 2), "edge_index": torch.tensor([[0, 1], [1, 2]]), "y": torch.tensor([0, 1, 1, 0, 1, 0])},
+               "graph.bin")
+    assert load_data("graph.bin").num_nodes == 6
 
 
 # ---------------------------------------------------------------------------- splits and widths
@@ -501,3 +502,42 @@ def test_bad_saved_graphs_raise_spec_errors(tmp_path) -> None:
             load_data(source)
         assert message in info.value.message, source
         assert str(info.value).startswith("<data>:1:1: ")
+
+
+def test_a_saved_graph_with_a_pyg_edge_index_object_loads_and_trains(tmp_path) -> None:
+    # torch_geometric's EdgeIndex (a wrapper subclass) failed with "its data is not allocated yet"
+    from torch_geometric import EdgeIndex
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 6, generator=gen), torch.randint(3, (50,), generator=gen)
+    edges = torch.randint(50, (2, 200), generator=gen)
+    path = _saved(tmp_path, Data(x=x, edge_index=EdgeIndex(edges, sparse_size=(50, 50)), y=y), "ei.pt")
+    data = load_data(path)
+    assert type(data.edge_index) is torch.Tensor and torch.equal(data.edge_index, edges)
+    model = gnnspec.build("plain(op=gcn, depth=2)", in_channels=6, out_channels=3).eval()
+    torch.testing.assert_close(model(x, EdgeIndex(edges, sparse_size=(50, 50))), model(x, edges), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("source, split", [("rmat(nodes=2, edges=2, classes=2)", "test"),
+                                           ("sbm(nodes=3, edges=6, classes=3, features=4)", "validation")])
+def test_a_graph_too_small_for_every_split_is_refused(source, split, tmp_path) -> None:
+    # it trained and reported best_epoch 0 and accuracies over no node (0, or NaN: not JSON)
+    with pytest.raises(SpecError, match=f"the {split} split holds no node"):
+        load_data(source)
+    x, edges, y = torch.randn(3, 2), torch.tensor([[0, 1], [1, 2]]), torch.tensor([0, 1, 0])
+    with pytest.raises(SpecError, match="split holds no node"):
+        load_data(_saved(tmp_path, {"x": x, "edge_index": edges, "y": y}, "tiny.pt"))
+
+
+def test_a_pickle_calling_a_blocked_module_is_named_unsafe_not_corrupt(tmp_path) -> None:
+    import os as os_module
+
+    class Payload:
+        def __reduce__(self):
+            return (os_module.system, ("true",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Payload()}, path)
+    with pytest.raises(SpecError, match="holds an object gnnspec does not load safely") as info:
+        load_data(str(path))
+    assert "system" in info.value.message
