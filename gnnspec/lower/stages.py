@@ -204,7 +204,9 @@ class DeqFunction(nn.Module):
 
 class DeqStage(Stage):
     """``deq``: the fixed point ``z* = f(z*, x)``; ``implicit`` or ``unroll`` backward (``store`` is
-    ``unroll``; ``checkpoint`` recomputes the unrolled solve in backward as one segment)."""
+    ``unroll``; so is ``checkpoint``: the solve is one step, whose one segment is a stack's last,
+    run plainly by :func:`run_segments`; ``implicit`` is the plan whose memory does not grow with
+    the iterations)."""
 
     def __init__(self, resolved: ResolvedStage, hidden: int, plan: ir.Plan) -> None:
         stage: ir.Deq = resolved.stage

@@ -11,7 +11,8 @@ layer's units. With ``Z = N * hidden * s`` (one iterate):
   then one application with autograd and the output's clone. Backward: the adjoint solve with the
   same buffers, each iteration a vector-Jacobian product through the retained application (its
   saved tensors kept, no parameter gradients), then the application's backward;
-* ``checkpoint``: the unrolled solve without saving, recomputed with saving in backward.
+* ``checkpoint``: as ``unroll``. The solve is one step, so its one segment is a stack's last,
+  which runs plainly (:func:`gnnspec.lower.checkpoint.run_segments`): every iteration is kept.
 
 The gradient of ``x`` through ``+ x`` is the incoming gradient itself, accumulated in place over
 applications: the stage hands back one ``Z``.
@@ -52,7 +53,7 @@ def deq_program(stage, plan: ir.Plan, grad_in: bool) -> tuple[Program, bool]:
     if plan.kind == "implicit":
         prog = _implicit(stage, x, Z, extras, fwd)
     else:
-        prog = _unrolled(stage, x, Z, extras, fwd, checkpoint=plan.kind == "checkpoint")
+        prog = _unrolled(stage, x, Z, extras, fwd)
     if "M" in extras:
         prog.fwd.append(("r", extras["M"]))
         prog.bwd.append(("r", extras["M"]))
@@ -64,7 +65,7 @@ def deq_program(stage, plan: ir.Plan, grad_in: bool) -> tuple[Program, bool]:
     return prog, True
 
 
-def _unrolled(stage, x: int, Z: int, extras: dict[str, int], pre: list[tuple], checkpoint: bool) -> Program:
+def _unrolled(stage, x: int, Z: int, extras: dict[str, int], pre: list[tuple]) -> Program:
     iters = stage.stage.max_iter
     count = iters + 1
     tie_accum = True  # one set of weights applied count times
@@ -89,20 +90,9 @@ def _unrolled(stage, x: int, Z: int, extras: dict[str, int], pre: list[tuple], c
             b = b + [("r", extras["M"])]
         return f, b, roles
 
-    if not checkpoint:
-        f, b, roles = apps("g")
-        prog = _maybe_compress(f, b, roles, count, extras, x)
-        return Program(pre + prog.fwd, prog.bwd, {"Y": roles["Y"], "GY": roles["GY"]})
-    # checkpoint: the solve runs without saving; backward recomputes it with saving
-    f0, b0, roles0 = apps("o")
-    p0 = _maybe_compress(f0, b0, roles0, count, extras, x)
-    f1, b1, roles1 = apps("g")
-    p1 = _maybe_compress(f1, b1, roles1, count, extras, x)
-    y = roles0["Y"]
-    gy = new_sid()
-    p1 = p1.bind(GY=gy)
-    bwd = p1.fwd + [("r", p1.roles["Y"])] + p1.bwd
-    return Program(pre + p0.fwd, bwd, {"Y": y, "GY": gy})
+    f, b, roles = apps("g")
+    prog = _maybe_compress(f, b, roles, count, extras, x)
+    return Program(pre + prog.fwd, prog.bwd, {"Y": roles["Y"], "GY": roles["GY"]})
 
 
 def _maybe_compress(f, b, roles, count, extras, x) -> Program:

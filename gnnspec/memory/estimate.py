@@ -955,8 +955,7 @@ class StageModel:
             if plan.kind == "implicit":
                 # solve (no grad) + one application with grad + adjoint solve (one vjp each) + backward
                 return c * (iters + 1) + 2 * c * iters + 2 * c + 0.05 * c * iters
-            unrolled = 3 * c * (iters + 1)
-            return unrolled + (c * (iters + 1) if plan.kind == "checkpoint" else 0)
+            return 3 * c * (iters + 1)  # unroll, and checkpoint, which runs its one segment plainly
         if plan.kind in ("checkpoint", "reversible"):
             return 4 * c
         return 3 * c
