@@ -576,6 +576,12 @@ class PreparedGraph:
         return cls(edge_index=edge_index, num_nodes=n, **kw)
 
 
+def keeps_self_loops(form: str) -> bool:
+    """Whether graph ``form`` keeps the input's self-loops as edges (``raw``; ``mean_csr``, whose
+    mean counts them): the other forms remove them and add one per node, or drop them."""
+    return form in ("raw", "mean_csr")
+
+
 def prepared_bytes(forms: Iterable[str], num_nodes: int, num_edges: int, value_bytes: int) -> int:
     """Analytic size of :attr:`PreparedGraph.nbytes` for a graph of ``num_edges`` edges.
 

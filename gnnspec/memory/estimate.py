@@ -24,7 +24,7 @@ Before the step live: parameters and buffers, optimizer state, ``x`` (spec dtype
 ``E + N`` columns per edge-index form, two CSR matrices of ``E + N`` or ``E`` entries per CSR
 form; exact for a graph without duplicate edges whose self-loops, if any, are counted by
 ``self_loops``: ``estimate-mem --data`` counts them, forms and ops that add a self-loop to every
-node replace them). Stacks of repeated layers are
+node replace them, the others keep them as edges). Stacks of repeated layers are
 composed from three layers, the middle one repeated in closed form, so a 1001-layer stack costs
 what a 3-layer one does.
 """
@@ -200,6 +200,14 @@ class Graph:
         than self-loops (the forms that add a self-loop to every node replace the given ones)."""
         return self.edges - self.loops
 
+    def edges_for(self, form: str) -> int:
+        """The edge count of an op on graph ``form``, or of that prepared form: every edge where
+        the form keeps the given self-loops as edges (:func:`gnnspec.ops.keeps_self_loops`), else
+        :attr:`prepared_edges`."""
+        from gnnspec.ops import keeps_self_loops
+
+        return self.edges if keeps_self_loops(form) else self.prepared_edges
+
 
 class Unit:
     """One calibrated piece at a shape."""
@@ -335,7 +343,9 @@ class StageModel:
         op = self.stage.op
         key = op_key(op.name, dict(op.args))
         g = self.graph
-        shape = {"N": g.nodes, "E": g.prepared_edges, "O": width, "s": g.s}
+        from gnnspec.ops import graph_form
+
+        shape = {"N": g.nodes, "E": g.edges_for(graph_form(op)), "O": width, "s": g.s}
         _calibrated(key, op, shape)
         heads = op.heads
         if heads is not None:
@@ -1207,7 +1217,7 @@ class ModelEstimator:
                 elif st.kind in ("appnp", "sgc"):
                     forms.add(graph_form(st.kind))
             inputs = (g.nodes * self.in_width * g.s + 2 * g.edges * 8 + g.nodes * 8
-                      + prepared_bytes(forms, g.nodes, g.prepared_edges, g.s))
+                      + sum(prepared_bytes({form}, g.nodes, g.edges_for(form), g.s) for form in forms))
             if g.device == "cuda":
                 params, buffers = _cuda_rounded_all(params), _cuda_rounded_all(buffers)
                 state = sum((_cuda_rounded(int(per_byte * b)) + (CUDA_BLOCK if fixed else 0)) * n
