@@ -388,3 +388,21 @@ def test_a_deq_under_checkpoint_is_estimated_as_it_runs(plan) -> None:
     assert abs(est.plans[0].peak_bytes - measured.peak_bytes) <= 0.001 * measured.peak_bytes
     unroll = estimate_spec(spec, nodes=2000, edges=8000, in_channels=16, out_channels=8, plan="unroll")
     assert est.plans[0].peak_bytes == unroll.plans[0].peak_bytes
+
+
+@pytest.mark.parametrize("norm, act, depth, hidden, nodes, edges, plan", [
+    ("instance", "none", 1, 64, 3000, 3000, "store"), ("instance", "relu", 3, 32, 1200, 4000, "checkpoint(segments=2)"),
+    ("graph", "elu", 3, 32, 1200, 4000, "store"), ("none", "relu", 3, 32, 1200, 4000, "store")])
+def test_a_plain_layer_holds_its_conv_output_through_norm_act_and_dropout(norm, act, depth, hidden, nodes, edges,
+                                                                          plan) -> None:
+    """``ConvLayer._norm_act_drop(conv(x))`` holds the conv's output (its argument) until dropout
+    returns; the estimate had dropped it after the norm: 13.5% low for an instance norm and
+    dropout (the first case), 10.2% low under checkpoint (the second)."""
+    from gnnspec.train import measure_spec
+
+    spec = gnnspec.parse(f"plain(op=gcn, depth={depth}, hidden={hidden}, norm={norm}, act={act}, dropout=0.5)")
+    est = estimate_spec(spec, nodes=nodes, edges=edges, in_channels=8, out_channels=4, plan=plan).plans[0].peak_bytes
+    measured = measure_spec(spec, nodes=nodes, edges=edges, plan=plan, in_channels=8, out_channels=4).peak_bytes
+    # store: exact; checkpoint: never low (its recomputation stops at the last saved tensor, which
+    # the estimate does not model: the README's early-stop over-estimate)
+    assert measured * 0.999 <= est <= measured * (1.002 if plan == "store" else 1.12)

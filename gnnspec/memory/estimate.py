@@ -248,13 +248,14 @@ def unit_program(unit: Unit, variant: str, extras: dict[str, int] | None = None)
 
 
 def chain_units(units: Sequence[Unit], mode: str, grad_in: bool, accum: bool,
-                extras: dict[str, int] | None = None) -> tuple[Program, bool]:
-    """The chain of ``units``; returns it and whether its output requires grad."""
+                extras: dict[str, int] | None = None, held: int | None = None) -> tuple[Program, bool]:
+    """The chain of ``units`` (``held`` as :func:`chain`); returns it and whether its output
+    requires grad."""
     programs = []
     for u in units:
         variant, grad_in = _variant(u, mode, grad_in, accum)
         programs.append(unit_program(u, variant, extras))
-    return chain(programs), grad_in
+    return chain(programs, held=held), grad_in
 
 
 def in_skeleton(key: str, shape: dict[str, int], mode: str, grad_in: bool, inner_units: Sequence[Unit],
@@ -395,7 +396,9 @@ class StageModel:
         """One layer (``_step`` of the stack) as a program with roles X, Y, GY, GX."""
         kind, g, h = self.kind, self.graph, self.hidden
         units = self.layer_units(layer)
-        if kind in ("plain", "gcnii"):
+        if kind == "plain":  # drop(act(norm(conv(x)))) as ConvLayer._norm_act_drop(conv(x))
+            return chain_units(units, mode, grad_in, accum, extras, held=1)
+        if kind == "gcnii":
             return chain_units(units, mode, grad_in, accum, extras)
         if kind in ("res", "dense") and len(units) > 1:
             # the convolution inside the skeleton, the units after it as the hole

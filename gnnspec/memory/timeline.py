@@ -188,13 +188,15 @@ def peak(phases: list[tuple[str, list[tuple]]], base: dict[str, int]) -> Peak:
 # ---------------------------------------------------------------------------- composition
 
 
-def chain(programs: list[Program], *, hold_input: bool = True) -> Program:
+def chain(programs: list[Program], *, hold_input: bool = True, held: int | None = None) -> Program:
     """``y = u_n(...u_1(x))``: each output is the next input, dropped by the caller once the next
     unit returns; each gradient a unit hands back is the previous unit's incoming gradient.
 
     Returns a program with roles ``X``, ``Y``, ``GY`` and ``GX`` (absent when no unit hands back
     a gradient of its input). ``hold_input``: the caller holds ``x`` through the chain (else it is
-    dropped after the first unit, as a chain inside a stack of chains would)."""
+    dropped after the first unit, as a chain inside a stack of chains would). ``held``: the output
+    of unit ``held`` (1-based) is dropped only when the chain ends, as a Python argument is held by
+    its call (``_norm_act_drop(conv(x))`` holds the conv's output through norm, act and dropout)."""
     if not programs:
         raise ValueError("an empty chain")
     x = new_sid()
@@ -208,8 +210,10 @@ def chain(programs: list[Program], *, hold_input: bool = True) -> Program:
         q = p.bind(X=outs[i], Y=outs[i + 1], GY=grads[i + 1], GX=grads[i])
         bound.append(q)
         fwd += q.fwd
-        if i > 0 or not hold_input:
+        if (i > 0 or not hold_input) and i != held:
             fwd.append(("r", outs[i]))
+    if held is not None and 0 < held < len(programs):
+        fwd.append(("r", outs[held]))
     for q in reversed(bound):
         bwd += q.bwd
     roles = {"X": x, "Y": outs[-1], "GY": gy}
