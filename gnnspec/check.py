@@ -313,8 +313,22 @@ def graph_and_training(spec: ir.Spec) -> Iterator[SpecError]:
         yield _out_of_range(spec.span("seed"), "seed", "at most 2**63 - 1", spec.seed)
 
 
+def graph_widths_agree(spec: ir.Spec) -> Iterator[SpecError]:
+    """``in``/``out`` against the ``graph:``'s ``features``/``classes``: `compile` and
+    `estimate-mem` take the graph as the data and refuse a contradiction, so `check` does too."""
+    graph = spec.graph
+    if graph is None:
+        return
+    for key, field, declared, name in (("in", "in_", graph.features, "features"), ("out", "out", graph.classes, "classes")):
+        value = getattr(spec, field)
+        if isinstance(value, int) and declared is not None and value != declared:
+            yield _error(spec.span(key), f"`{key}: {value}` but `graph:` says {name}={declared}",
+                         f"give one of them, or set `{key}: auto` to take it from the graph")
+
+
 RULES: tuple[Rule, ...] = (
     positive_widths,
+    graph_widths_agree,
     depth_at_least_one,
     dropout_in_range,
     rev_groups,

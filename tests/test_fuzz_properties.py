@@ -297,6 +297,11 @@ def entry_values(draw) -> dict[str, Tokens]:
             entries[key] = draw(settings_tokens(TRAIN_SETTINGS, required=()))
         elif key == "graph":
             entries[key] = draw(settings_tokens(GRAPH_SETTINGS, required=("nodes", "edges")))
+    graph = entries.get("graph", [])
+    for i in range(0, len(graph), 4):  # a graph's features/classes agree with a given in/out (check.py)
+        given = {"features": entries.get("in"), "classes": entries.get("out")}.get(graph[i])
+        if given is not None and given[0] != "auto" and graph[i + 2] != "none":
+            graph[i + 2] = given[0]
     return entries
 
 

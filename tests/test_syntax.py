@@ -381,3 +381,15 @@ def test_a_fractional_byte_count_hint_does_decimal_units_right():
     with pytest.raises(gnnspec.SpecError, match="not a whole number of bytes") as err:
         gnnspec.parse("model: linear\nplan: auto(budget=1.5B)")
     assert "1500MB for 1.5GB" in err.value.hint and "1536MB" not in err.value.hint
+
+
+@pytest.mark.parametrize("text, position, message", [
+    ("in: 8\nout: 3\nmodel: rev\ngraph: nodes=100, edges=300, features=16", (1, 5), "`in: 8` but `graph:` says features=16"),
+    ("out: 3\nmodel: rev\ngraph: nodes=100, edges=300, classes=5", (1, 6), "`out: 3` but `graph:` says classes=5"),
+])
+def test_check_refuses_widths_the_graph_contradicts(text, position, message):
+    # `check` said ok while `compile` and `estimate-mem` refused the same file
+    with pytest.raises(gnnspec.SpecError, match=message.replace("(", r"\(")) as err:
+        gnnspec.parse(text)
+    assert (err.value.line, err.value.column) == position
+    assert gnnspec.parse("in: 16\nmodel: rev\ngraph: nodes=100, edges=300, features=16").in_ == 16
