@@ -406,3 +406,20 @@ def test_a_plain_layer_holds_its_conv_output_through_norm_act_and_dropout(norm, 
     # store: exact; checkpoint: never low (its recomputation stops at the last saved tensor, which
     # the estimate does not model: the README's early-stop over-estimate)
     assert measured * 0.999 <= est <= measured * (1.002 if plan == "store" else 1.12)
+
+
+@pytest.mark.parametrize("text, exact", [
+    ("linear(dim=64, bias=false) >> linear(dim=64, bias=false) >> linear(dim=64, bias=false)", True),
+    ("plain(op=gcn, depth=3, hidden=64)", False), ("res+(op=sage, depth=4, hidden=128, norm=layer)", False)])
+def test_the_adam_step_is_never_estimated_low_where_it_is_the_peak(text, exact) -> None:
+    """torch's single-tensor Adam keeps the previous parameter's `denom` while it makes the next
+    one's; the estimate had counted one parameter's transient (6.1% low for three 64x64 linears on
+    40 nodes). It now adds the largest parameter: exact for equal consecutive parameters, at most
+    one parameter high otherwise (the parameters' order is not modelled)."""
+    from gnnspec.train import measure_spec
+
+    spec = gnnspec.parse(f"train: optimizer=adam\nmodel: {text}")
+    est = estimate_spec(spec, nodes=40, edges=120, in_channels=64, out_channels=64, plan="store").plans[0].peak_bytes
+    measured = measure_spec(spec, nodes=40, edges=120, plan="store", in_channels=64, out_channels=64).peak_bytes
+    largest = max(p.numel() * p.element_size() for p in gnnspec.build(spec, 64, 64).parameters())
+    assert measured <= est <= measured + (0 if exact else largest)
