@@ -393,3 +393,43 @@ def test_check_refuses_widths_the_graph_contradicts(text, position, message):
         gnnspec.parse(text)
     assert (err.value.line, err.value.column) == position
     assert gnnspec.parse("in: 16\nmodel: rev\ngraph: nodes=100, edges=300, features=16").in_ == 16
+
+
+def test_the_schema_takes_what_the_yaml_reader_takes():
+    """The schema had offered the IR's mappings (stage and plan objects, `graph: null`,
+    `model: []`), which the YAML reader refuses, and refused `lr: 1e-3` and `patience: none`
+    (strings to PyYAML), which it reads."""
+    from gnnspec.schema import yaml_form_schema
+
+    props = yaml_form_schema()["properties"]
+    assert props["model"]["anyOf"][1] == {"type": "array", "items": {"type": "string"}, "minItems": 1}
+    assert props["plan"]["type"] == "string" and "anyOf" not in props["plan"]
+    graph, train = props["graph"]["anyOf"][0], props["train"]["anyOf"][0]
+    assert {"type": "null"} not in props["graph"]["anyOf"]
+    assert {"type": "string", "description": "a value in the gnnspec expression language"} in train["properties"]["lr"]["anyOf"]
+    assert "enum" in train["properties"]["optimizer"] and "anyOf" not in train["properties"]["optimizer"]
+    assert "anyOf" in graph["properties"]["nodes"]
+    assert "enum" in props["dtype"]
+
+
+@pytest.mark.parametrize("text, valid", [
+    ("model: [{kind: rev, depth: 4}]", False), ("model: linear\nplan: {kind: checkpoint, segments: 4}", False),
+    ("model: linear\ngraph:", False), ("model: []", False), ("model: linear\ntrain: {lr: 1e-3, patience: none}", True),
+    ("model: linear\ngraph: {nodes: '10', edges: 20}", True), ("model: [linear, rev]", True),
+    ("model: linear\ntrain: {optimizer: adamm}", False), ("model: linear\ndtype: float33", False),
+])
+def test_the_schema_and_the_yaml_reader_agree(text, valid, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")  # not a dependency: checked where it is installed
+    import yaml
+
+    from gnnspec.schema import yaml_form_schema
+
+    by_schema = jsonschema.Draft202012Validator(yaml_form_schema()).is_valid(yaml.safe_load(text))
+    path = tmp_path / "s.yaml"
+    path.write_text(text + "\n")
+    try:
+        gnnspec.load(str(path))
+        by_reader = True
+    except gnnspec.SpecError:
+        by_reader = False
+    assert by_schema == by_reader == valid
