@@ -73,18 +73,18 @@ def positive_widths(spec: ir.Spec) -> Iterator[SpecError]:
     """Every width in ``[1, MAX_WIDTH]``."""
     for key, field in (("in", "in_"), ("out", "out"), ("hidden", "hidden")):
         value = getattr(spec, field)
-        if isinstance(value, int) and _width_range(value):
-            yield _out_of_range(spec.span(key), key, _width_range(value), value)
+        if isinstance(value, int) and (bound := _width_range(value)):
+            yield _out_of_range(spec.span(key), key, bound, value)
     for stage in spec.model:
         for name in ("hidden", "dim"):
             value = getattr(stage, name, None)
-            if isinstance(value, int) and _width_range(value):
-                yield _out_of_range(stage.span(name), name, _width_range(value), value)
+            if isinstance(value, int) and (bound := _width_range(value)):
+                yield _out_of_range(stage.span(name), name, bound, value)
         if isinstance(stage, ir.Mlp):
             for index, value in enumerate(stage.dims):
-                if _width_range(value):
+                if bound := _width_range(value):
                     span = stage.spans.exact(f"dims.{index}") or stage.span("dims")
-                    yield _error(span, f"widths in `dims` must be {_width_range(value)}, got {value}", _MEANING["dim"])
+                    yield _error(span, f"widths in `dims` must be {bound}, got {value}", _MEANING["dim"])
 
 
 def _width_range(value: int) -> str:

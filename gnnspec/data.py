@@ -50,6 +50,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -827,9 +828,10 @@ def _torch_load(file: Path, shown: str):
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        if "Unsupported global" in text or "unsupported GLOBAL" in text:
-            detail = (text.split("Unsupported global:", 1)[1].split(" was not", 1)[0].strip()
-                      if "Unsupported global:" in text else text.split("unsupported GLOBAL", 1)[1].split(" whose", 1)[0].strip())
+        # torch words a global outside the allow-list one way and one from a blocked module another
+        blocked = re.search(r"Unsupported global:\s*(.*?) was not|unsupported GLOBAL (\S+) whose", text, re.S)
+        if blocked:
+            detail = (blocked.group(1) or blocked.group(2)).strip()
             raise SpecError(
                 f"{shown} holds an object gnnspec does not load safely ({detail})",
                 hint="save a torch_geometric Data or a dict of tensors: "

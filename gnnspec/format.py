@@ -9,7 +9,6 @@ one stage per line with ``>>`` leading.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +17,6 @@ import yaml
 from gnnspec import ir
 
 LINE_WIDTH = 100
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_KEYWORDS = {"true", "false", "auto", "none"}
 # binary units first: on a tie in quotient the binary one is written
 _UNITS = tuple(sorted(((u, b) for u, b in ir.SIZE_UNITS.items() if u != "B"), key=lambda ub: (not ub[0].endswith("iB"), -ub[1])))
 # Stack arguments first in this order, then the rest in field order.
@@ -43,7 +40,7 @@ def format_scalar(value: Any) -> str:
     if isinstance(value, tuple):
         return "[" + ", ".join(format_scalar(v) for v in value) + "]"
     text = str(value)
-    if _IDENTIFIER.match(text) and text not in ("true", "false"):
+    if ir.SPEC_NAME.match(text) and text not in ("true", "false"):
         return text
     return quote_string(text)
 
@@ -192,7 +189,7 @@ def _entry_text(key: str, value: Any, width: int) -> str:
         return format_settings(value)
     if key == "plan":
         return format_node(value)
-    if key == "name" and value in _KEYWORDS:
+    if key == "name" and value in ir.SPEC_WORDS:
         return f'"{value}"'
     return format_scalar(value)
 

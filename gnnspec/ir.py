@@ -13,6 +13,7 @@ of torch.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Sequence, Union
@@ -433,6 +434,12 @@ STAGE_MODELS: dict[str, type[IRModel]] = {
 STACK_KINDS = tuple(k for k, m in STAGE_MODELS.items() if issubclass(m, Stack))
 # torch's generators take 64-bit seeds; the data generators derive seeds from it, so stay signed
 MAX_SEED = 2**63 - 1
+
+SPEC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+"""What a spec writes bare as a name (grammars/gnnspec.lark: ``NAME``, less ``res+``'s suffix);
+``SPEC_NAME.match(text)`` matches the whole text."""
+SPEC_WORDS = frozenset({"true", "false", "auto", "none"})
+"""The words a spec reads as values, not as names."""
 
 MAX_WIDTH = 2**31 - 1
 """The widest layer a spec may ask for (``in``, ``out``, ``hidden``, ``dim``, ``dims``): beyond it

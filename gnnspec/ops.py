@@ -45,7 +45,6 @@ import copy
 import functools
 import inspect
 import math
-import re
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
@@ -73,6 +72,7 @@ from torch._subclasses.fake_tensor import FakeTensor, is_fake
 from torch.utils._mode_utils import no_dispatch
 from torch_geometric.utils import add_self_loops, degree, remove_self_loops, to_torch_csr_tensor
 
+from gnnspec import ir
 from gnnspec.ir import OP_SIGNATURES, Op, OpParam, OpSignature, register_op_signature
 
 __all__ = [
@@ -1450,19 +1450,15 @@ def call_conv(
     return conv(x, *graph.tensors(form))
 
 
-# What a spec can write as a name (grammars/gnnspec.lark: NAME, less its ``res+`` suffix), and the
-# words it reads as values instead.
-_SPEC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SPEC_WORDS = frozenset({"true", "false", "auto", "none"})
 # Keywords the lowering passes to a factory itself: ``factory(channels, in_channels=w, **args)``.
 _FACTORY_KEYWORDS = frozenset({"channels", "in_channels"})
 
 
 def _check_spec_name(what: str, name: str) -> None:
-    if not _SPEC_NAME.fullmatch(name) or name in _SPEC_WORDS:
+    if not ir.SPEC_NAME.match(name) or name in ir.SPEC_WORDS:
         raise ValueError(
             f"{what} {name!r} must be a name a spec can write: ASCII letters, digits and '_', not "
-            f"starting with a digit, and not one of {', '.join(sorted(_SPEC_WORDS))}"
+            f"starting with a digit, and not one of {', '.join(sorted(ir.SPEC_WORDS))}"
         )
 
 

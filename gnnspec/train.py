@@ -209,7 +209,6 @@ def measure_spec(spec: ir.Spec, *, nodes: int | None = None, edges: int | None =
     on CUDA. The graph is ``data`` (its labels when they are class labels) or
     :func:`random_graph` of ``nodes``/``edges``."""
     from gnnspec import build
-    from gnnspec.lower.widths import declared_widths
     from gnnspec.memory.measure import measure_step_peak
 
     if dtype is not None:
@@ -218,7 +217,7 @@ def measure_spec(spec: ir.Spec, *, nodes: int | None = None, edges: int | None =
     if data is not None:
         in_channels, out_channels = data.num_features, data.num_classes
     torch.manual_seed(seed)
-    model = build(spec, *declared_widths(spec, in_channels, out_channels), plan=plan).to(device)
+    model = build(spec, in_channels, out_channels, plan=plan).to(device)  # build takes graph: widths
     if data is not None:
         x, edge_index = data.x.to(torch_dtype), data.edge_index
         y = data.y if data.y.dim() == 1 and bool((data.y >= 0).all()) else torch.randint(out_channels, (data.num_nodes,))

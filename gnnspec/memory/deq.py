@@ -70,27 +70,22 @@ def _unrolled(stage, x: int, Z: int, extras: dict[str, int], pre: list[tuple]) -
     count = iters + 1
     tie_accum = True  # one set of weights applied count times
 
-    def apps(mode: str) -> tuple[list[tuple], list[tuple], dict[str, int]]:
-        z0 = new_sid()
-        chosen = list(range(count)) if count <= 3 else [0, 1, count - 1]
-        progs = []
-        for pos, k in enumerate(chosen):
-            p = _application(stage, mode, k > 0, k != count - 1 and tie_accum, extras, x)
-            if k != count - 1:
-                # the residual check after each iteration: one temporary iterate
-                t = new_sid()
-                p = Program(p.fwd + [("a", t, Z, None), ("r", t)], p.bwd, p.roles)
-            progs.append(p)
-        from gnnspec.memory.estimate import _chain_marked
+    from gnnspec.memory.estimate import _chain_marked
 
-        f, b, roles = _chain_marked(progs)
-        z0 = roles["X"]  # zeros_like(x): held by the solver's frame until the stage returns
-        f = [("a", z0, Z, None)] + f + [("r", z0)]
-        if "M" in extras:  # the stage's mask outlives every application that saved it
-            b = b + [("r", extras["M"])]
-        return f, b, roles
-
-    f, b, roles = apps("g")
+    chosen = list(range(count)) if count <= 3 else [0, 1, count - 1]
+    progs = []
+    for k in chosen:
+        p = _application(stage, "g", k > 0, k != count - 1 and tie_accum, extras, x)
+        if k != count - 1:
+            # the residual check after each iteration: one temporary iterate
+            t = new_sid()
+            p = Program(p.fwd + [("a", t, Z, None), ("r", t)], p.bwd, p.roles)
+        progs.append(p)
+    f, b, roles = _chain_marked(progs)
+    z0 = roles["X"]  # zeros_like(x): held by the solver's frame until the stage returns
+    f = [("a", z0, Z, None)] + f + [("r", z0)]
+    if "M" in extras:  # the stage's mask outlives every application that saved it
+        b = b + [("r", extras["M"])]
     prog = _maybe_compress(f, b, roles, count, extras, x)
     return Program(pre + prog.fwd, prog.bwd, {"Y": roles["Y"], "GY": roles["GY"]})
 

@@ -1262,10 +1262,11 @@ class ModelEstimator:
         for b, d in decays:
             per = table["weight_decay" if d else "plain"]["peak_per_byte"]
             best = max(best, int(per * b))
-        if decays and opt_name in ("adam", "adamw") and _total(self._params) > max(b for b, _ in decays):
+        largest = max((b for b, _ in decays), default=0)
+        if opt_name in ("adam", "adamw") and _total(self._params) > largest:
             # torch's single-tensor Adam keeps the previous parameter's `denom` (a local) while it
             # makes the next one's: at most the largest parameter more (the order is not modelled)
-            best += max(b for b, _ in decays)
+            best += largest
         return best
 
     def program(self, plans: list[ir.Plan]) -> tuple[list[tuple], list[tuple]]:

@@ -11,7 +11,7 @@ import yaml
 
 from gnnspec.format import Layout, SourceComment, SourceEntry, attach_comments
 from gnnspec.syntax.cst import Entry
-from gnnspec.syntax.parser import parse_cst
+from gnnspec.syntax.parser import code_characters, parse_cst
 from gnnspec.syntax.yaml_front import entries_from_yaml
 
 
@@ -19,20 +19,9 @@ def scan_comments(text: str) -> list[SourceComment]:
     """Every comment of a `.gnn` text in order: ``#`` outside a string literal."""
     found = []
     for number, line in enumerate(text.split("\n"), start=1):
-        quote, escaped = None, False
-        for i, ch in enumerate(line):
-            if quote:
-                if escaped:
-                    escaped = False
-                elif ch == "\\":
-                    escaped = True
-                elif ch == quote:
-                    quote = None
-            elif ch in "\"'":
-                quote = ch
-            elif ch == "#":
+        for i, ch in code_characters(line):
+            if ch == "#":
                 found.append(SourceComment(number, line[i:].rstrip(), not line[:i].strip()))
-                break
     return found
 
 

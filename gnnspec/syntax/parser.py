@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 from lark import Lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
@@ -104,36 +105,40 @@ def parse_cst(text: str, *, rule: str = "start") -> tuple[Entry, ...] | Node:
 
 def _check_nesting(text: str) -> None:
     """Brackets nested deeper than :data:`MAX_NESTING` (no spec needs that; the tree transform
-    would run out of stack)."""
+    would run out of stack); brackets in strings and comments are text, not nesting."""
     depth = 0
-    quote: str | None = None  # the quote of the string being read, if any
-    comment = escaped = False
-    for index, char in enumerate(text):
-        if comment:  # brackets in comments and strings are text, not nesting
-            comment = char != "\n"
-            continue
+    for number, line in enumerate(text.split("\n"), start=1):
+        for index, char in code_characters(line):
+            if char in "([":
+                depth += 1
+                if depth > MAX_NESTING:
+                    raise SpecError(
+                        f"brackets nested more than {MAX_NESTING} levels deep", line=number, column=index + 1,
+                        hint="a spec nests calls and lists a few levels deep"
+                    )
+            elif char in ")]":
+                depth = max(depth - 1, 0)
+
+
+def code_characters(line: str) -> Iterator[tuple[int, str]]:
+    """``(index, character)`` of one line of a `.gnn` text outside its string literals (their
+    quotes included), up to its comment: the ``#`` that starts one is the last yielded."""
+    quote: str | None = None
+    escaped = False
+    for index, char in enumerate(line):
         if quote is not None:
             if escaped:
                 escaped = False
             elif char == "\\":
                 escaped = True
-            elif char == quote or char == "\n":
+            elif char == quote:
                 quote = None
-            continue
-        if char == "#":
-            comment = True
         elif char in "\"'":
             quote = char
-        elif char in "([":
-            depth += 1
-            if depth > MAX_NESTING:
-                line, column = _position_of(text, index)
-                raise SpecError(
-                    f"brackets nested more than {MAX_NESTING} levels deep", line=line, column=column,
-                    hint="a spec nests calls and lists a few levels deep"
-                )
-        elif char in ")]":
-            depth = max(depth - 1, 0)
+        else:
+            yield index, char
+            if char == "#":
+                return
 
 
 def shown_char(char: str) -> str:
