@@ -284,6 +284,8 @@ def _layer_backward(
         del grad
         for k, g in zip(state.positions, grads):
             param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
+        # a tied layer's gradients are in the sums now: not kept alive through the next function
+        grads = g = None
         if i > 0:
             grad_from_next = grad_input
         else:  # y_{-1} = x_1 + ... + x_{C-1}

@@ -872,13 +872,16 @@ class StageModel:
         gy = new_sid()
         shape = {"N": g.nodes, "W": w, "s": g.s}
 
-        def piece(first: bool, ins: dict[str, int], accum_from: int) -> tuple[list[tuple], dict[str, int]]:
+        def piece(first: bool, ins: dict[str, int]) -> tuple[list[tuple], dict[str, int]]:
             key = f"skel:rev{groups}:back" + (":first" if first else "")
             sk, holes = instantiate(key, "g", shape)
             inner = {}
             for k in holes:
-                prog, _ = chain_units(units, "g", True, st.tie and (k + accum_from) > 0, extras)
-                inner[k] = prog
+                # autograd.grad hands each gradient back when it returns (none is accumulated into
+                # a .grad, as the "ga" variant records); under tie every layer after the first
+                # adds them into the sums of the ones before
+                prog, _ = chain_units(units, "g", True, False, extras)
+                inner[k] = _added_to_sums(prog) if st.tie and not first else prog
             events, _ = substitute(sk.fwd, [], holes, inner)
             mapping = {sk.roles[n]: sid for n, sid in ins.items() if n in sk.roles}
             outs = {}
@@ -897,14 +900,14 @@ class StageModel:
                 ins[f"Xg{i}"] = outs[f"Yg{i}"]
             return ins
 
-        head, outs = piece(True, {"Xy": y, "Xg": gy}, 0)
+        head, outs = piece(True, {"Xy": y, "Xg": gy})
         # ctx.output lets go of the output as the backward starts; its views carry it
         head = [("r", y)] + head
         inner_count = depth - 1
         segments: list[list[tuple]] = []
         explicit = inner_count <= 3
         for i in range(inner_count if explicit else 3):
-            events, outs = piece(False, inputs_from(outs), 1)
+            events, outs = piece(False, inputs_from(outs))
             segments.append(events)
         gx = new_sid()
         tail = [("a", gx, _alloc(g, self.row), None)]
@@ -1055,6 +1058,20 @@ def _chain_marked(progs: list[Program], tail: Sequence[tuple] = (), head: Sequen
 
 def _strip_marks(prog: Program) -> Program:
     return Program([e for e in prog.fwd if e[0] != "|"], [e for e in prog.bwd if e[0] != "|"], prog.roles)
+
+
+def _added_to_sums(prog: Program) -> Program:
+    """``prog`` (a group function's recomputation and ``autograd.grad``) followed by
+    :func:`gnnspec.lower.reversible._layer_backward`'s ``param_grads[k] = param_grads[k] + g`` for
+    each gradient ``g`` it hands back: a new sum while the old one and ``g`` are alive (one
+    parameter's bytes more, briefly), then both let go; the sums themselves stay as the first
+    layer made them."""
+    added = []
+    for ev in (*prog.fwd, *prog.bwd):
+        if ev[0] == "a" and ev[3] == "grad":
+            total = new_sid()
+            added += [("a", total, ev[2], None), ("r", total), ("r", ev[1])]
+    return Program(prog.fwd, prog.bwd + added, prog.roles)
 
 
 def _accumulate(bwd: list[tuple], first: int | None, others: set[int]) -> list[tuple]:
