@@ -110,9 +110,26 @@ class UnitDef:
 
 
 def _fake_graph(form: str, n: int, e: int, dtype: torch.dtype):
-    from gnnspec.ops import PreparedGraph
+    """A graph of ``n`` nodes and ``e`` edges prepared in ``form``: placeholders under
+    ``FakeTensorMode``; outside it (:func:`record_unit` with ``real``), :func:`_distinct_edges`
+    prepared as a model prepares its graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-    return PreparedGraph.placeholder(torch.empty(2, e, dtype=torch.long), n, [form], dtype)
+    from gnnspec.ops import GraphCache, PreparedGraph
+
+    if any(isinstance(m, FakeTensorMode) for m in _get_current_dispatch_mode_stack()):
+        return PreparedGraph.placeholder(torch.empty(2, e, dtype=torch.long), n, [form], dtype)
+    return GraphCache().prepare(_distinct_edges(n, e), num_nodes=n, dtype=dtype, forms=[form])
+
+
+def _distinct_edges(n: int, e: int) -> Tensor:
+    """``[2, e]`` edges on ``n`` nodes without self-loops or duplicates (``e <= n (n - 1)``), the
+    graph the estimate is exact for: edge ``k`` runs from ``k mod n`` to ``k mod n + 1 + k div n``
+    (mod ``n``)."""
+    k = torch.arange(e)
+    src = k % n
+    return torch.stack([src, (src + 1 + k // n) % n])
 
 
 def _graph_tensors(graph) -> list[Tensor]:
@@ -573,13 +590,15 @@ def _make(shape, dtype, requires_grad: bool) -> Tensor:
     return leaf * 1.0 if requires_grad else leaf
 
 
-def record_unit(unit: UnitDef, pt: dict[str, int], s: int, variant: str) -> dict:
-    """One run of ``unit`` at shape point ``pt`` (element size ``s``) in ``variant``; the raw program."""
+def record_unit(unit: UnitDef, pt: dict[str, int], s: int, variant: str, real: bool = False) -> dict:
+    """One run of ``unit`` at shape point ``pt`` (element size ``s``) in ``variant``; the raw program.
+    ``real``: on real tensors (a graph of distinct edges), for an op whose forward fake tensors
+    cannot run (shapes that depend on the data, as ``add_remaining_self_loops``' mask gives)."""
     dtype = DTYPES[s]
     grad_x = variant in ("g", "ga")
     accum = variant in ("ga", "na")
     nograd = variant == "o"
-    with _fake_mode():
+    with contextlib.nullcontext() if real else _fake_mode():
         torch.manual_seed(0)
         with _default_dtype(dtype):
             built = unit.build(pt, dtype)
@@ -933,20 +952,24 @@ def _fit_tensor_list(raws: list[dict], key: str, points, vars_) -> list[dict]:
     return out
 
 
-def calibrate_unit(unit: UnitDef, seed: int = 0, half: bool = False) -> dict:
+def calibrate_unit(unit: UnitDef, seed: int = 0, half: bool = False, real: bool = False) -> dict:
     """Record ``unit`` at its shape points in every variant and fit its programs: in float32 and
     float64 (an element of the model's dtype is ``s`` bytes), or with ``half`` in bfloat16 alone
-    (for the :data:`~gnnspec.memory.pieces.HALF` piece; an allocation in bfloat16 is ``s``, one in float32 4 bytes)."""
+    (for the :data:`~gnnspec.memory.pieces.HALF` piece; an allocation in bfloat16 is ``s``, one in float32 4 bytes).
+    ``real``: on real tensors (:func:`record_unit`)."""
     rng = random.Random(f"{unit.key}:{seed}")
     points = []
     for k in range(unit.npoints):
         pt = unit.points(rng)
+        if real and "E" in pt:
+            # real kernels cost time: a tenth of the graph (sizes stay distinct, so the fit is the same)
+            pt["N"], pt["E"] = pt["N"] // 10, pt["E"] // 10
         pt["s"] = 2 if half else 4 if k % 2 == 0 else 8
         points.append(pt)
     entry: dict[str, Any] = {"vars": list(unit.vars), "variants": {}}
     base: list[dict] | None = None
     for variant in unit.variants:
-        raws = [record_unit(unit, {k: v for k, v in pt.items() if k != "s"}, pt["s"], variant) for pt in points]
+        raws = [record_unit(unit, {k: v for k, v in pt.items() if k != "s"}, pt["s"], variant, real) for pt in points]
         if base is None:
             base = raws
         entry["variants"][variant] = fit_programs(raws, points, unit.vars, f"{unit.key}[{variant}]")
@@ -967,26 +990,47 @@ def calibrate_op(name: str, **args: Any) -> list[str]:
     return calibrate_op_pieces(name, args, (False, True))
 
 
+def _fake_tensor_refusals() -> tuple[type[Exception], ...]:
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    return DataDependentOutputException, DynamicOutputShapeException
+
+
+_FAKE_TENSOR_REFUSALS = _fake_tensor_refusals()
+
+
 def calibrate_op_pieces(name: str, args: dict[str, Any], precisions: tuple[bool, ...]) -> list[str]:
     """:func:`calibrate_op` for the precisions given (False: float32/float64, True: half)."""
     from gnnspec.ir import OP_SIGNATURES
     from gnnspec.memory import pieces
+    from gnnspec.ops import op_impl
 
     if name not in OP_SIGNATURES:
         raise KeyError(f"unknown op {name!r}; register it first with gnnspec.register_op")
     defs = [_op_unit(name, args), _op_unit(name, args, widen=True), _conv_skeleton("res", name, args, False),
             _conv_skeleton("dense", name, args, False), _conv_skeleton("dense", name, args, True)]
     added = []
+    real = False
     for unit in defs:
         for half in precisions:
             try:
-                entry = calibrate_unit(unit, half=half)
+                try:
+                    entry = calibrate_unit(unit, half=half, real=real)
+                except _FAKE_TENSOR_REFUSALS:
+                    if real:
+                        raise
+                    # shapes that depend on the data (a mask's nonzero, as torch-geometric's
+                    # add_remaining_self_loops takes): recorded on real tensors instead, at the same
+                    # points (a few seconds more), and so are the op's other pieces
+                    real = True
+                    entry = calibrate_unit(unit, half=half, real=real)
             except Exception:
                 if unit.key.endswith(":wide"):
                     break  # a factory without `in_channels`: no dense stacks for this op
                 raise
             key = table_key(unit.key, half)
             pieces.table()[key] = pieces._compile_entry(entry)
+            pieces.CALIBRATED_FROM[key] = op_impl(name)
             added.append(key)
     pieces._template.cache_clear()
     return added

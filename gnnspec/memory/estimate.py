@@ -1394,9 +1394,11 @@ def _calibrated(key: str, op: ir.Op, shape: dict[str, int]) -> None:
     are calibrated here on first use (a few seconds, once per process and precision;
     :func:`gnnspec.memory.calibrate.calibrate_op_pieces`)."""
     from gnnspec.memory import pieces
+    from gnnspec.ops import op_impl
 
     half = shape["s"] == 2
-    if pieces.table_key(key, half) not in pieces.table():
+    table_key, impl = pieces.table_key(key, half), op_impl(op.name)
+    if table_key not in pieces.table() or pieces.CALIBRATED_FROM.get(table_key, impl) is not impl:
         from gnnspec.memory.calibrate import calibrate_op_pieces
 
         calibrate_op_pieces(op.name, dict(op.args), (half,))

@@ -44,6 +44,12 @@ class _Table(dict):
         return dict.__contains__(self, key) or key in self.raw
 
 
+CALIBRATED_FROM: dict[str, object] = {}
+"""Table key -> the op implementation (:func:`gnnspec.ops.op_impl`) a piece calibrated in this
+process was recorded from: an op registered again under its name is a new implementation, and its
+pieces are recorded again."""
+
+
 @lru_cache(maxsize=1)
 def table() -> dict[str, Any]:
     with open(TABLE_PATH, encoding="utf-8") as handle:
