@@ -312,6 +312,13 @@ CATALOGUE = [
     row("yaml-int-tag-on-float", "model: linear\nhidden: !!int 1.5", "yaml", 2, 9, "`hidden` must be an integer"),
     row("yaml-float-tag-on-word", "model: linear\nname: !!float x", "yaml", 2, 7, "`name`"),
     row("yaml-nul-byte", "model: linear\nseed: 1\x00", "yaml", 2, 8, "NUL"),
+    # a tagged or anchored scalar: the caret at the error in the text, not at the tag (col 8)
+    row("yaml-str-tag-unknown-op", "model: !!str linear >> rev(op=gatt)", "yaml", 1, 31, "unknown op `gatt`"),
+    row("yaml-anchor-unknown-op", "model: &m linear >> rev(op=gatt)", "yaml", 1, 28, "unknown op `gatt`"),
+    row("yaml-anchor-tag-comment-unknown-op", "model: &m !!str # the model\n  rev(op=gatt)", "yaml", 2, 10,
+        "unknown op `gatt`"),
+    row("yaml-verbatim-tag-quoted-unknown-op", 'model: !<tag:yaml.org,2002:str> "rev(op=gatt)"', "yaml", 1, 41,
+        "unknown op `gatt`"),
     # ---------------------------------------------------------------- empty, comments only, binary
     row("empty", "", "gnn", 1, 1, "empty spec", "model: <pipeline>"),
     row("blank-lines-only", "   \n\n\t\n", "gnn", 1, 1, "empty spec"),

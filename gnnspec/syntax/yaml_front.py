@@ -157,10 +157,11 @@ def _construct(node: yaml.ScalarNode, tag: str, span: Span, label: str) -> bool 
 def _parse_scalar(node: yaml.ScalarNode, text: str) -> Node:
     """Parse a YAML string with the expression grammar; positions point into the YAML file."""
     offsets = None
+    start = _past_properties(text, node.start_mark.index)
     if node.style in ('"', "'"):
-        offsets = _quoted_offsets(node.value, text, node.start_mark.index, node.style)
+        offsets = _quoted_offsets(node.value, text, start, node.style)
     if offsets is None:
-        offsets = _align(node.value, text, node.start_mark.index)
+        offsets = _align(node.value, text, start)
     try:
         cst = parse_cst(node.value, rule="value")
     except SpecError as err:
@@ -169,6 +170,26 @@ def _parse_scalar(node: yaml.ScalarNode, text: str) -> Node:
         err.end_column = None
         raise
     return _relocate(cst, lambda span: _map_span(span, node.value, offsets, text))
+
+
+def _past_properties(text: str, i: int) -> int:
+    """The index of a scalar's first character, from where its node starts (``i``): past an anchor
+    (``&m``) and a tag (``!!str``, ``!local``, ``!<tag:...>``) written before it, and the spaces,
+    line breaks and comments after them. A node's start mark is at its first property."""
+    while i < len(text) and text[i] in "&!":
+        if text.startswith("!<", i):
+            close = text.find(">", i)
+            i = len(text) if close < 0 else close + 1
+        else:
+            while i < len(text) and not text[i].isspace():
+                i += 1
+        while i < len(text) and (text[i].isspace() or text[i] == "#"):
+            if text[i] == "#":
+                while i < len(text) and text[i] not in _BREAKS:
+                    i += 1
+            else:
+                i += 1
+    return i
 
 
 def _align(value: str, text: str, start: int) -> list[int]:
