@@ -91,6 +91,13 @@ def test_a_yaml_spec_on_standard_input_is_read_as_yaml(capsys, monkeypatch):
     stdin("model:\n  - linear\n  - rev(op=gatt)\n")
     code, _, err = run(capsys, "check", "-")
     assert code == 2 and err.startswith("<stdin>:3:12: unknown op `gatt`")
+    # YAML that YAML cannot read either: its error, not the `.gnn` parser's "unexpected `:`"
+    stdin("model: linear\ntrain:\n  lr: 0.1\n   seed: 2\n")
+    code, _, err = run(capsys, "check", "-")
+    assert code == 2 and err.startswith("<stdin>:4:8: invalid YAML: mapping values are not allowed here")
+    stdin("model: linear\n---\nmodel: rev\n")
+    code, _, err = run(capsys, "check", "-")
+    assert code == 2 and err.startswith("<stdin>:2:1: invalid YAML")
 
 
 def test_fmt_prints_canonical_text(tmp_path, capsys):

@@ -7,6 +7,7 @@ Semantic rules (:mod:`gnnspec.check`) run after this.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def spec_form(form: str | None, filename: str, text: str | None = None) -> str:
 
 
 def _yaml_not_gnn(text: str) -> bool:
+    """Whether standard input's ``text`` is YAML: not `.gnn` syntax, and a YAML mapping or, where
+    YAML cannot read it either, written in YAML's block structure (so the error shown is YAML's)."""
     import yaml
 
     try:
@@ -55,7 +58,11 @@ def _yaml_not_gnn(text: str) -> bool:
     try:
         return isinstance(yaml.compose(text, Loader=yaml.SafeLoader), yaml.MappingNode)
     except yaml.YAMLError:
-        return False
+        return _YAML_BLOCK_LINE.search(text) is not None
+
+
+# A line `.gnn` never has: an indented `key:` (a nested mapping) or a document marker.
+_YAML_BLOCK_LINE = re.compile(r"^(?:[ \t]+[A-Za-z_][\w-]*[ \t]*:(?:[ \t]|$)|---)", re.M)
 
 
 def parse_text(text: str, *, filename: str = "<spec>", form: str | None = None, name: str | None = None) -> Spec:
