@@ -585,14 +585,19 @@ def test_a_constant_made_under_inference_mode_does_not_break_later_training():
     assert_same_step(stack_text("rev", "gcn", norm="layer", dropout=0.37), "reversible")
 
 
-@pytest.mark.parametrize("norm", ["batch", "layer"])
-def test_reversible_backward_after_switching_to_eval_recomputes_in_the_forward_mode(norm):
-    # The backward recomputed each group function in eval mode (batch norm on running statistics):
-    # gradients were 0.35-7.4 off in relative norm, with equal outputs.
-    text = stack_text("rev", "gcn", norm=norm)
+@pytest.mark.parametrize("kind, plan, norm", [
+    ("rev", "reversible", "batch"), ("rev", "reversible", "layer"),
+    ("res+", "checkpoint(segments=2)", "batch"), ("res+", "checkpoint(segments=2)", "layer"),
+    ("rev", "checkpoint(segments=2)", "batch"), ("gcnii", "checkpoint(segments=2)", "batch"),
+])
+def test_backward_after_switching_to_eval_recomputes_in_the_forward_mode(kind, plan, norm):
+    # reversible recomputed each group function in eval mode (batch norm on running statistics):
+    # gradients were 0.35-7.4 off in relative norm, with equal outputs; checkpoint's recomputation
+    # saved other tensors than its forward, and torch's checkpoint raised CheckpointError
+    text = stack_text(kind, "gcn", norm=norm)
     x, edge_index, y = graph()
     results = []
-    for plan in ["store", "reversible"]:
+    for plan in ["store", plan]:
         model = build(text, plan)
         model.train()
         torch.manual_seed(1)

@@ -81,10 +81,19 @@ def refuse_second_order(plan: str) -> None:
         )
 
 
-def training_modes(module: nn.Module) -> tuple[tuple[nn.Module, bool], ...]:
-    """Each submodule of ``module`` (itself included) with its ``training`` flag, as
-    :func:`restored_training_modes` takes them."""
-    return tuple((m, m.training) for m in module.modules())
+def training_modes(*modules: nn.Module) -> tuple[tuple[nn.Module, bool], ...]:
+    """Each submodule of ``modules`` (themselves included, each once) with its ``training`` flag,
+    as :func:`restored_training_modes` takes them."""
+    # a walk over `_modules` rather than `Module.modules()`: this runs on every checkpointed
+    # segment's forward, and `modules()` builds a name for each submodule
+    seen: dict[int, tuple[nn.Module, bool]] = {}
+    stack = list(modules)
+    while stack:
+        m = stack.pop()
+        if id(m) not in seen:
+            seen[id(m)] = (m, m.training)
+            stack.extend(child for child in m._modules.values() if child is not None)
+    return tuple(seen.values())
 
 
 @contextmanager
