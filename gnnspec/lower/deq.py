@@ -18,6 +18,8 @@ state (SPEC.md section 3).
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import warnings
 from dataclasses import dataclass
@@ -233,11 +235,19 @@ def solve(
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     work = _work_dtype(z0.dtype)
+    device_type = z0.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    autocast_dtype = torch.get_autocast_dtype(device_type)
 
     def g_work(z: Tensor) -> Tensor:
-        return g(z.to(z0.dtype)).to(work)
+        if not autocast:
+            return g(z.to(z0.dtype)).to(work)
+        with torch.autocast(device_type, dtype=autocast_dtype):  # g runs as the caller's code does
+            return g(z.to(z0.dtype)).to(work)
 
-    with torch.no_grad():
+    # The solver's own products run in the working dtype: under autocast they had rounded every
+    # iterate to bfloat16 (Anderson stalled at 1.8e-3) and mixed dtypes (Broyden's dot raised).
+    with torch.no_grad(), torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         tracker = _SOLVER_FUNCTIONS[solver](g_work, z0.detach().to(work), max_iter, tol)
     assert tracker.best is not None
     return tracker.best.view(z0.shape).to(z0.dtype), tracker.info()
