@@ -33,7 +33,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from gnnspec.lower.dropout_tape import DropoutTape
-from gnnspec.lower.recompute import preserved_running_stats, restored_training_modes, training_modes
+from gnnspec.lower.recompute import (
+    parameter_slots, preserved_running_stats, restored_parameters, restored_training_modes, training_modes,
+)
 
 State = Union[Tensor, tuple[Tensor, ...]]
 Step = Callable[..., State]
@@ -92,19 +94,23 @@ def _checkpointed_segment(
 
 
 class _Recomputation:
-    """The context of a segment's recomputation: its modules in the training modes of the forward
-    (made with the segment's forward: the model may be put in ``eval()`` before backward), its
-    dropout masks replayed from ``tape``, its modules' running statistics restored afterwards.
-    Re-enterable: a ``retain_graph`` backward recomputes the segment again with the same object."""
+    """The context of a segment's recomputation: its modules in the training modes and holding the
+    parameters of the forward (recorded with the segment's forward: the model may be put in
+    ``eval()`` before backward, a forward under ``torch.func.functional_call`` used other
+    tensors), its dropout masks replayed from ``tape``, its modules' running statistics restored
+    afterwards. Re-enterable: a ``retain_graph`` backward recomputes the segment again with the
+    same object."""
 
     def __init__(self, tape: DropoutTape, modules: Sequence[nn.Module]) -> None:
         self.tape, self.modules = tape, modules
         self.modes = training_modes(*modules)
+        self.parameters = parameter_slots(*modules)
         self._stack: list[contextlib.ExitStack] = []
 
     def __enter__(self) -> None:
         stack = contextlib.ExitStack()
         stack.enter_context(restored_training_modes(self.modes))
+        stack.enter_context(restored_parameters(self.parameters))
         stack.enter_context(self.tape.replaying())
         stack.enter_context(preserved_running_stats(*self.modules))
         self._stack.append(stack)

@@ -84,16 +84,46 @@ def refuse_second_order(plan: str) -> None:
 def training_modes(*modules: nn.Module) -> tuple[tuple[nn.Module, bool], ...]:
     """Each submodule of ``modules`` (themselves included, each once) with its ``training`` flag,
     as :func:`restored_training_modes` takes them."""
-    # a walk over `_modules` rather than `Module.modules()`: this runs on every checkpointed
-    # segment's forward, and `modules()` builds a name for each submodule
-    seen: dict[int, tuple[nn.Module, bool]] = {}
+    return tuple((m, m.training) for m in _submodules(modules))
+
+
+def _submodules(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """Every submodule of ``modules`` (themselves included), each once, by a walk over
+    ``_modules`` (``Module.modules()`` builds a name for each: this runs on every forward of a
+    checkpointed segment)."""
+    seen: dict[int, nn.Module] = {}
     stack = list(modules)
     while stack:
         m = stack.pop()
         if id(m) not in seen:
-            seen[id(m)] = (m, m.training)
+            seen[id(m)] = m
             stack.extend(child for child in m._modules.values() if child is not None)
-    return tuple(seen.values())
+    return list(seen.values())
+
+
+def parameter_slots(*modules: nn.Module) -> tuple[tuple[nn.Module, str, Tensor], ...]:
+    """Each parameter below ``modules`` with the ``(module, attribute)`` holding it now, as
+    :func:`restored_parameters` takes them."""
+    return tuple((m, name, p) for m in _submodules(modules) for name, p in m._parameters.items() if p is not None)
+
+
+@contextmanager
+def restored_parameters(slots: tuple[tuple[nn.Module, str, Tensor], ...]) -> Iterator[None]:
+    """Each module holding the parameter recorded in ``slots`` while the block runs, and what it
+    holds now afterwards: a forward run under ``torch.func.functional_call`` (which swaps its
+    tensors in, and the module's own back on return) is recomputed with the tensors it used, so
+    the gradients go to them (they had been zero, or taken at the module's own values)."""
+    changed = [(m, name, p, m._parameters.get(name)) for m, name, p in slots if m._parameters.get(name) is not p]
+    if not changed:
+        yield
+        return
+    for m, name, p, _ in changed:
+        m._parameters[name] = p
+    try:
+        yield
+    finally:
+        for m, name, _, current in changed:
+            m._parameters[name] = current
 
 
 @contextmanager

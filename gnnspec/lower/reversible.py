@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from torch.utils._mode_utils import no_dispatch
 
 from gnnspec.lower.recompute import (
-    preserved_buffers, refuse_second_order, restored_training_modes, running_stat_buffers, training_modes,
+    parameter_slots, preserved_buffers, refuse_second_order, restored_parameters, restored_training_modes,
+    running_stat_buffers, training_modes,
 )
 
 
@@ -107,7 +108,7 @@ class ReversibleStack(nn.Module):
                     position[id(p)] = len(params)
                     params.append(p)
             states.append(_FunctionState(own, [position[id(p)] for p in own], running_stat_buffers([f]),
-                                         training_modes(f)))
+                                         training_modes(f), parameter_slots(f)))
         return params, states
 
     def _layer_forward(self, layer: tuple[int, ...], x: Tensor, args: Sequence[Any]) -> Tensor:
@@ -129,12 +130,14 @@ class ReversibleStack(nn.Module):
 class _FunctionState(NamedTuple):
     """One group function's trainable parameters, their positions among the stack's parameter
     inputs, the running-statistic buffers its recomputation must leave unchanged, and its
-    modules' training modes at the forward (which the recomputation runs in)."""
+    modules' training modes and parameters at the forward (which the recomputation runs with:
+    :func:`~gnnspec.lower.recompute.parameter_slots`)."""
 
     params: list[Tensor]
     positions: list[int]
     buffers: list[Tensor]
     modes: tuple[tuple[nn.Module, bool], ...]
+    slots: tuple[tuple[nn.Module, str, Tensor], ...] = ()
 
 
 def _rng_state(device: torch.device) -> Tensor:
@@ -263,7 +266,7 @@ def _layer_backward(
         f_input = (ys[i - 1] if i > 0 else _sum(xs[1:])).detach().requires_grad_()
         # autograd.grad runs before the running statistics are restored: batch norm saved them
         # for backward, so the restore must not come between the recomputation and its backward.
-        with preserved_buffers(state.buffers), restored_training_modes(state.modes):
+        with preserved_buffers(state.buffers), restored_training_modes(state.modes), restored_parameters(state.slots):
             with torch.enable_grad(), torch.autocast(
                 device_type, dtype=autocast_dtype, enabled=autocast_enabled
             ):
