@@ -612,6 +612,32 @@ def test_backward_after_switching_to_eval_recomputes_in_the_forward_mode(kind, p
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-9, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["plain", "res+", "rev", "gcnii"])
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_a_hook_on_the_norm_keeps_the_output_the_norm_returned(kind, norm):
+    # relu (and dropout) ran in place on the norm's output, so a hook holding it saw it changed
+    # afterwards (a minimum of 0.0 where the norm had returned -2.46)
+    text = stack_text(kind, "gcn", norm=norm, dropout=0.3)
+    x, edge_index, y = graph()
+    outputs = {}
+    for plan in ["store", "checkpoint(segments=2)"] + (["reversible"] if kind == "rev" else []):
+        model = build(text, plan).train()
+        stack = model.stages[1]
+        first = (stack.stack.functions if kind == "rev" else stack.layers)[0]
+        seen = []
+        first.norm.register_forward_hook(lambda mod, args, out: seen.append((out, out.detach().clone())))
+        torch.manual_seed(1)
+        out = model(x, edge_index)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        assert seen and all(torch.equal(held, copy) for held, copy in seen) and seen[0][1].min() < 0
+        outputs[plan] = (out.detach(), [p.grad for p in model.parameters()])
+    reference = outputs.pop("store")
+    for out, grads in outputs.values():
+        torch.testing.assert_close(out, reference[0], rtol=1e-6, atol=1e-9)
+        for got, want in zip(grads, reference[1]):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("kind, plan", [("rev", "reversible"), ("rev", "checkpoint(segments=2)"),
                                         ("res+", "checkpoint(segments=2)"), ("deq", "implicit")])
 def test_functional_call_gets_the_gradients_of_the_tensors_it_passes(kind, plan):

@@ -210,17 +210,32 @@ class ConvLayer(nn.Module):
     def _drop(self, x: Tensor) -> Tensor:
         return dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
+    def _norm_hooked(self) -> bool:
+        """Whether a forward hook may hold the norm's output (then nothing writes into it)."""
+        return has_forward_hooks(self.norm, getattr(self.norm, "norm", self.norm))
+
     def _fuses_relu(self) -> bool:
         """Whether the relu and dropout run fused (:func:`gnnspec.ir.drop_in_place`): not where a
-        forward hook on ``act`` must see the relu module called."""
-        return self.fused_relu_dropout and not has_forward_hooks(self.act)
+        forward hook on ``act`` must see the relu module called, or one on the norm its output."""
+        return self.fused_relu_dropout and not has_forward_hooks(self.act) and not self._norm_hooked()
+
+    def _act(self, y: Tensor) -> Tensor:
+        """``act(y)`` on the norm's output ``y``: in place where :func:`gnnspec.ir.act_in_place`
+        allows, except where a hook on the norm may hold ``y``."""
+        if getattr(self.act, "inplace", False) and self._norm_hooked():
+            self.act.inplace = False
+            try:
+                return self.act(y)
+            finally:
+                self.act.inplace = True
+        return self.act(y)
 
     def _norm_act_drop(self, x: Tensor) -> Tensor:
         """``drop(act(norm(x)))``; by :func:`relu_of_dropout` in place on the norm's output where
         :meth:`_fuses_relu`."""
         if self._fuses_relu():
             return norm_relu_of_dropout(self.norm, x, self.dropout, self.training)
-        return self._drop(self.act(self.norm(x)))
+        return self._drop(self._act(self.norm(x)))
 
     def forward(self, x: Tensor, graph: PreparedGraph, extra: Tensor | None = None) -> Tensor:
         kind = self.kind
@@ -233,12 +248,12 @@ class ConvLayer(nn.Module):
         if kind == "dense":
             return torch.cat([x, self._norm_act_drop(self._conv(x, graph))], dim=-1)
         if kind == "gcnii":
-            return self.act(self.norm(self._conv(self._drop(x), graph, x0=extra)))
+            return self._act(self.norm(self._conv(self._drop(x), graph, x0=extra)))
         # rev / deq: the dropout mask comes from the stage, shared by its layers and recomputations
         if extra is not None and kind == "rev":
             width = x.shape[-1]
             extra = extra[:, self.group * width : (self.group + 1) * width]
         if extra is not None and self._fuses_relu():
             return self._conv(norm_relu_of_masked(self.norm, x, extra, self.dropout), graph)
-        return self._conv(SharedDropout.apply_mask(self.act(self.norm(x)), extra), graph)
+        return self._conv(SharedDropout.apply_mask(self._act(self.norm(x)), extra), graph)
 
