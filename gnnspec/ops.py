@@ -408,7 +408,9 @@ def _propagated_linear(x: Tensor, weight: Tensor, root_weight: Tensor | None, bi
                        adjacency: CsrAdjacency, residual: Tensor | None, out_channels: int) -> Tensor:
     """``residual + A (x W^T) + x R^T + b`` by :class:`_PropagatedLinear`, the residual inside the
     node where :func:`_fusable_residual` allows it, else added after it."""
-    if _fusable_residual(residual, x, out_channels):
+    # In half precision the sparse product runs in float32 and is added back in a cast copy: into
+    # the residual's sum that copy would be alive beside it (one [N, C] more than the unfused sum)
+    if _fusable_residual(residual, x, out_channels) and adjacency.parts[2].dtype == x.dtype:
         return _PropagatedLinear.apply(x, weight, root_weight, bias, adjacency, residual)
     return _plus(residual, _PropagatedLinear.apply(x, weight, root_weight, bias, adjacency))
 
