@@ -31,8 +31,12 @@ def _application(stage, mode: str, z_grad: bool, accum: bool, extras: dict[str, 
     from gnnspec.memory.estimate import in_skeleton
 
     g = stage.graph
+    units = stage.layer_units()
+    # f's loop holds each layer's input (the layer before's output) until the layer returns
+    per_layer = len(units) // stage.stage.depth
+    holds = {k * per_layer: (k + 1) * per_layer for k in range(1, stage.stage.depth)}
     prog, _ = in_skeleton("skel:deqf", {"N": g.nodes, "D": stage.hidden, "s": g.s}, mode, z_grad,
-                          stage.layer_units(), accum, extras or None)
+                          units, accum, extras or None, holds=holds)
     # x (the stage's input) is held by the stage; its gradient is handled by the stage
     out = prog.bind(X1=x)
     out.roles = {k: v for k, v in out.roles.items() if k in ("X", "Y", "GY", "GX")}

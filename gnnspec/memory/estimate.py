@@ -248,22 +248,24 @@ def unit_program(unit: Unit, variant: str, extras: dict[str, int] | None = None)
 
 
 def chain_units(units: Sequence[Unit], mode: str, grad_in: bool, accum: bool,
-                extras: dict[str, int] | None = None, held: int | None = None) -> tuple[Program, bool]:
-    """The chain of ``units`` (``held`` as :func:`chain`); returns it and whether its output
-    requires grad."""
+                extras: dict[str, int] | None = None, held: int | None = None,
+                holds: dict[int, int] | None = None) -> tuple[Program, bool]:
+    """The chain of ``units`` (``held``, ``holds`` as :func:`chain`); returns it and whether its
+    output requires grad."""
     programs = []
     for u in units:
         variant, grad_in = _variant(u, mode, grad_in, accum)
         programs.append(unit_program(u, variant, extras))
-    return chain(programs, held=held), grad_in
+    return chain(programs, held=held, holds=holds), grad_in
 
 
 def in_skeleton(key: str, shape: dict[str, int], mode: str, grad_in: bool, inner_units: Sequence[Unit],
                 accum: bool, extras: dict[str, int] | None = None, n_holes: int = 1,
                 inner_shape_units: Sequence[Sequence[Unit]] | None = None,
-                skeleton_params: bool = False) -> tuple[Program, bool]:
-    """A skeleton with each hole filled by the chain of ``inner_units``. ``skeleton_params``: the
-    skeleton holds a convolution (its parameters make everything after it require grad)."""
+                skeleton_params: bool = False, holds: dict[int, int] | None = None) -> tuple[Program, bool]:
+    """A skeleton with each hole filled by the chain of ``inner_units`` (``holds`` as
+    :func:`~gnnspec.memory.timeline.chain`). ``skeleton_params``: the skeleton holds a convolution
+    (its parameters make everything after it require grad)."""
     groups = inner_shape_units or [inner_units] * n_holes
     inner: dict[int, Program] = {}
     if skeleton_params and mode != "o":
@@ -281,7 +283,7 @@ def in_skeleton(key: str, shape: dict[str, int], mode: str, grad_in: bool, inner
     # the holes of a skeleton see their input's requires-grad as the skeleton does: the first
     # hole gets the skeleton's input, later ones a tensor that depends on an earlier hole
     for k, units in enumerate(groups):
-        prog, g = chain_units(units, mode, grad_in if k == 0 else (grad_in or grad_out), accum, extras)
+        prog, g = chain_units(units, mode, grad_in if k == 0 else (grad_in or grad_out), accum, extras, holds=holds)
         grad_out = grad_out or g
         inner[k] = prog
     variant = "o" if mode == "o" else ("g" if grad_in else "n")

@@ -188,7 +188,8 @@ def peak(phases: list[tuple[str, list[tuple]]], base: dict[str, int]) -> Peak:
 # ---------------------------------------------------------------------------- composition
 
 
-def chain(programs: list[Program], *, hold_input: bool = True, held: int | None = None) -> Program:
+def chain(programs: list[Program], *, hold_input: bool = True, held: int | None = None,
+          holds: dict[int, int] | None = None) -> Program:
     """``y = u_n(...u_1(x))``: each output is the next input, dropped by the caller once the next
     unit returns; each gradient a unit hands back is the previous unit's incoming gradient.
 
@@ -196,9 +197,14 @@ def chain(programs: list[Program], *, hold_input: bool = True, held: int | None 
     a gradient of its input). ``hold_input``: the caller holds ``x`` through the chain (else it is
     dropped after the first unit, as a chain inside a stack of chains would). ``held``: the output
     of unit ``held`` (1-based) is dropped only when the chain ends, as a Python argument is held by
-    its call (``_norm_act_drop(conv(x))`` holds the conv's output through norm, act and dropout)."""
+    its call (``_norm_act_drop(conv(x))`` holds the conv's output through norm, act and dropout).
+    ``holds``: the output of unit ``j`` (1-based) is dropped only when unit ``holds[j]`` (1-based)
+    returns (a layer's input, held by the layer's call through its units)."""
     if not programs:
         raise ValueError("an empty chain")
+    holds = dict(holds or {})
+    if held is not None and 0 < held < len(programs):
+        holds[held] = len(programs)
     x = new_sid()
     gy = new_sid()
     outs = [x] + [new_sid() for _ in programs]
@@ -210,10 +216,9 @@ def chain(programs: list[Program], *, hold_input: bool = True, held: int | None 
         q = p.bind(X=outs[i], Y=outs[i + 1], GY=grads[i + 1], GX=grads[i])
         bound.append(q)
         fwd += q.fwd
-        if (i > 0 or not hold_input) and i != held:
+        if (i > 0 or not hold_input) and i not in holds and i != held:
             fwd.append(("r", outs[i]))
-    if held is not None and 0 < held < len(programs):
-        fwd.append(("r", outs[held]))
+        fwd += [("r", outs[j]) for j, until in holds.items() if until == i + 1]
     for q in reversed(bound):
         bwd += q.bwd
     roles = {"X": x, "Y": outs[-1], "GY": gy}
