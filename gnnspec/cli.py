@@ -204,8 +204,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_compile_table(summary: dict, saved: str | None) -> None:
+def _console(**options):
+    """A rich console that prints text as it is: names and paths may hold `[...]`, which rich's
+    markup would read as tags (`[/]` raised MarkupError, `[bold]x` printed `x`)."""
     from rich.console import Console
+
+    return Console(markup=False, **options)
+
+
+def _print_compile_table(summary: dict, saved: str | None) -> None:
     from rich.table import Table
 
     table = Table(title=f"{summary['name']}: {summary['parameters']:,} parameters, plan {summary['plan']}")
@@ -216,7 +223,7 @@ def _print_compile_table(summary: dict, saved: str | None) -> None:
         table.add_row(
             str(index), kind, stage["plan"], str(stage["depth"]), f"{stage['in']} -> {stage['out']}", f"{stage['parameters']:,}"
         )
-    console = Console()
+    console = _console()
     console.print(table)
     if saved:
         console.print(f"state dict written to {saved}")
@@ -273,14 +280,15 @@ class _TrainProgress:
     """A rich progress bar: epoch, loss, validation and test accuracy, seconds."""
 
     def __init__(self, spec: str, data: str, epochs: int) -> None:
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(
-            TextColumn(f"{spec} on {data}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(), transient=False, console=Console(stderr=True),
+            TextColumn("{task.fields[title]}", markup=False), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}", markup=False), TimeElapsedColumn(), transient=False,
+            console=_console(stderr=True),
         )
-        self.task = self.progress.add_task("train", total=epochs, status="")
+        # the title is a field, not the format: a name may hold `{`, `}` or `[...]`
+        self.task = self.progress.add_task("train", total=epochs, status="", title=f"{spec} on {data}")
 
     def update(self, report) -> None:
         status = f"loss {report.loss:.4f}  val {report.val_acc:.3f}  test {report.test_acc:.3f}"
@@ -295,10 +303,9 @@ class _TrainProgress:
 
 
 def _print_train_summary(result, saved: str | None) -> None:
-    from rich.console import Console
 
     peak = "n/a" if result.peak_bytes is None else f"{result.peak_bytes / 2**20:.1f} MiB"
-    Console().print(
+    _console().print(
         f"{result.spec} on {result.data}: test accuracy {result.test_acc:.4f} at epoch {result.best_epoch} "
         f"(validation {result.val_acc:.4f}); {result.epochs} epochs in {result.seconds:.1f} s; "
         f"plan {result.plan}; step peak {peak}" + (f"; model saved to {saved}" if saved else "")
@@ -332,7 +339,6 @@ def _save_target(text: str) -> Path:
 
 
 def cmd_estimate_mem(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
     from gnnspec.plan import NoFit
 
@@ -364,7 +370,7 @@ def cmd_estimate_mem(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    console = Console(width=max(Console().width, 150))
+    console = _console(width=max(_console().width, 150))
     try:
         _one_budget(args)
         est = gnnspec.estimate(spec, nodes=nodes, edges=edges, budget=args.budget, plan=args.plan,

@@ -602,3 +602,17 @@ def test_train_with_a_budget_runs_the_planned_plan(capsys):
     assert result["peak_bytes"] <= budget * 1.05
     code, _, err = run(capsys, "train", "--expr", TWO, "--data", sbm, "--epochs", "2", "--budget", "1KiB")
     assert code == 3 and "nothing fits" in err
+
+
+def test_names_and_paths_print_as_written(tmp_path, capsys):
+    """Names and paths went to rich as markup: `[/]` raised MarkupError (exit 1, after the file was
+    written), `[bold]w.pt` printed as `w.pt`; a `{x}` in the progress title was a format field."""
+    spec = tmp_path / "mk.gnn"
+    spec.write_text('model: plain\nname: "[/] {x} [bold]y"\nin: 4\nout: 2\ngraph: nodes=10, edges=20\n')
+    code, out, _ = run(capsys, "compile", str(spec), "--save", str(tmp_path / "[/]c.pt"))
+    assert code == 0 and "[/] {x} [bold]y: " in out and f"written to {tmp_path / '[/]c.pt'}" in out.replace("\n", "")
+    code, out, _ = run(capsys, "estimate-mem", str(spec))
+    assert code == 0 and "[/] {x} [bold]y: N=10" in out
+    code, out, err = run(capsys, "train", str(spec), "--data", "sbm(nodes=100, features=4, classes=2)", "--epochs", "1",
+                         "--save", str(tmp_path / "[bold]w.pt"))
+    assert code == 0 and "[bold]w.pt" in out.replace("\n", "") and (tmp_path / "[bold]w.pt").exists()
