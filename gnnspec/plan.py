@@ -308,7 +308,11 @@ def estimate_with_planner(spec, *, nodes, edges, budget=None, plan=None, in_chan
 
         spec = gnnspec.parse(spec)
     plan = requested_plan(spec, plan)
-    budget_bytes, device = resolve_budget(spec, budget, device=device, device_memory=plan is None)
+    # `auto` (or `auto(budget=...)`) asked for by name is the planner, as no plan is
+    auto = plan if isinstance(plan, ir.Auto) else None
+    if auto is not None:
+        plan = None
+    budget_bytes, device = resolve_budget(spec, budget, auto=auto, device=device, device_memory=plan is None)
     est = estimate_spec(spec, nodes=nodes, edges=edges, in_channels=in_channels, out_channels=out_channels,
                         budget=budget_bytes, plan=plan, dtype=dtype, optimizer=optimizer, device=device or "cpu",
                         self_loops=self_loops)

@@ -616,3 +616,15 @@ def test_names_and_paths_print_as_written(tmp_path, capsys):
     code, out, err = run(capsys, "train", str(spec), "--data", "sbm(nodes=100, features=4, classes=2)", "--epochs", "1",
                          "--save", str(tmp_path / "[bold]w.pt"))
     assert code == 0 and "[bold]w.pt" in out.replace("\n", "") and (tmp_path / "[bold]w.pt").exists()
+
+
+def test_estimate_mem_plan_auto_is_the_planner(capsys):
+    """`--plan auto` had estimated `store` alone (and exited 3 where store did not fit), and
+    `--plan 'auto(budget=...)'` had ignored its budget."""
+    spec = str(SPECS / "revgnn_deep.gnn")
+    code, plain, _ = run(capsys, "estimate-mem", spec, "--budget", "100GB", "--json")
+    assert code == 0
+    code, auto, _ = run(capsys, "estimate-mem", spec, "--plan", "auto", "--budget", "100GB", "--json")
+    assert code == 0 and json.loads(auto) == json.loads(plain) and len(json.loads(auto)["plans"]) > 1
+    code, own, _ = run(capsys, "estimate-mem", spec, "--plan", "auto(budget=100GB)", "--json")
+    assert code == 0 and json.loads(own) == json.loads(plain) and json.loads(own)["budget_bytes"] == 100 * 10**9
