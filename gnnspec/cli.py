@@ -267,12 +267,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise _NoFitExit(str(err)) from None
     except SpecError as err:
         raise _located(err, shown, text) from None
+    failed = None
     if args.save:
-        _save_state(model, args.save)
+        try:
+            _save_state(model, args.save)
+        except UsageError as err:  # the result is still printed: the run is not lost
+            failed = err
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
-        _print_train_summary(result, args.save)
+        _print_train_summary(result, None if failed else args.save)
+    if failed is not None:
+        raise failed
     return EXIT_OK
 
 
@@ -335,6 +341,15 @@ def _save_target(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text}: {getattr(err, 'strerror', None) or err}") from None
     if existing is not None and not existing.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: {existing} is a file, not a directory")
+    if existing is not None:
+        # a file made and removed there: a folder that refuses it (no permission, immutable, a
+        # read-only file system) is reported now, not after a training run
+        try:
+            fd, probe = tempfile.mkstemp(dir=existing, prefix=".gnnspec-probe.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise argparse.ArgumentTypeError(f"cannot write into {existing}: {err.strerror or err}") from None
     return path
 
 

@@ -628,3 +628,28 @@ def test_estimate_mem_plan_auto_is_the_planner(capsys):
     assert code == 0 and json.loads(auto) == json.loads(plain) and len(json.loads(auto)["plans"]) > 1
     code, own, _ = run(capsys, "estimate-mem", spec, "--plan", "auto(budget=100GB)", "--json")
     assert code == 0 and json.loads(own) == json.loads(plain) and json.loads(own)["budget_bytes"] == 100 * 10**9
+
+
+def test_train_save_into_a_folder_that_refuses_files_fails_before_training(tmp_path, capsys, monkeypatch):
+    """An immutable or read-only folder had been found only after every epoch ran (43 s), and
+    the run's result was not printed."""
+    import errno
+
+    import gnnspec.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    trained = []
+    monkeypatch.setattr(cli.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr("gnnspec.train.train", lambda *a, **k: trained.append(1))
+    code, _, err = run(capsys, "train", "--expr", "plain(op=gcn)", "--data", "sbm(nodes=60)", "--epochs", "1",
+                       "--save", str(tmp_path / "m.pt"))
+    assert code == 2 and f"cannot write into {tmp_path}: Read-only file system" in err and not trained
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_train_prints_its_result_when_the_save_fails_after_training(capsys):
+    code, out, err = run(capsys, "train", "--expr", "plain(op=gcn)", "--data", "sbm(nodes=60)", "--epochs", "1",
+                         "--save", "/dev/full", "--json")
+    assert code == 2 and "test_acc" in json.loads(out) and "cannot write /dev/full" in err
