@@ -909,6 +909,10 @@ def _graph_from_fields(fields: dict[str, Any], shown: str, seed: int) -> GraphDa
         classes = int(y.max()) + 1
     elif y.dim() == 2:
         y = y.float()
+        if y.numel() and not (bool(torch.isfinite(y).all()) and float(y.min()) >= 0.0 and float(y.max()) <= 1.0):
+            # class numbers in a [nodes, k] tensor had trained as soft targets, silently meaningless
+            raise fail("`y` is [nodes, classes] but holds values outside [0, 1]",
+                       "multi-label targets are 0/1 or probabilities; class labels are a [nodes] tensor")
         classes = int(y.size(1))
     else:
         raise fail(f"`y` must be [nodes] labels or [nodes, classes] targets, got shape {list(y.shape)}")

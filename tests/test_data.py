@@ -496,6 +496,13 @@ def test_bad_saved_graphs_raise_spec_errors(tmp_path) -> None:
             "`test_mask` selects no labelled node",
         ),
         (str(tmp_path), "not a file"),
+        (  # class numbers in a [nodes, 2] tensor had trained as soft targets, with exit 0
+            _saved(tmp_path, {"x": x, "edge_index": edge_index, "y": torch.tensor([[0, 2], [1, 0], [2, 1], [0, 0]])},
+                   "j.pt"),
+            "`y` is [nodes, classes] but holds values outside [0, 1]",
+        ),
+        (_saved(tmp_path, {"x": x, "edge_index": edge_index, "y": torch.full((4, 2), float("nan"))}, "k.pt"),
+         "outside [0, 1]"),
     ]
     for source, message in cases:
         with pytest.raises(SpecError) as info:
