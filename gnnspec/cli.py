@@ -31,6 +31,11 @@ class UsageError(Exception):
     """Bad command-line arguments (exit 2)."""
 
 
+class RunError(UsageError):
+    """A run that cannot go on for a reason other than its arguments' form (a file it cannot
+    write, a training that diverged): exit 2, without the pointer to ``--help``."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse would exit itself; we own the exit codes
         raise UsageError(f"{self.prog}: {message}")
@@ -249,7 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from gnnspec.plan import NoFit
-    from gnnspec.train import train
+    from gnnspec.train import TrainingDiverged, train
 
     spec, text, shown = _load_located(args)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -267,6 +272,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise _NoFitExit(str(err)) from None
     except SpecError as err:
         raise _located(err, shown, text) from None
+    except TrainingDiverged as err:
+        raise RunError(str(err)) from None
     failed = None
     if args.save:
         try:
@@ -472,7 +479,7 @@ def _write_atomically(path: Path, content: str | Callable[[Any], None], binary: 
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         _remove_empty_directories(target.parent, created)
-        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+        raise RunError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             Path(tmp).unlink(missing_ok=True)
@@ -643,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _plain_gnnspec_warnings():
             return run(args)
     except UsageError as err:
-        print(f"{err}\n(see `gnnspec --help`)", file=sys.stderr)
+        print(str(err) if isinstance(err, RunError) else f"{err}\n(see `gnnspec --help`)", file=sys.stderr)
         return EXIT_INVALID
     except SpecError as err:
         print(err.render(), file=sys.stderr)

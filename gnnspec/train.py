@@ -9,6 +9,7 @@ step, SPEC.md section 5) is measured on the way.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -96,6 +97,21 @@ def plan_label(model: nn.Module, requested: Any, spec: ir.Spec) -> str:
     return f"{label} -> {chosen}" if label.startswith("auto") else label
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the model's outputs stopped being finite: the accuracies that follow would be
+    those of NaN outputs (a run had reported chance accuracy, exit 0)."""
+
+    def __init__(self, epoch: int, loss: float, settings: ir.Train, dtype: torch.dtype) -> None:
+        what = f"the loss is {loss}" if not math.isfinite(loss) else "the model's outputs are not finite"
+        if dtype == torch.float16 and settings.optimizer in ("adam", "adamw"):
+            hint = (f"{settings.optimizer}'s eps (1e-8) is 0 in float16, so a zero second moment divides by "
+                    "zero: use dtype: bfloat16 or float32, or optimizer=sgd")
+        else:
+            hint = f"lower the learning rate (lr={settings.lr:g}), or check the data for NaN or infinite values"
+        super().__init__(f"training diverged at epoch {epoch}: {what}; {hint}")
+        self.epoch = epoch
+
+
 def train(
     spec: ir.Spec,
     data: GraphData,
@@ -159,6 +175,8 @@ def train(
         model.eval()
         with torch.no_grad():
             out = model(x, edge_index)
+        if not (math.isfinite(losses[-1]) and bool(torch.isfinite(out).all())):
+            raise TrainingDiverged(epoch, losses[-1], settings, dtype)
         report = EpochReport(
             epoch, losses[-1], accuracy(out, y, data.val_mask), accuracy(out, y, data.test_mask), time.perf_counter() - tic
         )

@@ -653,3 +653,17 @@ def test_train_prints_its_result_when_the_save_fails_after_training(capsys):
     code, out, err = run(capsys, "train", "--expr", "plain(op=gcn)", "--data", "sbm(nodes=60)", "--epochs", "1",
                          "--save", "/dev/full", "--json")
     assert code == 2 and "test_acc" in json.loads(out) and "cannot write /dev/full" in err
+
+
+@pytest.mark.parametrize("text, hint", [
+    ("model: linear >> act >> linear\ndtype: float16\n", "adam's eps (1e-8) is 0 in float16"),
+    ("model: plain(op=gcn)\ntrain: lr=1e30\n", "lower the learning rate (lr=1e+30)"),
+])
+def test_a_training_that_diverges_is_an_error(tmp_path, capsys, text, hint):
+    """float16 with Adam, or a huge learning rate, had trained on NaN outputs and reported chance
+    accuracy with exit 0."""
+    spec = tmp_path / "s.gnn"
+    spec.write_text(text)
+    code, out, err = run(capsys, "train", str(spec), "--data", "sbm(nodes=200)", "--epochs", "5", "--json")
+    assert code == 2 and out == "" and "training diverged at epoch 1" in err and hint in err
+    assert "--help" not in err
