@@ -667,3 +667,13 @@ def test_a_training_that_diverges_is_an_error(tmp_path, capsys, text, hint):
     code, out, err = run(capsys, "train", str(spec), "--data", "sbm(nodes=200)", "--epochs", "5", "--json")
     assert code == 2 and out == "" and "training diverged at epoch 1" in err and hint in err
     assert "--help" not in err
+
+
+def test_compile_json_names_the_segments_a_stack_runs(capsys):
+    """A stack's plan had been printed as `checkpoint`, without the segment count."""
+    code, out, _ = run(capsys, "compile", "--expr", "plain(op=gcn, depth=9)", "--in", "8", "--out", "3",
+                       "--plan", "checkpoint(segments=2)", "--json")
+    assert code == 0 and [s["plan"] for s in json.loads(out)["stages"]] == ["store", "checkpoint(segments=2)", "store"]
+    code, out, _ = run(capsys, "compile", "--expr", "plain(op=gcn, depth=9)", "--in", "8", "--out", "3",
+                       "--plan", "checkpoint", "--json")
+    assert code == 0 and json.loads(out)["stages"][1]["plan"] == "checkpoint(segments=3)"  # round(sqrt(9))

@@ -52,7 +52,7 @@ class GNNModel(nn.Module):
             stages.append(
                 {
                     "kind": stage.kind,
-                    "plan": stage.plan,
+                    "plan": stage.plan_text,
                     "depth": getattr(resolved.stage, "depth", 1),
                     "parameters": _count(stage.parameters()),
                     "in": resolved.in_width,
