@@ -418,7 +418,7 @@ def test_one_plan_per_stack_on_the_command_line(capsys):
     code, out, _ = run(capsys, "compile", "--expr", TWO, *SIZE, "--plan", "reversible, checkpoint(segments=2)", "--json")
     assert code == 0
     stages = json.loads(out)["stages"]
-    assert [s["plan"] for s in stages if s["kind"] in ("rev", "res+")] == ["reversible", "checkpoint"]
+    assert [s["plan"] for s in stages if s["kind"] in ("rev", "res+")] == ["reversible", "checkpoint(segments=2)"]
     data = _estimate_json(capsys, "--plan", "reversible, checkpoint(segments=2)", "--measure")
     (plan,) = data["plans"]
     assert plan["name"] == "reversible, checkpoint(segments=2)"
