@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import gnnspec
-from gnnspec.errors import SpecError
+from gnnspec.errors import NoParameters, SpecError
 from gnnspec.ir import MAX_SEED, MAX_WIDTH, ir_json, uses_batch_norm
 from gnnspec.schema import yaml_form_schema
 from gnnspec.syntax import read_spec_file
@@ -652,7 +652,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return EXIT_INVALID
         with _plain_gnnspec_warnings():
-            return run(args)
+            try:
+                return run(args)
+            except NoParameters as err:  # train, or a measured step, of a model without weights
+                raise RunError(str(err)) from None
     except UsageError as err:
         print(str(err) if isinstance(err, RunError) else f"{err}\n(see `gnnspec --help`)", file=sys.stderr)
         return EXIT_INVALID

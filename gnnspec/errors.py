@@ -112,3 +112,7 @@ def did_you_mean(name: str, known: Iterable[str], *, list_up_to: int = 16) -> st
     if known and len(known) <= list_up_to:
         parts.append("valid: " + ", ".join(known))
     return " ".join(parts) if parts else None
+
+
+class NoParameters(ValueError):
+    """A model without trainable parameters asked for an optimizer: nothing to train."""

@@ -677,3 +677,14 @@ def test_compile_json_names_the_segments_a_stack_runs(capsys):
     code, out, _ = run(capsys, "compile", "--expr", "plain(op=gcn, depth=9)", "--in", "8", "--out", "3",
                        "--plan", "checkpoint", "--json")
     assert code == 0 and json.loads(out)["stages"][1]["plan"] == "checkpoint(segments=3)"  # round(sqrt(9))
+
+
+def test_a_model_without_parameters_cannot_be_trained_or_measured(capsys):
+    """torch's "optimizer got an empty parameter list" had been an internal error (exit 1)."""
+    text = "hidden: 16\nmodel: appnp(k=1)"
+    code, _, err = run(capsys, "estimate-mem", "--expr", text, "--in", "16", "--out", "16", "--nodes", "100",
+                       "--edges", "300", "--measure")
+    assert code == 2 and "model has no parameters to train" in err and "internal error" not in err
+    code, _, err = run(capsys, "train", "--expr", text, "--data", "sbm(nodes=100, features=16, classes=16)",
+                       "--epochs", "1", "--json")
+    assert code == 2 and "model has no parameters to train" in err

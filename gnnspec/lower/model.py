@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from gnnspec import ir
-from gnnspec.errors import SpecError
+from gnnspec.errors import NoParameters, SpecError
 from gnnspec.lower.stages import Stage, build_stage
 from gnnspec.lower.widths import ResolvedStage, resolve_widths
 from gnnspec.ops import GraphCache
@@ -82,6 +82,11 @@ class GNNModel(nn.Module):
 
         name = name or settings.optimizer
         groups = self.parameter_groups(settings.weight_decay)
+        if not groups:  # torch's optimizers raise "got an empty parameter list"
+            raise NoParameters(
+                f"{self.spec.name} has no parameters to train (appnp and sgc stages only propagate); "
+                "add a stage with weights, such as linear"
+            )
         if name == "adam":
             return torch.optim.Adam(groups, lr=settings.lr)
         if name == "adamw":
