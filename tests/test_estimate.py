@@ -74,6 +74,10 @@ GRID = [
      "checkpoint(segments=2)"),
     ("plain(op=sage, depth=3, jk=cat, norm=batch, act=none, dropout=0.3, hidden=32)", 1500, 8000, 24, 5,
      "checkpoint(segments=3)"),
+    # a dense layer's output, which jk combines, is its input beside the conv's: [N, in + hidden]
+    # (jk=max 25% low, jk=cat 15% low while taken as [N, hidden])
+    ("dense(op=gcn, depth=1, jk=max, hidden=32)", 2000, 8000, 8, 4, "store"),
+    ("dense(op=gcn, depth=1, jk=cat, hidden=32)", 2000, 8000, 64, 4, "store"),
     # jk=max over one layer: the stage's -inf tensor gets no gradient (was 10% high)
     ("gcnii(depth=1, jk=max, norm=layer, act=none, dropout=0, hidden=16)", 3000, 2000, 24, 5, "store"),
 ]

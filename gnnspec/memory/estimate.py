@@ -320,6 +320,10 @@ class StageModel:
         self.is_stack = isinstance(self.stage, ir.Stack)
         self.jk = getattr(self.stage, "jk", "none")  # jumping knowledge: none for stages without it
         self.row = graph.nodes * self.hidden * graph.s  # bytes of one [N, hidden] tensor
+        # a layer's output, which jk combines: [N, hidden], except in a dense stack (jk only at
+        # depth 1 there), whose layer outputs its input beside the conv's
+        self.jk_width = self.resolved.out_width if self.kind == "dense" else self.hidden
+        self.jk_row = graph.nodes * self.jk_width * graph.s
 
     # -- plans
 
@@ -624,11 +628,11 @@ class StageModel:
         if self.jk != "cat" or start + count != depth:
             return [], None
         out = new_sid()
-        made = ("a", out, _alloc(self.graph, self.row * depth), None)
+        made = ("a", out, _alloc(self.graph, self.jk_row * depth), None)
         if depth == 1 or (start > 0 and count == 1):
             return [made], out
         prev = new_sid()
-        return [("a", prev, _alloc(self.graph, self.row * (depth - 1)), None), made, ("r", prev)], out
+        return [("a", prev, _alloc(self.graph, self.jk_row * (depth - 1)), None), made, ("r", prev)], out
 
     def _recomputed_cats(self, start: int, count: int) -> tuple[list[tuple], int | None]:
         """``jk=cat``: the concatenations a checkpointed segment of layers ``start .. stop - 1``
@@ -657,7 +661,7 @@ class StageModel:
         if self.jk == "max":
             # the running maximum starts as a full -inf tensor, saved by the first maximum
             extras["ACC"] = new_sid()
-            pre.append(("a", extras["ACC"], _alloc(self.graph, self.row), None))
+            pre.append(("a", extras["ACC"], _alloc(self.graph, self.jk_row), None))
         prog, grad = self._layers_chain(self.stage.depth, "g", grad_in, extras)
         if self.jk == "cat":
             prog = self._cat_output(prog)
@@ -671,12 +675,12 @@ class StageModel:
         Each gradient is torch's formula ``where(a == b, grad / 2, grad).masked_fill_(a < b, 0)``:
         while it is made, ``grad / 2`` and two boolean masks are alive beside it."""
         g = self.graph
-        nh = _alloc(g, self.row)
+        nh = _alloc(g, self.jk_row)
         acc = new_sid()
         fwd = p.fwd + [("a", acc, nh, None)]
         if mode == "o":
             return Program(fwd + [("r", acc_prev)], [], dict(p.roles)), acc
-        nb = _alloc(g, g.nodes * self.hidden)  # a boolean mask
+        nb = _alloc(g, g.nodes * self.jk_width)  # a boolean mask
 
         def gradient(out: int) -> list[tuple]:
             half, equal, order = new_sid(), new_sid(), new_sid()
