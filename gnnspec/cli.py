@@ -620,6 +620,9 @@ def _normalise_specs(args: argparse.Namespace) -> None:
         args.specs = [specs]
     elif specs is None and hasattr(args, "specs"):
         args.specs = []
+    if getattr(args, "specs", None) and args.specs.count("-") > 1:
+        # the second would read standard input after the first has read all of it
+        raise UsageError("standard input (-) can be given once")
 
 
 @contextlib.contextmanager

@@ -688,3 +688,9 @@ def test_a_model_without_parameters_cannot_be_trained_or_measured(capsys):
     code, _, err = run(capsys, "train", "--expr", text, "--data", "sbm(nodes=100, features=16, classes=16)",
                        "--epochs", "1", "--json")
     assert code == 2 and "model has no parameters to train" in err
+
+
+def test_standard_input_can_be_given_once(capsys):
+    """The second `-` had read the emptied standard input and reported an empty spec."""
+    code, _, err = run(capsys, "check", "-", "-")
+    assert code == 2 and "standard input (-) can be given once" in err
