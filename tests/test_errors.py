@@ -312,6 +312,8 @@ CATALOGUE = [
     row("yaml-int-tag-on-float", "model: linear\nhidden: !!int 1.5", "yaml", 2, 9, "`hidden` must be an integer"),
     row("yaml-float-tag-on-word", "model: linear\nname: !!float x", "yaml", 2, 7, "`name`"),
     row("yaml-nul-byte", "model: linear\nseed: 1\x00", "yaml", 2, 8, "NUL"),
+    row("size-with-a-space", "model: linear\nplan: auto(budget=16 GiB)", "gnn", 2, 22, "unexpected name `GiB`",
+        "a size is written without a space: `16GiB`"),
     # a tagged or anchored scalar: the caret at the error in the text, not at the tag (col 8)
     row("yaml-str-tag-unknown-op", "model: !!str linear >> rev(op=gatt)", "yaml", 1, 31, "unknown op `gatt`"),
     row("yaml-anchor-unknown-op", "model: &m linear >> rev(op=gatt)", "yaml", 1, 28, "unknown op `gatt`"),

@@ -7,6 +7,8 @@ never reach the user: :data:`TERMINAL_WORDS` says what each one is.
 
 from __future__ import annotations
 
+import re
+
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -186,6 +188,18 @@ def _describe_token(token) -> str:
 _GENERAL_HINT = "a spec is `key: value` lines such as `model: linear >> rev(depth=4, op=gcn)`, or one such pipeline"
 
 
+_SIZE_UNITS = ("b", "kb", "mb", "gb", "tb", "kib", "mib", "gib", "tib")
+
+
+def _spaced_size(line_text: str, column: int) -> str | None:
+    """``16GiB`` where the line has a number, spaces, then a size unit at ``column`` (``16 GiB``)."""
+    unit = re.match(r"[A-Za-z]+", line_text[column - 1:])
+    number = re.search(r"(\d+(?:\.\d+)?)[ \t]+$", line_text[: column - 1])
+    if unit and number and unit.group(0).lower() in _SIZE_UNITS:
+        return number.group(1) + unit.group(0)
+    return None
+
+
 def _hint(unexpected: str, expected: set[str], line_text: str, column: int, after: str) -> str | None:
     starts_line = not line_text[: column - 1].strip()
     if unexpected == "$END" and line_text.rstrip().endswith(">>"):
@@ -207,6 +221,9 @@ def _hint(unexpected: str, expected: set[str], line_text: str, column: int, afte
         )
     if unexpected == "NAME" and after[:1].isdigit():
         return "sizes are a number and a unit: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (as written here)"
+    spaced = _spaced_size(line_text, column) if unexpected == "NAME" else None
+    if spaced:
+        return f"a size is written without a space: `{spaced}`"
     if unexpected == "NAME" and starts_line and column > 1 and line_text[column - 1 :].split(":", 1)[0].strip().isidentifier():
         return "`key: value` entries start at column 0; an indented line continues the value above"
     if unexpected in ("NAME", "INT", "FLOAT", "SIZE", "STRING") and "_COMMA" in expected and "_RPAR" in expected:
