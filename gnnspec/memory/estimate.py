@@ -578,9 +578,9 @@ class StageModel:
                 if "GACC" in progs[i].roles:
                     progs[i] = progs[i].relabel({progs[i].roles["GACC"]: progs[i + 1].roles["GACCP"]})
             final_acc, final_gacc = progs[-1].roles.get("ACC", acc_prev), progs[-1].roles.get("GACC")
-        tail, cat_out = self._last_cat(first_layer, count)
+        cat_head, tail, cat_out = self._last_cat(first_layer, count)
         head, recomputed_cat = self._recomputed_cats(first_layer, count) if mode == "g" else ([], None)
-        fwd, bwd, roles = _chain_marked(progs, tail, head)
+        fwd, bwd, roles = _chain_marked(progs, tail, cat_head + head)
         if cat_out is not None:
             roles["ACAT"] = cat_out
         if recomputed_cat is not None:
@@ -617,22 +617,23 @@ class StageModel:
         keep = set(prog.roles.values()) | set(extras.values())
         return _compress(prog, count, keep), grad
 
-    def _last_cat(self, start: int, count: int) -> tuple[list[tuple], int | None]:
-        """``jk=cat``: the events of the stack's last ``acc = cat([acc, x])`` when a chain of
-        layers ``start .. start + count - 1`` ends at the last layer, and its output (else
-        nothing). It runs inside the loop's last step, while the loop still holds its previous
-        state (the last layer's input and the ``(depth - 1) * hidden`` concatenation), which goes
-        when the step returns. A checkpoint's last segment of one layer starts from that previous
+    def _last_cat(self, start: int, count: int) -> tuple[list[tuple], list[tuple], int | None]:
+        """``jk=cat``: the events before and after the last layer's forward of the stack's last
+        ``acc = cat([acc, x])`` when a chain of layers ``start .. start + count - 1`` ends at the
+        last layer, and its output (else nothing). It runs inside the loop's last step, while the
+        loop still holds its previous state (the last layer's input and the ``(depth - 1) *
+        hidden`` concatenation, alive through the last layer's forward), which goes when the step
+        returns. A checkpoint's last segment of one layer starts from that previous
         concatenation: the segment's input, held by ``run_segments`` (not made here)."""
         depth = self.stage.depth
         if self.jk != "cat" or start + count != depth:
-            return [], None
+            return [], [], None
         out = new_sid()
         made = ("a", out, _alloc(self.graph, self.jk_row * depth), None)
         if depth == 1 or (start > 0 and count == 1):
-            return [made], out
+            return [], [made], out
         prev = new_sid()
-        return [("a", prev, _alloc(self.graph, self.jk_row * (depth - 1)), None), made, ("r", prev)], out
+        return [("a", prev, _alloc(self.graph, self.jk_row * (depth - 1)), None)], [made, ("r", prev)], out
 
     def _recomputed_cats(self, start: int, count: int) -> tuple[list[tuple], int | None]:
         """``jk=cat``: the concatenations a checkpointed segment of layers ``start .. stop - 1``
