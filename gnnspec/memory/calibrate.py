@@ -113,12 +113,10 @@ def _fake_graph(form: str, n: int, e: int, dtype: torch.dtype):
     """A graph of ``n`` nodes and ``e`` edges prepared in ``form``: placeholders under
     ``FakeTensorMode``; outside it (:func:`record_unit` with ``real``), :func:`_distinct_edges`
     prepared as a model prepares its graph."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
+    from gnnspec.lower.dropout_tape import fake_tensors_active
     from gnnspec.ops import GraphCache, PreparedGraph
 
-    if any(isinstance(m, FakeTensorMode) for m in _get_current_dispatch_mode_stack()):
+    if fake_tensors_active():
         return PreparedGraph.placeholder(torch.empty(2, e, dtype=torch.long), n, [form], dtype)
     return GraphCache().prepare(_distinct_edges(n, e), num_nodes=n, dtype=dtype, forms=[form])
 
