@@ -694,3 +694,11 @@ def test_standard_input_can_be_given_once(capsys):
     """The second `-` had read the emptied standard input and reported an empty spec."""
     code, _, err = run(capsys, "check", "-", "-")
     assert code == 2 and "standard input (-) can be given once" in err
+
+
+def test_train_json_accuracies_are_exact_fractions(capsys):
+    """A float32 mean had printed as 0.12200000137090683: 100 test nodes (20% of 500) give a
+    whole number of hundredths."""
+    code, out, _ = run(capsys, "train", "--expr", "plain(op=gcn)", "--data", "sbm(nodes=500)", "--epochs", "2", "--json")
+    result = json.loads(out)
+    assert code == 0 and (result["test_acc"] * 100).is_integer() and (result["val_acc"] * 100).is_integer()
