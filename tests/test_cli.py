@@ -677,6 +677,9 @@ def test_compile_json_names_the_segments_a_stack_runs(capsys):
     code, out, _ = run(capsys, "compile", "--expr", "plain(op=gcn, depth=9)", "--in", "8", "--out", "3",
                        "--plan", "checkpoint", "--json")
     assert code == 0 and json.loads(out)["stages"][1]["plan"] == "checkpoint(segments=3)"  # round(sqrt(9))
+    code, out, _ = run(capsys, "compile", "--expr", "plain(op=gcn, depth=9)", "--in", "8", "--out", "3",
+                       "--plan", "checkpoint(segments=40)", "--json")
+    assert code == 0 and json.loads(out)["stages"][1]["plan"] == "checkpoint(segments=9)"  # one per layer at most
 
 
 def test_a_model_without_parameters_cannot_be_trained_or_measured(capsys):

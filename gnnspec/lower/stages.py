@@ -95,9 +95,11 @@ def _layers(build, depth: int, tie: bool) -> tuple[nn.ModuleList, tuple[int, ...
 
 
 def _segments(plan: ir.Checkpoint | None, depth: int) -> int:
+    """The segments a stack of ``depth`` runs (:func:`~gnnspec.lower.checkpoint.segment_bounds`
+    makes at most one per layer, so more are reported as ``depth``)."""
     if plan is None or plan.segments is None:
         return ir.default_segments(depth)
-    return plan.segments
+    return max(1, min(plan.segments, depth))
 
 
 class LayerStack(Stage):
