@@ -705,3 +705,14 @@ def test_train_json_accuracies_are_exact_fractions(capsys):
     code, out, _ = run(capsys, "train", "--expr", "plain(op=gcn)", "--data", "sbm(nodes=500)", "--epochs", "2", "--json")
     result = json.loads(out)
     assert code == 0 and (result["test_acc"] * 100).is_integer() and (result["val_acc"] * 100).is_integer()
+
+
+def test_a_spec_file_with_carriage_return_line_ends_reads_as_lines(tmp_path, capsys):
+    """Classic Mac OS line ends had made the whole file one line: `1:31 the line ends before
+    the value does`."""
+    good, bad = tmp_path / "good.gnn", tmp_path / "bad.gnn"
+    good.write_bytes(b"name: cr\rmodel: linear >> rev(op=gat)\r")
+    bad.write_bytes(b"name: cr\rmodel: linear >> rev(op=gatt)\r")
+    assert run(capsys, "check", str(good))[0] == 0
+    code, _, err = run(capsys, "check", str(bad))
+    assert code == 2 and err.startswith(f"{bad}:2:25: unknown op `gatt`")

@@ -109,7 +109,12 @@ def decode_spec_bytes(data: bytes, filename: str) -> str:
             hint="a spec is a UTF-8 text file (.gnn, .yaml or .yml)",
             filename=filename,
         ) from None
-    return text[1:] if text.startswith("\ufeff") else text
+    text = text[1:] if text.startswith("\ufeff") else text
+    if "\r" in text and "\n" not in text:
+        # classic Mac OS line ends: lines for the parser and for error positions alike (the whole
+        # file had been one line, "the line ends before the value does")
+        text = text.replace("\r", "\n")
+    return text
 
 
 MAX_SPEC_BYTES = 16 * 2**20
