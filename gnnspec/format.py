@@ -165,11 +165,18 @@ def attach_comments(comments: list[SourceComment], entries: list[SourceEntry], b
     layout = Layout()
     entries = sorted(entries, key=lambda e: e.start_line)
     for comment in comments:
-        inside = next((e for e in entries if e.start_line <= comment.line <= e.end_line), None)
+        # the innermost entry holding the line: a mapping's setting before the mapping
+        holding = [e for e in entries if e.start_line <= comment.line <= e.end_line]
+        inside = min(holding, key=lambda e: e.end_line - e.start_line) if holding else None
         if not comment.standalone and inside is not None:
             layout.trailing.setdefault(inside.key, []).append(comment.text)
             continue
-        owner = inside or next((e for e in entries if e.start_line > comment.line), None)
+        # a standalone comment goes with what follows it: inside an entry, its next setting (a YAML
+        # mapping's), else the entry itself; between entries, the next one
+        if inside is not None:
+            owner = next((e for e in entries if e.start_line > comment.line and e.end_line <= inside.end_line), inside)
+        else:
+            owner = next((e for e in entries if e.start_line > comment.line), None)
         lines = layout.leading.setdefault(owner.key, []) if owner else layout.footer
         if comment.line - 1 in blanks:
             lines.append("")
@@ -213,6 +220,27 @@ def _yaml_entry(key: str, value: Any) -> str:
     return yaml.safe_dump({key: payload}, sort_keys=False, width=10**9, default_flow_style=False).rstrip("\n")
 
 
+def _with_setting_comments(text: str, key: str, layout: Layout) -> str:
+    """A YAML ``graph``/``train`` mapping's lines with each setting's comments (``key.name`` in
+    ``layout``) before and after its line; those of settings not printed (at their defaults) go to
+    the mapping's own line."""
+    lines = text.split("\n")
+    printed = set()
+    for i in range(len(lines) - 1, 0, -1):
+        name = lines[i].strip().split(":", 1)[0]
+        printed.add(name)
+        trailing = layout.trailing.get(f"{key}.{name}")
+        if trailing:
+            lines[i] += "  " + " ".join(trailing)
+        lines[i:i] = ["  " + c if c else c for c in layout.leading.get(f"{key}.{name}", [])]
+    prefix = f"{key}."
+    for setting in [k for k in (*layout.leading, *layout.trailing) if k.startswith(prefix)]:
+        if setting[len(prefix):] not in printed:
+            layout.trailing.setdefault(key, []).extend(
+                c for c in (*layout.leading.pop(setting, []), *layout.trailing.pop(setting, [])) if c)
+    return "\n".join(lines)
+
+
 def _yaml_scalar(value: Any) -> Any:
     if value is None:
         return "none"
@@ -252,11 +280,13 @@ def format_spec(spec: ir.Spec, layout: Layout | None = None, *, style: str = "gn
         if key in layout.blank_before:
             lines.append("")
         if style == "yaml":
-            text = _yaml_entry(key, values[key])
+            text = _with_setting_comments(_yaml_entry(key, values[key]), key, layout)
         else:
             text = f"{key + ':':<{width}}{_entry_text(key, values[key], width)}"
         if layout.trailing.get(key):
-            text += "  " + " ".join(layout.trailing[key])
+            # on the key's own line in YAML (a mapping's settings follow it), after the value in .gnn
+            head, newline, rest = text.partition("\n") if style == "yaml" else (text, "", "")
+            text = head + "  " + " ".join(layout.trailing[key]) + newline + rest
         lines += text.split("\n")
     lines += pending + layout.footer
     return "\n".join(_collapse_blank_lines(lines)) + "\n"

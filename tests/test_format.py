@@ -82,6 +82,18 @@ def test_yaml_text_formats_as_yaml_and_keeps_meaning():
     assert gnnspec.format(out, form="yaml") == out
 
 
+def test_yaml_comments_stay_with_the_settings_of_a_mapping():
+    """A comment on or above a `graph`/`train` setting had moved to the mapping's last line (the
+    wrong key) or above the mapping."""
+    text = ("model: linear\ngraph:  # the graph\n  nodes: 100   # the nodes\n  edges: 500\n"
+            "train:\n  # a slow rate\n  lr: 0.005\n  epochs: 200  # the default, dropped\n")
+    out = gnnspec.format(text, form="yaml")
+    assert out == ("model: linear\ngraph:  # the graph\n  nodes: 100  # the nodes\n  edges: 500\n"
+                   "train:  # the default, dropped\n  # a slow rate\n  lr: 0.005\n")
+    assert gnnspec.parse(out, form="yaml") == gnnspec.parse(text, form="yaml")
+    assert gnnspec.format(out, form="yaml") == out
+
+
 @pytest.mark.parametrize(
     "n, text", [(16 * 2**30, "16GiB"), (8 * 10**9, "8GB"), (512 * 2**20, "512MiB"), (1000, "1KB"), (1024, "1KiB"), (7, "7B")]
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import yaml
 
 from gnnspec.format import Layout, SourceComment, SourceEntry, attach_comments
-from gnnspec.syntax.cst import Entry
+from gnnspec.syntax.cst import Entry, Kwargs
 from gnnspec.syntax.parser import code_characters, parse_cst
 from gnnspec.syntax.yaml_front import entries_from_yaml
 
@@ -63,15 +63,19 @@ def gnn_entries(text: str) -> list[SourceEntry]:
 
 
 def yaml_entries(text: str) -> list[SourceEntry]:
-    """Key and line range of each top-level entry of a YAML spec."""
+    """Key and line range of each top-level entry of a YAML spec, and of each setting of a
+    ``graph``/``train`` mapping (key ``graph.nodes``), which the YAML form prints one per line."""
     cst = entries_from_yaml(text)
-    if isinstance(cst, tuple):
-        # A block node ends where the next token starts: column 1 of a later line.
-        return [
-            SourceEntry(e.key, e.key_span.line, e.span.end_line - (e.span.end_column == 1 and e.span.end_line > e.span.line))
-            for e in cst
-        ]
-    return [SourceEntry("model", cst.span.line, cst.span.end_line)]
+    if not isinstance(cst, tuple):
+        return [SourceEntry("model", cst.span.line, cst.span.end_line)]
+    # A block node ends where the next token starts: column 1 of a later line.
+    out = [SourceEntry(e.key, e.key_span.line, e.span.end_line - (e.span.end_column == 1 and e.span.end_line > e.span.line))
+           for e in cst]
+    for e in cst:
+        if e.key in ("graph", "train") and isinstance(e.value, Kwargs):
+            out += [SourceEntry(f"{e.key}.{a.name}", (a.name_span or a.span).line, a.span.end_line)
+                    for a in e.value.args if a.name is not None]
+    return out
 
 
 def source_layout(text: str, *, form: str) -> Layout:
