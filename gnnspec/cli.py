@@ -645,10 +645,22 @@ def _plain_gnnspec_warnings():
         warnings.showwarning = shown
 
 
+def _joined_budget(argv: Sequence[str]) -> list[str]:
+    """``--budget -5GB`` as ``--budget=-5GB``: argparse takes a value that starts with ``-`` and is
+    not a number for an option ("expected one argument"); joined, the size is checked and refused
+    with its own message."""
+    out = list(argv)
+    for i in range(len(out) - 1):
+        if out[i] == "--budget" and out[i + 1].startswith("-") and out[i + 1][1:2].isdigit():
+            out[i : i + 2] = [f"--budget={out[i + 1]}"]
+            break
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_joined_budget(sys.argv[1:] if argv is None else argv))
         _normalise_specs(args)
         run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
         if run is None:

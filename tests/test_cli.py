@@ -716,3 +716,10 @@ def test_a_spec_file_with_carriage_return_line_ends_reads_as_lines(tmp_path, cap
     assert run(capsys, "check", str(good))[0] == 0
     code, _, err = run(capsys, "check", str(bad))
     assert code == 2 and err.startswith(f"{bad}:2:25: unknown op `gatt`")
+
+
+def test_a_negative_budget_is_refused_as_a_size(capsys):
+    """argparse had taken `-5GB` for an option: "expected one argument"."""
+    code, _, err = run(capsys, "estimate-mem", "--expr", "linear", "--in", "3", "--out", "3", "--nodes", "10",
+                       "--edges", "10", "--budget", "-5GB")
+    assert code == 2 and "`-5GB` is not a size" in err
