@@ -101,7 +101,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             continue
         irs[path] = ir_json(spec)
         if not args.json and not args.quiet:
-            print(f"ok: {path or '<expr>'} ({spec.name}, {_count(len(spec.model), 'stage')})")
+            print(f"ok: {path or '<expr>'} ({spec.name}, {_plural(len(spec.model), 'stage')})")
     if args.json and (len(paths) > 1 or not failed):
         print(json.dumps(irs if len(paths) > 1 else irs[paths[0]], indent=2))
     return EXIT_INVALID if failed else EXIT_OK
@@ -209,7 +209,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _count(n: int, noun: str) -> str:
+def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
@@ -324,7 +324,7 @@ def _print_train_summary(result, saved: str | None) -> None:
     peak = "n/a" if result.peak_bytes is None else f"{result.peak_bytes / 2**20:.1f} MiB"
     _console().print(
         f"{result.spec} on {result.data}: test accuracy {result.test_acc:.4f} at epoch {result.best_epoch} "
-        f"(validation {result.val_acc:.4f}); {_count(result.epochs, 'epoch')} in {result.seconds:.1f} s; "
+        f"(validation {result.val_acc:.4f}); {_plural(result.epochs, 'epoch')} in {result.seconds:.1f} s; "
         f"plan {result.plan}; step peak {peak}" + (f"; model saved to {saved}" if saved else "")
     )
 

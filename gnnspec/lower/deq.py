@@ -19,7 +19,6 @@ state (SPEC.md section 3).
 from __future__ import annotations
 
 import contextlib
-
 import math
 import warnings
 from dataclasses import dataclass

@@ -38,9 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.utils._mode_utils import no_dispatch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 __all__ = ["DropoutTape", "draw_noise", "dropout", "dropout_noise", "noise_scale", "pack_bits", "unpack_bits", "packed_bytes"]

@@ -29,13 +29,12 @@ def running_stat_buffers(modules: Iterable[nn.Module]) -> list[Tensor]:
     batch/instance norm below ``modules`` that tracks running statistics, each once."""
     buffers: list[Tensor] = []
     seen: set[int] = set()
-    for root in modules:
-        for module in root.modules():
-            if isinstance(module, _NormBase) and module.track_running_stats:
-                for buf in (module.running_mean, module.running_var, module.num_batches_tracked):
-                    if buf is not None and id(buf) not in seen:
-                        seen.add(id(buf))
-                        buffers.append(buf)
+    for module in _submodules(modules):
+        if isinstance(module, _NormBase) and module.track_running_stats:
+            for buf in (module.running_mean, module.running_var, module.num_batches_tracked):
+                if buf is not None and id(buf) not in seen:
+                    seen.add(id(buf))
+                    buffers.append(buf)
     return buffers
 
 

@@ -74,6 +74,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
 from gnnspec import ir
 from gnnspec.memory.pieces import norm_act_key, op_key, table_key
@@ -988,13 +989,8 @@ def calibrate_op(name: str, **args: Any) -> list[str]:
     return calibrate_op_pieces(name, args, (False, True))
 
 
-def _fake_tensor_refusals() -> tuple[type[Exception], ...]:
-    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
-
-    return DataDependentOutputException, DynamicOutputShapeException
-
-
-_FAKE_TENSOR_REFUSALS = _fake_tensor_refusals()
+# what fake tensors raise for an op whose output shape or value depends on the data
+_FAKE_TENSOR_REFUSALS = (DataDependentOutputException, DynamicOutputShapeException)
 
 
 def calibrate_op_pieces(name: str, args: dict[str, Any], precisions: tuple[bool, ...]) -> list[str]:
