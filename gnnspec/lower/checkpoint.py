@@ -20,7 +20,11 @@ Contract (SPEC.md section 3): outputs and gradients equal those of running the s
 * normalisation running statistics are updated once per step: torch's checkpoint alone runs a
   batch norm's forward twice in training mode and so updates ``running_mean``/``running_var``
   twice; here the recomputation runs inside :func:`preserved_running_stats` of that segment's
-  modules, which undoes the second update.
+  modules, which undoes the second update;
+* any other buffer the segment's forward changes (``spectral_norm``'s vectors, a user op's
+  counter) is recomputed from the value it had before the forward and ends as the forward left it
+  (:class:`~gnnspec.lower.recompute.BuffersBefore`; torch's checkpoint alone recomputes from the
+  changed value, and so computes another function than the forward's, and changes it again).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from torch.utils.checkpoint import checkpoint
 
 from gnnspec.lower.dropout_tape import DropoutTape
 from gnnspec.lower.recompute import (
-    parameter_slots, preserved_running_stats, restored_parameters, restored_training_modes, training_modes,
+    BuffersBefore, buffers_as_before, parameter_slots, preserved_running_stats, restored_parameters,
+    restored_training_modes, stateful_buffer_slots, training_modes,
 )
 
 State = Union[Tensor, tuple[Tensor, ...]]
@@ -86,31 +91,52 @@ def _checkpointed_segment(
     tape = DropoutTape()
 
     def contexts() -> tuple[Any, Any]:
-        return tape.recording(), _Recomputation(tape, modules)
+        recomputation = _Recomputation(tape, modules)
+        return _Forward(tape, recomputation.buffers), recomputation
 
     return checkpoint(
         segment, *flat, use_reentrant=False, preserve_rng_state=True, context_fn=contexts
     )
 
 
+class _Forward:
+    """The context of a segment's forward: its dropout masks recorded on ``tape``, and ``buffers``
+    (taken just before) settled when it ends."""
+
+    def __init__(self, tape: DropoutTape, buffers: BuffersBefore) -> None:
+        self.recording, self.buffers = tape.recording(), buffers
+
+    def __enter__(self) -> None:
+        self.recording.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.recording.__exit__(*exc)
+        finally:
+            self.buffers.settle()
+
+
 class _Recomputation:
     """The context of a segment's recomputation: its modules in the training modes and holding the
     parameters of the forward (recorded with the segment's forward: the model may be put in
     ``eval()`` before backward, a forward under ``torch.func.functional_call`` used other
-    tensors), its dropout masks replayed from ``tape``, its modules' running statistics restored
-    afterwards. Re-enterable: a ``retain_graph`` backward recomputes the segment again with the
-    same object."""
+    tensors) and the buffers the forward started from, its dropout masks replayed from ``tape``,
+    its modules' running statistics and changed buffers restored afterwards. Made just before the
+    forward; re-enterable: a ``retain_graph`` backward recomputes the segment again with the same
+    object."""
 
     def __init__(self, tape: DropoutTape, modules: Sequence[nn.Module]) -> None:
         self.tape, self.modules = tape, modules
         self.modes = training_modes(*modules)
         self.parameters = parameter_slots(*modules)
+        self.buffers = BuffersBefore(stateful_buffer_slots(*modules))
         self._stack: list[contextlib.ExitStack] = []
 
     def __enter__(self) -> None:
         stack = contextlib.ExitStack()
         stack.enter_context(restored_training_modes(self.modes))
         stack.enter_context(restored_parameters(self.parameters))
+        stack.enter_context(buffers_as_before(self.buffers.changed))
         stack.enter_context(self.tape.replaying())
         stack.enter_context(preserved_running_stats(*self.modules))
         self._stack.append(stack)

@@ -9,13 +9,18 @@ module state a second time. Two pieces of state matter:
 * normalisation running statistics: :func:`preserved_running_stats` snapshots the running
   buffers of every batch/instance norm below a module and restores them on exit, so a
   recomputation in training mode uses batch statistics (the same values as the first forward)
-  but leaves ``running_mean``, ``running_var`` and ``num_batches_tracked`` as they were.
+  but leaves ``running_mean``, ``running_var`` and ``num_batches_tracked`` as they were;
+* any other buffer a forward changes (``spectral_norm``'s power-iteration vectors, a user op's
+  counter): the forward reads it, so its recomputation must start from the value the forward
+  started from. :class:`BuffersBefore` copies such buffers before the forward and keeps the copies
+  of those the forward changed; :func:`buffers_as_before` runs the recomputation on them and puts
+  the current ones back afterwards.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +70,63 @@ def preserved_buffers(buffers: list[Tensor]) -> Iterator[None]:
         # an autograd graph recorded inside the block (which saved the running buffers) stays valid.
         for buf, value in zip(buffers, saved):
             buf.data.copy_(value)
+
+
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+BufferSlot = tuple[nn.Module, str]
+
+
+def stateful_buffer_slots(*modules: nn.Module) -> tuple[BufferSlot, ...]:
+    """The ``(module, attribute)`` of each buffer below ``modules``, except the running statistics
+    of norms (a training-mode norm writes them without reading them: :func:`preserved_running_stats`
+    covers those)."""
+    return tuple(
+        (m, name) for m in _submodules(modules) for name, b in m._buffers.items()
+        if b is not None and not (isinstance(m, _NormBase) and name in _RUNNING_STATS)
+    )
+
+
+class BuffersBefore:
+    """The values of ``slots``' buffers before one forward, for recomputing that forward.
+
+    Made just before the forward (a copy of each buffer: O(buffer size), no buffer of gnnspec's
+    own layers but GIN's one-element ``eps``); :meth:`settle` just after it keeps the copies of the
+    buffers the forward changed (written in place, which bumps the version counter, or replaced in
+    the module) and drops the rest. :attr:`changed` is what :func:`buffers_as_before` takes."""
+
+    def __init__(self, slots: Sequence[BufferSlot]) -> None:
+        # the buffer each module holds now (a forward may assign a new one)
+        now = [(m, name, m._buffers.get(name)) for m, name in slots]
+        self._taken = [(m, name, b, b._version, b.detach().clone()) for m, name, b in now if b is not None]
+        self.changed: list[tuple[nn.Module, str, Tensor]] = []
+
+    def settle(self) -> "BuffersBefore":
+        self.changed = [(m, name, before) for m, name, b, version, before in self._taken
+                        if m._buffers.get(name) is not b or b._version != version]
+        self._taken = []
+        return self
+
+
+@contextmanager
+def buffers_as_before(changed: Sequence[tuple[nn.Module, str, Tensor]]) -> Iterator[None]:
+    """Each module holding a copy of its buffer's value before the forward (:class:`BuffersBefore`)
+    while the block (a recomputation of that forward) runs, and the buffer it holds now afterwards:
+    the recomputation computes what the forward did (``spectral_norm`` starts its power iteration
+    from the same vectors) and the buffers end as the forward left them, changed once. A fresh
+    copy each time, as the recomputation may write into it (a ``retain_graph`` backward recomputes
+    again)."""
+    if not changed:
+        yield
+        return
+    current = [(m, name, m._buffers.get(name)) for m, name, _ in changed]
+    for m, name, before in changed:
+        m._buffers[name] = before.clone()
+    try:
+        yield
+    finally:
+        for m, name, value in current:
+            m._buffers[name] = value
 
 
 def refuse_second_order(plan: str) -> None:

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from torch.utils._mode_utils import no_dispatch
 
 from gnnspec.lower.recompute import (
-    parameter_slots, preserved_buffers, refuse_second_order, restored_parameters, restored_training_modes,
-    running_stat_buffers, training_modes,
+    BufferSlot, BuffersBefore, buffers_as_before, parameter_slots, preserved_buffers, refuse_second_order,
+    restored_parameters, restored_training_modes, running_stat_buffers, stateful_buffer_slots, training_modes,
 )
 
 
@@ -108,18 +108,28 @@ class ReversibleStack(nn.Module):
                     position[id(p)] = len(params)
                     params.append(p)
             states.append(_FunctionState(own, [position[id(p)] for p in own], running_stat_buffers([f]),
-                                         training_modes(f), parameter_slots(f)))
+                                         training_modes(f), parameter_slots(f), stateful_buffer_slots(f)))
         return params, states
 
     def _layer_forward(self, layer: tuple[int, ...], x: Tensor, args: Sequence[Any]) -> Tensor:
         return torch.cat(self._layer_groups(layer, x.chunk(self.groups, dim=-1), args), dim=-1)
 
-    def _layer_groups(self, layer: tuple[int, ...], xs: Sequence[Tensor], args: Sequence[Any]) -> list[Tensor]:
-        """The output groups ``y_0 .. y_{C-1}`` of one layer from its input groups."""
+    def _layer_groups(
+        self, layer: tuple[int, ...], xs: Sequence[Tensor], args: Sequence[Any],
+        buffers: tuple[list[BuffersBefore], Sequence["_FunctionState"]] | None = None,
+    ) -> list[Tensor]:
+        """The output groups ``y_0 .. y_{C-1}`` of one layer from its input groups; with
+        ``buffers``, each call's :class:`BuffersBefore` of its function's stateful buffers appended
+        to the list (in call order)."""
         y = _sum(xs[1:])
         ys = []
         for i, index in enumerate(layer):
-            y = self.functions[index](y, *args) + xs[i]
+            if buffers is None:
+                y = self.functions[index](y, *args) + xs[i]
+            else:
+                before = BuffersBefore(buffers[1][index].stateful)
+                y = self.functions[index](y, *args) + xs[i]
+                buffers[0].append(before.settle())
             ys.append(y)
         return ys
 
@@ -131,13 +141,15 @@ class _FunctionState(NamedTuple):
     """One group function's trainable parameters, their positions among the stack's parameter
     inputs, the running-statistic buffers its recomputation must leave unchanged, and its
     modules' training modes and parameters at the forward (which the recomputation runs with:
-    :func:`~gnnspec.lower.recompute.parameter_slots`)."""
+    :func:`~gnnspec.lower.recompute.parameter_slots`), and its other buffers, which a call may
+    change (:func:`~gnnspec.lower.recompute.stateful_buffer_slots`)."""
 
     params: list[Tensor]
     positions: list[int]
     buffers: list[Tensor]
     modes: tuple[tuple[nn.Module, bool], ...]
     slots: tuple[tuple[nn.Module, str, Tensor], ...] = ()
+    stateful: tuple[BufferSlot, ...] = ()
 
 
 def _rng_state(device: torch.device) -> Tensor:
@@ -191,10 +203,14 @@ class _ReversibleStackFunction(torch.autograd.Function):
         # Nothing is saved, so the layers pass group lists on and the output is concatenated once
         # (the plain stack concatenates every layer's output, which autograd needs as one tensor).
         rng_before = _rng_state(x.device)
+        # Per call, the values of the buffers it changed (spectral_norm's vectors): its
+        # recomputation starts from them. Only where a function has buffers other than norms'.
+        ctx.buffers_before = [] if any(state.stateful for state in states) else None
+        buffers = None if ctx.buffers_before is None else (ctx.buffers_before, states)
         with torch.no_grad():
             groups = x.chunk(stack.groups, dim=-1)
             for layer in stack.table:
-                groups = stack._layer_groups(layer, groups, args)
+                groups = stack._layer_groups(layer, groups, args, buffers)
             x = torch.cat(groups, dim=-1)
         if _rng_advanced(rng_before, x.device):
             # backward would recompute each f with other random numbers: wrong gradients
@@ -232,28 +248,29 @@ class _ReversibleStackFunction(torch.autograd.Function):
         groups = ctx.stack.groups
         ys, grad_ys = list(y.chunk(groups, dim=-1)), list(grad_output.chunk(groups, dim=-1))
         del y
-        for layer in reversed(ctx.stack.table):
-            ys, grad_ys = _layer_backward(ctx, layer, ys, grad_ys, args, param_grads)
+        for number in reversed(range(len(ctx.stack.table))):
+            ys, grad_ys = _layer_backward(ctx, number, ys, grad_ys, args, param_grads)
         grad_x = torch.cat(grad_ys, dim=-1) if ctx.needs_input_grad[3] else None
         return (None, None, None, grad_x, *([None] * len(args)), *param_grads)
 
 
 def _layer_backward(
     ctx: Any,
-    layer: tuple[int, ...],
+    number: int,
     ys: list[Tensor],
     grad_ys: list[Tensor],
     args: Sequence[Any],
     param_grads: list[Tensor | None],
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """One layer's input groups and their gradients from its output groups and their gradients,
-    adding the gradients of the layer's parameters into ``param_grads``.
+    """Layer ``number``'s input groups and their gradients from its output groups and their
+    gradients, adding the gradients of the layer's parameters into ``param_grads``.
 
     Group lists are carried between layers instead of concatenated tensors, and each piece is
     dropped from the lists once used, so no full-width copy is made per layer. Never writes into
     the given tensors: they may be the caller's.
     """
     stack: ReversibleStack = ctx.stack
+    layer = stack.table[number]
     device_type, autocast_enabled, autocast_dtype = ctx.autocast
     groups = len(layer)
     xs: list[Tensor | None] = [None] * groups
@@ -266,7 +283,9 @@ def _layer_backward(
         f_input = (ys[i - 1] if i > 0 else _sum(xs[1:])).detach().requires_grad_()
         # autograd.grad runs before the running statistics are restored: batch norm saved them
         # for backward, so the restore must not come between the recomputation and its backward.
-        with preserved_buffers(state.buffers), restored_training_modes(state.modes), restored_parameters(state.slots):
+        changed = [] if ctx.buffers_before is None else ctx.buffers_before[number * groups + i].changed
+        with preserved_buffers(state.buffers), restored_training_modes(state.modes), \
+                restored_parameters(state.slots), buffers_as_before(changed):
             with torch.enable_grad(), torch.autocast(
                 device_type, dtype=autocast_dtype, enabled=autocast_enabled
             ):
