@@ -735,3 +735,25 @@ def test_a_recomputation_starts_from_the_buffers_the_forward_started_from(statef
     # left them: spectral_norm took a second power-iteration step (gradients 1e-4 to 1e-2 off),
     # a counter was counted twice; outputs, gradients and buffers after the step now equal store's
     assert_same_step(stack_text(kind, op, norm="layer", dropout=0.2, tie=tie, depth=4), plan)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("plan", ["checkpoint(segments=2)", "reversible"])
+def test_a_hook_on_a_parameter_runs_once_per_backward(plan, tie):
+    # reversible took each recomputed function's parameter gradients with torch.autograd.grad on
+    # the parameters themselves, which ran their hooks there too: a hook doubling the gradient ran
+    # 2 times untied (4 tied) and the gradient came out 2x store's
+    text = stack_text("rev", "gcn", norm="layer", dropout=0.2, tie=tie)
+    x, edge_index, y = graph()
+    results = []
+    for p in ["store", plan]:
+        model = build(text, p).train()
+        weight = model.stages[1].stack.functions[0].conv.lin.weight
+        calls = []
+        weight.register_hook(lambda g: (calls.append(1), g * 2)[1])
+        torch.manual_seed(1)
+        torch.nn.functional.cross_entropy(model(x, edge_index), y).backward()
+        results.append((len(calls), weight.grad.clone()))
+    (ref_calls, ref_grad), (calls, grad) = results
+    assert ref_calls == calls == 1
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-9)

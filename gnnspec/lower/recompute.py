@@ -188,6 +188,31 @@ def restored_parameters(slots: tuple[tuple[nn.Module, str, Tensor], ...]) -> Ite
 
 
 @contextmanager
+def parameters_as_leaves(slots: tuple[tuple[nn.Module, str, Tensor], ...]) -> Iterator[dict[int, Tensor]]:
+    """Each module holding a detached alias of the parameter recorded in ``slots`` (the same
+    storage and version counter, a leaf with the parameter's ``requires_grad``, none of its hooks)
+    while the block runs, and what it holds now afterwards; yields ``{id(parameter): alias}``.
+
+    For a recomputation whose parameter gradients a plan takes itself (``torch.autograd.grad``) and
+    hands to the engine as its own: taken with respect to the aliases, so a hook registered on a
+    parameter (``Tensor.register_hook``) runs once, on the gradient the engine receives, as under
+    ``store`` (with respect to the parameters it had run once per recomputation as well, twice or
+    more in all). Recorded parameters are the forward's, as :func:`restored_parameters` restores."""
+    aliases: dict[int, Tensor] = {}
+    current = [(m, name, m._parameters.get(name)) for m, name, _ in slots]
+    for m, name, p in slots:
+        alias = aliases.get(id(p))
+        if alias is None:
+            alias = aliases[id(p)] = p.detach().requires_grad_(p.requires_grad)
+        m._parameters[name] = alias
+    try:
+        yield aliases
+    finally:
+        for m, name, value in current:
+            m._parameters[name] = value
+
+
+@contextmanager
 def restored_training_modes(modes: tuple[tuple[nn.Module, bool], ...]) -> Iterator[None]:
     """Each module in the training mode recorded in ``modes`` while the block runs, and back in its
     current mode afterwards: a recomputation in backward computes what the forward computed even

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from torch.utils._mode_utils import no_dispatch
 
 from gnnspec.lower.recompute import (
-    BufferSlot, BuffersBefore, buffers_as_before, parameter_slots, preserved_buffers, refuse_second_order,
-    restored_parameters, restored_training_modes, running_stat_buffers, stateful_buffer_slots, training_modes,
+    BufferSlot, BuffersBefore, buffers_as_before, parameter_slots, parameters_as_leaves, preserved_buffers,
+    refuse_second_order, restored_training_modes, running_stat_buffers, stateful_buffer_slots, training_modes,
 )
 
 
@@ -285,7 +285,7 @@ def _layer_backward(
         # for backward, so the restore must not come between the recomputation and its backward.
         changed = [] if ctx.buffers_before is None else ctx.buffers_before[number * groups + i].changed
         with preserved_buffers(state.buffers), restored_training_modes(state.modes), \
-                restored_parameters(state.slots), buffers_as_before(changed):
+                parameters_as_leaves(state.slots) as leaves, buffers_as_before(changed):
             with torch.enable_grad(), torch.autocast(
                 device_type, dtype=autocast_dtype, enabled=autocast_enabled
             ):
@@ -296,7 +296,7 @@ def _layer_backward(
             # dtype as the plain stack's add hands it on (bfloat16 under autocast).
             grad_input, *grads = torch.autograd.grad(
                 f_output,
-                [f_input, *state.params],
+                [f_input, *(leaves[id(p)] for p in state.params)],
                 grad.to(f_output.dtype),
                 allow_unused=True,
                 materialize_grads=True,
