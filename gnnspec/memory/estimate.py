@@ -1014,6 +1014,52 @@ def _total(tensors: Counter[int]) -> int:
     return sum(b * n for b, n in tensors.items())
 
 
+# torch's default cuBLAS workspace on Hopper (``CUBLAS_WORKSPACE_CONFIG=:4096:8``), the size a
+# CUDA estimate made without a device assumes (other GPUs default to 8.125 MiB: this errs high)
+_HOPPER_CUBLAS_WORKSPACE = 4096 * 1024 * 8
+# cuBLASLt's default workspace where torch cannot say (``CUBLASLT_WORKSPACE_SIZE``, KiB)
+_DEFAULT_CUBLASLT_WORKSPACE = 1024 * 1024
+# threads that run matrix products in a step: the caller's (forward) and autograd's device thread
+_BLAS_THREADS = 2
+
+
+def cuda_workspace_bytes() -> int:
+    """Bytes of BLAS workspace a CUDA training step holds: torch gives every (cuBLAS handle,
+    stream) its own workspace from the caching allocator, keeps it for the process's life (so
+    ``max_memory_allocated`` counts it), and a handle is per thread; the forward runs on the
+    caller's thread and the backward on autograd's device thread, ``_BLAS_THREADS`` x (cuBLAS +
+    cuBLASLt workspace). The sizes are torch's own for the current device where it can say
+    (``torch._C._cuda_getCublasWorkspaceSize``), else those of ``CUBLAS_WORKSPACE_CONFIG`` and
+    ``CUBLASLT_WORKSPACE_SIZE`` as torch reads them, else torch's Hopper default."""
+    import torch
+
+    try:
+        if torch.cuda.is_available():
+            return _BLAS_THREADS * (int(torch._C._cuda_getCublasWorkspaceSize())
+                                    + int(torch._C._cuda_getCublasLtWorkspaceSize()))
+    except (AttributeError, RuntimeError):
+        pass
+    return _BLAS_THREADS * (_cublas_workspace_from_env() + _cublaslt_workspace_from_env())
+
+
+def _cublas_workspace_from_env() -> int:
+    """``CUBLAS_WORKSPACE_CONFIG`` (``:SIZE_KiB:COUNT`` pairs) as torch parses it, else the Hopper
+    default."""
+    import os
+    import re
+
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")
+    pairs = re.findall(r":(\d+):(\d+)", config)
+    return sum(int(size) * 1024 * int(count) for size, count in pairs) if pairs else _HOPPER_CUBLAS_WORKSPACE
+
+
+def _cublaslt_workspace_from_env() -> int:
+    import os
+
+    value = os.environ.get("CUBLASLT_WORKSPACE_SIZE", "")
+    return int(value) * 1024 if value.isdigit() else _DEFAULT_CUBLASLT_WORKSPACE
+
+
 def _cuda_rounded(nbytes: int) -> int:
     """What the CUDA caching allocator reserves for ``nbytes``."""
     return -(-nbytes // CUDA_BLOCK) * CUDA_BLOCK
@@ -1228,7 +1274,8 @@ class ModelEstimator:
     # -- the step
 
     def base(self) -> dict[str, int]:
-        """Bytes alive for the whole step: parameters, optimizer state, inputs."""
+        """Bytes alive for the whole step: parameters, optimizer state, inputs; on CUDA also the
+        BLAS workspaces (:func:`cuda_workspace_bytes`, as temporaries)."""
         if self._base is None:
             g = self.graph
             params = sum((st.params() for st in self.stages), Counter())
@@ -1254,6 +1301,8 @@ class ModelEstimator:
                 state = sum(int(per_byte * b + fixed) * n for b, n in params.items())
             self._base = {"parameters": int(_total(params) + _total(buffers)), "optimizer": int(state),
                           "inputs": int(inputs)}
+            if g.device == "cuda":  # library scratch, alive all step: counted with the temporaries
+                self._base["temporaries"] = cuda_workspace_bytes()
             self._params = params
         return self._base
 
