@@ -714,14 +714,33 @@ class _SpectralGraphConv(torch.nn.Module):
         return self.conv(x, edge_index)
 
 
+class _Twin(torch.nn.Module):
+    """Two submodules holding one buffer: the first counts its training forwards in place, the
+    second's value scales the output."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.counter, self.reader = torch.nn.Module(), torch.nn.Module()
+        calls = torch.zeros(())
+        self.counter.register_buffer("calls", calls)
+        self.reader.register_buffer("calls", calls)
+        self.lin = torch.nn.Linear(channels, channels)
+
+    def forward(self, x, edge_index):
+        if self.training:
+            self.counter.calls.add_(1)
+        return self.lin(x) * (1 + 0.1 * self.reader.calls)
+
+
 @pytest.fixture
 def stateful_ops():
     from gnnspec import ops
 
     gnnspec.register_op("counted", _Counted, params={"assign": False})
     gnnspec.register_op("spectral", _SpectralGraphConv)
+    gnnspec.register_op("twin", _Twin)
     yield
-    for name in ("counted", "spectral"):
+    for name in ("counted", "spectral", "twin"):
         ops.OP_SIGNATURES.pop(name, None)
         ops._IMPLS.pop(name, None)
 
@@ -757,3 +776,23 @@ def test_a_hook_on_a_parameter_runs_once_per_backward(plan, tie):
     (ref_calls, ref_grad), (calls, grad) = results
     assert ref_calls == calls == 1
     torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind, plan", [("res+", "checkpoint(segments=2)"), ("rev", "reversible")])
+def test_a_buffer_two_modules_hold_stays_one_tensor_in_the_recomputation(stateful_ops, kind, plan):
+    # each module had been given its own copy of the buffer's value before the forward: the
+    # recomputation counted in one copy and read the other (gradients off); float32, as `double()`
+    # would give each module a converted buffer of its own
+    x, edge_index, y = graph()
+    results = []
+    for p in ["store", plan]:
+        torch.manual_seed(0)
+        model = gnnspec.build(stack_text(kind, "twin", norm="layer", depth=4), IN, OUT, plan=p)
+        twin = next(m for m in model.modules() if isinstance(m, _Twin))
+        assert twin.counter.calls is twin.reader.calls
+        results.append(train_step(model, x.float(), edge_index, y))
+    (_, ref_grads, ref_state), (_, grads, state) = results
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    for name in ref_state:
+        torch.testing.assert_close(state[name], ref_state[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -96,9 +96,17 @@ class BuffersBefore:
     the module) and drops the rest. :attr:`changed` is what :func:`buffers_as_before` takes."""
 
     def __init__(self, slots: Sequence[BufferSlot]) -> None:
-        # the buffer each module holds now (a forward may assign a new one)
-        now = [(m, name, m._buffers.get(name)) for m, name in slots]
-        self._taken = [(m, name, b, b._version, b.detach().clone()) for m, name, b in now if b is not None]
+        # the buffer each module holds now (a forward may assign a new one); one copy of a buffer
+        # that several modules hold
+        copies: dict[int, Tensor] = {}
+        self._taken = []
+        for m, name in slots:
+            b = m._buffers.get(name)
+            if b is not None:
+                before = copies.get(id(b))
+                if before is None:
+                    before = copies[id(b)] = b.detach().clone()
+                self._taken.append((m, name, b, b._version, before))
         self.changed: list[tuple[nn.Module, str, Tensor]] = []
 
     def settle(self) -> "BuffersBefore":
@@ -120,8 +128,11 @@ def buffers_as_before(changed: Sequence[tuple[nn.Module, str, Tensor]]) -> Itera
         yield
         return
     current = [(m, name, m._buffers.get(name)) for m, name, _ in changed]
+    fresh: dict[int, Tensor] = {}  # a buffer several modules held stays one tensor
     for m, name, before in changed:
-        m._buffers[name] = before.clone()
+        if id(before) not in fresh:
+            fresh[id(before)] = before.clone()
+        m._buffers[name] = fresh[id(before)]
     try:
         yield
     finally:
