@@ -366,7 +366,7 @@ class StageModel:
         """(norm, act, dropout) units at ``width`` (identities left out); the dropout list is empty
         where the dropout (the shared mask of rev/deq) runs inside the norm's unit."""
         st, g = self.stage, self.graph
-        drop = [Unit("dropout", N=g.nodes, D=width, s=g.s)] if st.dropout > 0 else []
+        drop = [Unit(dropout_key(g), N=g.nodes, D=width, s=g.s)] if st.dropout > 0 else []
         if ir.act_in_place(st.norm, st.act):  # one unit: the activation (and dropout) write the norm's output
             fused = ir.drop_in_place(self.kind, st.norm, st.act, st.dropout)
             between = ("mask" if self.kind in ("rev", "deq") else "drop") if fused else None
@@ -476,7 +476,7 @@ class StageModel:
                     units.append(Unit(f"norm:{st.norm}", N=g.nodes, D=dim, s=g.s))
                 if st.act != "none":
                     units.append(Unit(f"act:{st.act}", N=g.nodes, D=dim, s=g.s))
-                units.append(Unit("dropout", N=g.nodes, D=dim, s=g.s) if st.dropout > 0 else None)
+                units.append(Unit(dropout_key(g), N=g.nodes, D=dim, s=g.s) if st.dropout > 0 else None)
             width = dim
         return [u for u in units if u is not None]
 
@@ -495,7 +495,7 @@ class StageModel:
             return chain_units(self._mlp_units(), mode, grad_in, False)
         if kind in ("norm", "act", "dropout"):
             width = self.resolved.in_width
-            key = {"norm": f"norm:{getattr(st, 'type', '')}", "act": f"act:{getattr(st, 'fn', '')}", "dropout": "dropout"}[kind]
+            key = {"norm": f"norm:{getattr(st, 'type', '')}", "act": f"act:{getattr(st, 'fn', '')}", "dropout": dropout_key(g)}[kind]
             if (kind == "norm" and st.type == "none") or (kind == "act" and st.fn == "none") or (kind == "dropout" and st.p == 0):
                 return _identity(), grad_in
             return chain_units([Unit(key, N=g.nodes, D=width, s=g.s)], mode, grad_in, False)
@@ -1070,6 +1070,12 @@ def _cuda_rounded_all(tensors: Counter[int]) -> Counter[int]:
     for b, n in tensors.items():
         rounded[_cuda_rounded(b)] += n
     return rounded
+
+
+def dropout_key(graph: Graph) -> str:
+    """The piece of ``F.dropout`` on ``graph``'s device (:data:`gnnspec.memory.pieces.CUDA_DROPOUT`:
+    CUDA keeps a one-byte mask where the CPU keeps the float noise)."""
+    return pieces.CUDA_DROPOUT if graph.device == "cuda" else "dropout"
 
 
 def _alloc(graph: Graph, nbytes: int) -> int:

@@ -37,11 +37,47 @@ class _Table(dict):
         self.raw = data["pieces"]
 
     def __missing__(self, key: str) -> dict[str, Any]:
-        compiled = self[key] = _compile_entry(self.raw[key])
+        raw = cuda_dropout_entry(self.raw[_cuda_dropout_base(key)]) if _is_cuda_dropout(key) else self.raw[key]
+        compiled = self[key] = _compile_entry(raw)
         return compiled
 
     def __contains__(self, key: object) -> bool:
-        return dict.__contains__(self, key) or key in self.raw
+        return (dict.__contains__(self, key) or key in self.raw
+                or (isinstance(key, str) and _is_cuda_dropout(key) and _cuda_dropout_base(key) in self.raw))
+
+
+CUDA_DROPOUT = "dropout:cuda"
+"""The key of ``F.dropout`` on a CUDA tensor: torch runs its fused kernel there (``native_dropout``),
+which keeps a ``bool`` mask for the backward, one byte an element, where the CPU kernels keep the
+float noise (``s`` bytes). Derived from the calibrated ``dropout`` piece (:func:`cuda_dropout_entry`):
+the calibration runs on CPU, and fake CUDA tensors need a CUDA build."""
+
+
+def _is_cuda_dropout(key: str) -> bool:
+    return key == CUDA_DROPOUT or key == CUDA_DROPOUT + HALF
+
+
+def _cuda_dropout_base(key: str) -> str:
+    return "dropout" + key[len(CUDA_DROPOUT):]
+
+
+def cuda_dropout_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """The calibrated ``dropout`` piece with its noise (storage 0, ``D*N*s`` bytes) a one-byte mask
+    (``D*N``); the rest (the output, the gradient) as recorded."""
+    variants = {}
+    for variant, prog in entry["variants"].items():
+        out = dict(prog)
+        for phase in ("fwd", "bwd"):
+            events = []
+            for ev in prog[phase]:
+                if ev[0] == "a" and ev[1] == 0:
+                    if ev[2] != {"D*N*s": 1}:
+                        raise ValueError(f"the dropout piece's noise is not D*N*s bytes: {ev}")
+                    ev = [ev[0], ev[1], {"D*N": 1}, *ev[3:]]
+                events.append(ev)
+            out[phase] = events
+        variants[variant] = out
+    return dict(entry, variants=variants)
 
 
 CALIBRATED_FROM: dict[str, object] = {}
@@ -111,7 +147,7 @@ def norm_act_key(norm: str, act: str, between: str | None = None) -> str:
 
 def draws_dropout(key: str) -> bool:
     """Whether the unit ``key`` draws a dropout mask (``dropout``, or a norm block with dropout)."""
-    return key == "dropout" or (key.startswith("norm:") and "+drop+" in key)
+    return key in ("dropout", CUDA_DROPOUT) or (key.startswith("norm:") and "+drop+" in key)
 
 
 def evaluate(form, shape: dict[str, int]) -> int:
