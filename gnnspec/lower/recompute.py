@@ -20,7 +20,7 @@ module state a second time. Two pieces of state matter:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -124,20 +124,30 @@ def buffers_as_before(changed: Sequence[tuple[nn.Module, str, Tensor]]) -> Itera
     from the same vectors) and the buffers end as the forward left them, changed once. A fresh
     copy each time, as the recomputation may write into it (a ``retain_graph`` backward recomputes
     again)."""
-    if not changed:
-        yield
-        return
-    current = [(m, name, m._buffers.get(name)) for m, name, _ in changed]
     fresh: dict[int, Tensor] = {}  # a buffer several modules held stays one tensor
-    for m, name, before in changed:
+    for _, _, before in changed:
         if id(before) not in fresh:
             fresh[id(before)] = before.clone()
-        m._buffers[name] = fresh[id(before)]
+    with _held((m._buffers, name, fresh[id(before)]) for m, name, before in changed):
+        yield
+
+
+@contextmanager
+def _held(assignments: Iterable[tuple[dict[str, Any], str, Any]]) -> Iterator[None]:
+    """Each ``slots[name] = value`` of ``assignments`` (a module's ``_parameters`` or ``_buffers``,
+    each slot once) while the block runs, and what each slot held before afterwards."""
+    assignments = list(assignments)
+    if not assignments:
+        yield
+        return
+    before = [(slots, name, slots.get(name)) for slots, name, _ in assignments]
+    for slots, name, value in assignments:
+        slots[name] = value
     try:
         yield
     finally:
-        for m, name, value in current:
-            m._buffers[name] = value
+        for slots, name, value in before:
+            slots[name] = value
 
 
 def refuse_second_order(plan: str) -> None:
@@ -185,17 +195,8 @@ def restored_parameters(slots: tuple[tuple[nn.Module, str, Tensor], ...]) -> Ite
     holds now afterwards: a forward run under ``torch.func.functional_call`` (which swaps its
     tensors in, and the module's own back on return) is recomputed with the tensors it used, so
     the gradients go to them (they had been zero, or taken at the module's own values)."""
-    changed = [(m, name, p, m._parameters.get(name)) for m, name, p in slots if m._parameters.get(name) is not p]
-    if not changed:
+    with _held((m._parameters, name, p) for m, name, p in slots if m._parameters.get(name) is not p):
         yield
-        return
-    for m, name, p, _ in changed:
-        m._parameters[name] = p
-    try:
-        yield
-    finally:
-        for m, name, _, current in changed:
-            m._parameters[name] = current
 
 
 @contextmanager
@@ -210,17 +211,11 @@ def parameters_as_leaves(slots: tuple[tuple[nn.Module, str, Tensor], ...]) -> It
     ``store`` (with respect to the parameters it had run once per recomputation as well, twice or
     more in all). Recorded parameters are the forward's, as :func:`restored_parameters` restores."""
     aliases: dict[int, Tensor] = {}
-    current = [(m, name, m._parameters.get(name)) for m, name, _ in slots]
-    for m, name, p in slots:
-        alias = aliases.get(id(p))
-        if alias is None:
-            alias = aliases[id(p)] = p.detach().requires_grad_(p.requires_grad)
-        m._parameters[name] = alias
-    try:
+    for _, _, p in slots:
+        if id(p) not in aliases:
+            aliases[id(p)] = p.detach().requires_grad_(p.requires_grad)
+    with _held((m._parameters, name, aliases[id(p)]) for m, name, p in slots):
         yield aliases
-    finally:
-        for m, name, value in current:
-            m._parameters[name] = value
 
 
 @contextmanager

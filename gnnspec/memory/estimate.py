@@ -32,6 +32,7 @@ what a 3-layer one does.
 from __future__ import annotations
 
 import numbers
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -1045,17 +1046,12 @@ def cuda_workspace_bytes() -> int:
 def _cublas_workspace_from_env() -> int:
     """``CUBLAS_WORKSPACE_CONFIG`` (``:SIZE_KiB:COUNT`` pairs) as torch parses it, else the Hopper
     default."""
-    import os
-    import re
-
     config = os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")
     pairs = re.findall(r":(\d+):(\d+)", config)
     return sum(int(size) * 1024 * int(count) for size, count in pairs) if pairs else _HOPPER_CUBLAS_WORKSPACE
 
 
 def _cublaslt_workspace_from_env() -> int:
-    import os
-
     value = os.environ.get("CUBLASLT_WORKSPACE_SIZE", "")
     return int(value) * 1024 if value.isdigit() else _DEFAULT_CUBLASLT_WORKSPACE
 
