@@ -19,8 +19,8 @@ Contract (SPEC.md section 3): outputs and gradients equal those of running the s
   and the masks are drawn again; masks passed in ``args`` (:class:`SharedDropout`) are reused as is;
 * normalisation running statistics are updated once per step: torch's checkpoint alone runs a
   batch norm's forward twice in training mode and so updates ``running_mean``/``running_var``
-  twice; here the recomputation runs inside :func:`preserved_running_stats` of that segment's
-  modules, which undoes the second update;
+  twice; here the recomputation runs inside :func:`~gnnspec.lower.recompute.preserved_buffers` of
+  the running statistics of that segment's modules, which undoes the second update;
 * any other buffer the segment's forward changes (``spectral_norm``'s vectors, a user op's
   counter) is recomputed from the value it had before the forward and ends as the forward left it
   (:class:`~gnnspec.lower.recompute.BuffersBefore`; torch's checkpoint alone recomputes from the
@@ -38,8 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gnnspec.lower.dropout_tape import DropoutTape
 from gnnspec.lower.recompute import (
-    BuffersBefore, buffers_as_before, parameter_slots, preserved_running_stats, restored_parameters,
-    restored_training_modes, stateful_buffer_slots, training_modes,
+    BuffersBefore, buffers_as_before, module_record, preserved_buffers, restored_parameters, restored_training_modes,
 )
 
 State = Union[Tensor, tuple[Tensor, ...]]
@@ -126,19 +125,18 @@ class _Recomputation:
     object."""
 
     def __init__(self, tape: DropoutTape, modules: Sequence[nn.Module]) -> None:
-        self.tape, self.modules = tape, modules
-        self.modes = training_modes(*modules)
-        self.parameters = parameter_slots(*modules)
-        self.buffers = BuffersBefore(stateful_buffer_slots(*modules))
+        self.tape = tape
+        self.record = module_record(*modules)
+        self.buffers = BuffersBefore(self.record.stateful)
         self._stack: list[contextlib.ExitStack] = []
 
     def __enter__(self) -> None:
         stack = contextlib.ExitStack()
-        stack.enter_context(restored_training_modes(self.modes))
-        stack.enter_context(restored_parameters(self.parameters))
+        stack.enter_context(restored_training_modes(self.record.modes))
+        stack.enter_context(restored_parameters(self.record.parameters))
         stack.enter_context(buffers_as_before(self.buffers.changed))
         stack.enter_context(self.tape.replaying())
-        stack.enter_context(preserved_running_stats(*self.modules))
+        stack.enter_context(preserved_buffers(self.record.running_stats))
         self._stack.append(stack)
 
     def __exit__(self, *exc: Any) -> None:

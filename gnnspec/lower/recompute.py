@@ -20,7 +20,7 @@ module state a second time. Two pieces of state matter:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +32,13 @@ from gnnspec.lower.dropout_tape import draw_noise
 def running_stat_buffers(modules: Iterable[nn.Module]) -> list[Tensor]:
     """The running buffers (``running_mean``, ``running_var``, ``num_batches_tracked``) of every
     batch/instance norm below ``modules`` that tracks running statistics, each once."""
+    return _running_stats_of(_submodules(modules))
+
+
+def _running_stats_of(submodules: Iterable[nn.Module]) -> list[Tensor]:
     buffers: list[Tensor] = []
     seen: set[int] = set()
-    for module in _submodules(modules):
+    for module in submodules:
         if isinstance(module, _NormBase) and module.track_running_stats:
             for buf in (module.running_mean, module.running_var, module.num_batches_tracked):
                 if buf is not None and id(buf) not in seen:
@@ -56,9 +60,9 @@ def preserved_running_stats(*modules: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def preserved_buffers(buffers: list[Tensor]) -> Iterator[None]:
-    """:func:`preserved_running_stats` for buffers already found by :func:`running_stat_buffers`
-    (a caller that recomputes the same module many times looks them up once)."""
+def preserved_buffers(buffers: Sequence[Tensor]) -> Iterator[None]:
+    """:func:`preserved_running_stats` for buffers already found (:attr:`ModuleRecord.running_stats`):
+    a caller that recomputes the same modules looks them up once, with the forward."""
     if not buffers:
         yield
         return
@@ -75,16 +79,6 @@ def preserved_buffers(buffers: list[Tensor]) -> Iterator[None]:
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 BufferSlot = tuple[nn.Module, str]
-
-
-def stateful_buffer_slots(*modules: nn.Module) -> tuple[BufferSlot, ...]:
-    """The ``(module, attribute)`` of each buffer below ``modules``, except the running statistics
-    of norms (a training-mode norm writes them without reading them: :func:`preserved_running_stats`
-    covers those)."""
-    return tuple(
-        (m, name) for m in _submodules(modules) for name, b in m._buffers.items()
-        if b is not None and not (isinstance(m, _NormBase) and name in _RUNNING_STATS)
-    )
 
 
 class BuffersBefore:
@@ -163,10 +157,35 @@ def refuse_second_order(plan: str) -> None:
         )
 
 
-def training_modes(*modules: nn.Module) -> tuple[tuple[nn.Module, bool], ...]:
-    """Each submodule of ``modules`` (themselves included, each once) with its ``training`` flag,
-    as :func:`restored_training_modes` takes them."""
-    return tuple((m, m.training) for m in _submodules(modules))
+class ModuleRecord(NamedTuple):
+    """What a recomputation of one forward of some modules needs to know about them, recorded
+    just before that forward by one walk of their submodules (:func:`module_record`):
+
+    * ``modes``: each submodule with its ``training`` flag (:func:`restored_training_modes`);
+    * ``parameters``: each parameter with the ``(module, attribute)`` holding it
+      (:func:`restored_parameters`, :func:`parameters_as_leaves`);
+    * ``running_stats``: the running buffers of the norms (:func:`preserved_buffers`);
+    * ``stateful``: the ``(module, attribute)`` of every other buffer, which a forward may change
+      (:class:`BuffersBefore`); a training-mode norm writes its running statistics without
+      reading them, so those are not among them.
+    """
+
+    modes: tuple[tuple[nn.Module, bool], ...] = ()
+    parameters: tuple[tuple[nn.Module, str, Tensor], ...] = ()
+    running_stats: tuple[Tensor, ...] = ()
+    stateful: tuple[BufferSlot, ...] = ()
+
+
+def module_record(*modules: nn.Module) -> ModuleRecord:
+    """The :class:`ModuleRecord` of ``modules`` (themselves included) now."""
+    submodules = _submodules(modules)
+    return ModuleRecord(
+        modes=tuple((m, m.training) for m in submodules),
+        parameters=tuple((m, name, p) for m in submodules for name, p in m._parameters.items() if p is not None),
+        running_stats=tuple(_running_stats_of(submodules)),
+        stateful=tuple((m, name) for m in submodules for name, b in m._buffers.items()
+                       if b is not None and not (isinstance(m, _NormBase) and name in _RUNNING_STATS)),
+    )
 
 
 def _submodules(modules: Iterable[nn.Module]) -> list[nn.Module]:
@@ -181,12 +200,6 @@ def _submodules(modules: Iterable[nn.Module]) -> list[nn.Module]:
             seen[id(m)] = m
             stack.extend(child for child in m._modules.values() if child is not None)
     return list(seen.values())
-
-
-def parameter_slots(*modules: nn.Module) -> tuple[tuple[nn.Module, str, Tensor], ...]:
-    """Each parameter below ``modules`` with the ``(module, attribute)`` holding it now, as
-    :func:`restored_parameters` takes them."""
-    return tuple((m, name, p) for m in _submodules(modules) for name, p in m._parameters.items() if p is not None)
 
 
 @contextmanager

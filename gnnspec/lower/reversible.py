@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from torch.utils._mode_utils import no_dispatch
 
 from gnnspec.lower.recompute import (
-    BufferSlot, BuffersBefore, buffers_as_before, parameter_slots, parameters_as_leaves, preserved_buffers,
-    refuse_second_order, restored_training_modes, running_stat_buffers, stateful_buffer_slots, training_modes,
+    BuffersBefore, ModuleRecord, buffers_as_before, module_record, parameters_as_leaves, preserved_buffers,
+    refuse_second_order, restored_training_modes,
 )
 
 
@@ -107,8 +107,7 @@ class ReversibleStack(nn.Module):
                 if id(p) not in position:
                     position[id(p)] = len(params)
                     params.append(p)
-            states.append(_FunctionState(own, [position[id(p)] for p in own], running_stat_buffers([f]),
-                                         training_modes(f), parameter_slots(f), stateful_buffer_slots(f)))
+            states.append(_FunctionState(own, [position[id(p)] for p in own], module_record(f)))
         return params, states
 
     def _layer_forward(self, layer: tuple[int, ...], x: Tensor, args: Sequence[Any]) -> Tensor:
@@ -127,7 +126,7 @@ class ReversibleStack(nn.Module):
             if buffers is None:
                 y = self.functions[index](y, *args) + xs[i]
             else:
-                before = BuffersBefore(buffers[1][index].stateful)
+                before = BuffersBefore(buffers[1][index].record.stateful)
                 y = self.functions[index](y, *args) + xs[i]
                 buffers[0].append(before.settle())
             ys.append(y)
@@ -139,17 +138,13 @@ class ReversibleStack(nn.Module):
 
 class _FunctionState(NamedTuple):
     """One group function's trainable parameters, their positions among the stack's parameter
-    inputs, the running-statistic buffers its recomputation must leave unchanged, and its
-    modules' training modes and parameters at the forward (which the recomputation runs with:
-    :func:`~gnnspec.lower.recompute.parameter_slots`), and its other buffers, which a call may
-    change (:func:`~gnnspec.lower.recompute.stateful_buffer_slots`)."""
+    inputs, and its :class:`~gnnspec.lower.recompute.ModuleRecord` at the forward: the training
+    modes and parameters its recomputation runs with, the running statistics that recomputation
+    must leave unchanged, and the other buffers a call may change."""
 
     params: list[Tensor]
     positions: list[int]
-    buffers: list[Tensor]
-    modes: tuple[tuple[nn.Module, bool], ...]
-    slots: tuple[tuple[nn.Module, str, Tensor], ...] = ()
-    stateful: tuple[BufferSlot, ...] = ()
+    record: ModuleRecord
 
 
 def _rng_state(device: torch.device) -> Tensor:
@@ -205,7 +200,7 @@ class _ReversibleStackFunction(torch.autograd.Function):
         rng_before = _rng_state(x.device)
         # Per call, the values of the buffers it changed (spectral_norm's vectors): its
         # recomputation starts from them. Only where a function has buffers other than norms'.
-        ctx.buffers_before = [] if any(state.stateful for state in states) else None
+        ctx.buffers_before = [] if any(state.record.stateful for state in states) else None
         buffers = None if ctx.buffers_before is None else (ctx.buffers_before, states)
         with torch.no_grad():
             groups = x.chunk(stack.groups, dim=-1)
@@ -284,8 +279,8 @@ def _layer_backward(
         # autograd.grad runs before the running statistics are restored: batch norm saved them
         # for backward, so the restore must not come between the recomputation and its backward.
         changed = [] if ctx.buffers_before is None else ctx.buffers_before[number * groups + i].changed
-        with preserved_buffers(state.buffers), restored_training_modes(state.modes), \
-                parameters_as_leaves(state.slots) as leaves, buffers_as_before(changed):
+        with preserved_buffers(state.record.running_stats), restored_training_modes(state.record.modes), \
+                parameters_as_leaves(state.record.parameters) as leaves, buffers_as_before(changed):
             with torch.enable_grad(), torch.autocast(
                 device_type, dtype=autocast_dtype, enabled=autocast_enabled
             ):

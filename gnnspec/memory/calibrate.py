@@ -426,6 +426,7 @@ def record_rev_back(groups: int, pt: dict[str, int], s: int, first: bool) -> dic
     on: an alias)."""
     from types import SimpleNamespace
 
+    from gnnspec.lower.recompute import ModuleRecord
     from gnnspec.lower.reversible import ReversibleStack, _FunctionState, _layer_backward
 
     dtype = DTYPES[s]
@@ -449,7 +450,7 @@ def record_rev_back(groups: int, pt: dict[str, int], s: int, first: bool) -> dic
                         **{f"Xg{i}": rec.uid_of(t) for i, t in enumerate(grad_ys)}}
             # The holes' parameters are not the stack's: their gradients belong to the hole's own
             # calibration, so each function recomputes with no parameters to differentiate.
-            states = [_FunctionState([], [], [], ()) for _ in stack.functions]
+            states = [_FunctionState([], [], ModuleRecord()) for _ in stack.functions]
             ctx = SimpleNamespace(stack=stack, autocast=("cpu", False, torch.bfloat16), states=states,
                                   buffers_before=None)
             rec.mark("F")
