@@ -183,7 +183,7 @@ def _build(args: argparse.Namespace, spec: gnnspec.Spec, text: str, shown: str, 
         raise _located(err, shown, text) from None
     from gnnspec.train import plan_label
 
-    return model, plan_label(model, requested, spec)
+    return model, plan_label(model, requested, spec, args.budget)
 
 
 class _NoFitExit(Exception):

@@ -85,18 +85,21 @@ def accuracy(out: Tensor, y: Tensor, mask: Tensor) -> float:
     return int(correct.sum()) / correct.numel()
 
 
-def plan_label(model: nn.Module, requested: Any, spec: ir.Spec) -> str:
+def plan_label(model: nn.Module, requested: Any, spec: ir.Spec, budget: int | None = None) -> str:
     """The plan ``compile`` and ``train`` report: the requested plan's text (else the spec's), and
     for ``auto`` what the planner chose, one plan per stack as ``--plan`` takes them
-    (``"auto(budget=1GB) -> checkpoint(segments=8), reversible"``); a request given as plans or an
+    (``"auto(budget=1GB) -> checkpoint(segments=8), reversible"``; a bare ``auto`` given a
+    ``budget`` of bytes reads as ``auto(budget=...)``); a request given as plans or an
     ``Estimate`` reads as the stacks' plans."""
-    from gnnspec.format import format_node
+    from gnnspec.format import format_node, format_size
 
     stacks = [s.plan_text for r, s in zip(model.resolved, model.stages) if isinstance(r.stage, ir.Stack)]
     chosen = ", ".join(stacks) or "store"
     if requested is not None and not isinstance(requested, str):
         return chosen
     label = (requested or "").strip() or format_node(spec.plan)  # a --plan text may be padded
+    if label == "auto" and budget is not None:
+        label = f"auto(budget={format_size(budget)})"
     return f"{label} -> {chosen}" if label.startswith("auto") else label
 
 
@@ -164,7 +167,7 @@ def train(
         optimizer.step()
         losses.append(float(loss.detach()))
 
-    result = TrainResult(spec.name, data.name, plan_label(model, plan, spec), epochs, 0, 0.0, 0.0, 0.0, None)
+    result = TrainResult(spec.name, data.name, plan_label(model, plan, spec, budget), epochs, 0, 0.0, 0.0, 0.0, None)
     best_val, stale = -1.0, 0
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):

@@ -361,9 +361,16 @@ def test_compile_with_a_budget_builds_the_chosen_plan(capsys):
     code, out, _ = run(capsys, "compile", "--expr", TWO, *SIZE, "--budget", str(budget), "--json")
     assert code == 0
     summary = json.loads(out)
-    assert summary["plan"].startswith("auto -> ") and chosen != "store"
+    # the budget reads in the plan as a spec's `plan: auto(budget=...)` does
+    assert summary["plan"].startswith(f"auto(budget={budget}B) -> ") and chosen != "store"
     stack_plans = [s["plan"] for s in summary["stages"] if s["kind"] in ("rev", "res+")]
     assert stack_plans == [p.split("(")[0] for p in chosen.split(", ")]
+
+
+def test_a_budget_in_units_reads_in_the_reported_plan(capsys):
+    code, out, _ = run(capsys, "compile", "--expr", "rev(op=gcn, depth=4)", "--in", "3", "--out", "2",
+                       "--nodes", "100000", "--edges", "3000000", "--budget", "300MB", "--json")
+    assert code == 0 and json.loads(out)["plan"] == "auto(budget=300MB) -> reversible"
 
 
 def test_compile_budget_errors(capsys):
@@ -519,7 +526,7 @@ def test_train_budget_counts_the_self_loops_of_the_data(capsys, tmp_path):
     assert as_edges > budget  # the loops counted as edges would not fit
     code, out, _ = run(capsys, "train", "--expr", expr, "--data", str(path), "--epochs", "1", "--budget", str(budget),
                        "--json")
-    assert code == 0 and json.loads(out)["plan"] == "auto -> store"
+    assert code == 0 and json.loads(out)["plan"] == f"auto(budget={budget}B) -> store"
 
 
 def test_estimate_mem_takes_the_graph_from_data(capsys):
@@ -570,7 +577,7 @@ def test_the_planned_label_lists_one_plan_per_stack_and_can_be_given_back(capsys
     chosen = json.loads(out)["chosen"]
     assert chosen.count(",") == 2 and "checkpoint(segments=" in chosen
     code, out, _ = run(capsys, "compile", "--expr", expr, *size)
-    assert code == 0 and json.loads(out)["plan"] == f"auto -> {chosen}"
+    assert code == 0 and json.loads(out)["plan"] == f"auto(budget=90MB) -> {chosen}"
     code, out, _ = run(capsys, "compile", "--expr", expr, *size[:-3], "--plan", chosen, "--json")
     assert code == 0 and json.loads(out)["plan"] == chosen
 
@@ -598,7 +605,8 @@ def test_train_with_a_budget_runs_the_planned_plan(capsys):
     code, out, _ = run(capsys, "train", "--expr", TWO, "--data", sbm, "--epochs", "2", "--budget", str(budget), "--json")
     assert code == 0
     result = json.loads(out)
-    assert result["plan"].startswith("auto -> ") and result["plan"] != "auto -> store"
+    label = f"auto(budget={budget}B) -> "
+    assert result["plan"].startswith(label) and result["plan"] != label + "store"
     assert result["peak_bytes"] <= budget * 1.05
     code, _, err = run(capsys, "train", "--expr", TWO, "--data", sbm, "--epochs", "2", "--budget", "1KiB")
     assert code == 3 and "nothing fits" in err
