@@ -922,6 +922,11 @@ class _SortedAggregation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         alpha, x = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): the products below record no graph
+            source, target = ctx.edges.edge_index
+            grad_alpha = (grad.index_select(0, target) * x.index_select(0, source)).sum(-1)
+            grad_x = torch.zeros_like(x).index_add(0, source, alpha.unsqueeze(-1) * grad.index_select(0, target))
+            return grad_alpha, grad_x, None
         edges, heads, real = ctx.edges, x.size(1), not isinstance(x, FakeTensor)
         grad_alpha = grad_x = None
         with _quiet_sparse_csr():
@@ -1003,6 +1008,13 @@ class _EdgeSoftmax(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         alpha, positive = ctx.saved_tensors
         edges, heads = ctx.edges, alpha.size(0)
+        if torch.is_grad_enabled():  # backward(create_graph=True): the formula above in recorded ops
+            source, target = edges.edge_index
+            zeros = alpha.new_zeros(heads, edges.num_nodes)
+            dz = alpha * grad
+            dz = (dz - alpha * zeros.index_add(1, target, dz).index_select(1, target)) \
+                * torch.where(positive, 1.0, ctx.slope).to(dz.dtype)
+            return zeros.index_add(1, source, dz).t(), zeros.index_add(1, target, dz).t(), None, None
         source_index, target_index = _flat_edge_indices(edges, heads)
         dz = alpha * grad.contiguous()
         weighted = _segment_sums(dz, edges)

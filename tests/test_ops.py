@@ -534,6 +534,30 @@ def test_gat_on_sorted_edges_is_the_stock_layer_without_per_edge_messages(heads:
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_gat_on_sorted_edges_differentiates_twice_as_the_stock_layer(heads: int):
+    # A gradient penalty through gat raised "sparse_sampled_addmm(): functions with out=...
+    # arguments don't support automatic differentiation", under store and checkpoint.
+    torch.manual_seed(0)
+    x, edge_index = _graph(channels=8)
+    conv, stock = _gat_pair(heads)
+    graph = _prepare(edge_index, forms=["self_loops"])
+    results = []
+    for layer, run in ((conv, lambda xg: call_conv(conv, "gat", xg, graph)), (stock, lambda xg: stock(xg, edge_index))):
+        xg = x.clone().requires_grad_()
+        layer.train().zero_grad()
+        (gx,) = torch.autograd.grad(run(xg).tanh().sum(), xg, create_graph=True)
+        penalty = (gx ** 2).sum()
+        penalty.backward()
+        results.append([penalty.detach(), xg.grad, *(p.grad for p in layer.parameters())])
+    names = ["penalty", "x", *(name for name, _ in conv.named_parameters())]
+    for name, ours, theirs in zip(names, *results):
+        assert theirs.abs().max() > 0, name
+        torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-8 * theirs.abs().max(), msg=name)
+    # and the second derivatives themselves, by finite differences
+    assert torch.autograd.gradgradcheck(lambda xg: call_conv(conv, "gat", xg, graph).tanh(), x.clone().requires_grad_())
+
+
 def test_gat_attention_dropout_draws_the_stock_layers_masks(monkeypatch):
     # the stock layer given the same sorted edge order makes the same draws, mask for mask
     x, edge_index = _graph(channels=8)
