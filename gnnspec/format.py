@@ -272,8 +272,10 @@ def format_spec(spec: ir.Spec, layout: Layout | None = None, *, style: str = "gn
     pending: list[str] = []
     for key in ir.SPEC_KEYS:
         pending += layout.leading.get(key, [])
-        if key not in values:
+        if key not in values:  # its comments, and those of its settings, go on with the next key
             pending += layout.trailing.get(key, [])
+            settings = dict.fromkeys(k for k in (*layout.leading, *layout.trailing) if k.startswith(key + "."))
+            pending += [c for k in settings for c in (*layout.leading.get(k, []), *layout.trailing.get(k, [])) if c]
             continue
         lines += pending
         pending = []

@@ -94,6 +94,15 @@ def test_yaml_comments_stay_with_the_settings_of_a_mapping():
     assert gnnspec.format(out, form="yaml") == out
 
 
+def test_yaml_comments_of_a_mapping_left_out_at_its_defaults_are_kept():
+    """A `train:` whose every setting is at its default is not printed; its settings' comments had
+    gone with it (`fmt --write` deleted them from the file)."""
+    text = "model: plain\ntrain:  # training\n  # a comment\n  lr: 0.01  # keep\nseed: 3\n"
+    out = gnnspec.format(text, form="yaml")
+    assert out == "model: plain\n# training\n# a comment\n# keep\nseed: 3\n"
+    assert gnnspec.format(out, form="yaml") == out
+
+
 @pytest.mark.parametrize(
     "n, text", [(16 * 2**30, "16GiB"), (8 * 10**9, "8GB"), (512 * 2**20, "512MiB"), (1000, "1KB"), (1024, "1KiB"), (7, "7B")]
 )
