@@ -232,7 +232,7 @@ def _print_compile_table(summary: dict, saved: str | None) -> None:
         table.add_row(
             str(index), kind, stage["plan"], str(stage["depth"]), f"{stage['in']} -> {stage['out']}", f"{stage['parameters']:,}"
         )
-    console = _console()
+    console = _console(width=max(_console().width, 150))  # plans like checkpoint(segments=16) uncut when piped
     console.print(table)
     if saved:
         console.print(f"state dict written to {saved}")

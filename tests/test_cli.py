@@ -731,3 +731,10 @@ def test_a_negative_budget_is_refused_as_a_size(capsys):
     code, _, err = run(capsys, "estimate-mem", "--expr", "linear", "--in", "3", "--out", "3", "--nodes", "10",
                        "--edges", "10", "--budget", "-5GB")
     assert code == 2 and "`-5GB` is not a size" in err
+
+
+def test_the_compile_table_shows_whole_plans_when_piped(capsys):
+    # at the 80 columns of a pipe rich had cut the plan column to `checkpoint(segments…`
+    code, out, _ = run(capsys, "compile", "--expr", "linear >> res+(op=gcn, depth=4, plan=checkpoint(segments=2)) "
+                       ">> rev(op=gat, depth=3, plan=reversible) >> deq(op=gcn, plan=implicit)", "--in", "3", "--out", "2")
+    assert code == 0 and "│ checkpoint(segments=2) │" in out
