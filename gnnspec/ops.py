@@ -989,7 +989,7 @@ class _EdgeSoftmax(torch.autograd.Function):
         positive = z > 0 if needs_grad else None
         alpha = F.leaky_relu_(z, slope)
         total = None
-        if slope >= 0:  # leaky ReLU is monotone: no logit exceeds the bound
+        if slope >= 0 and alpha_src.size(0) > 0:  # leaky ReLU is monotone: no logit exceeds the bound
             bound = F.leaky_relu(alpha_src.amax(0) + alpha_dst.amax(0), slope)
             total = _segment_sums(alpha.sub_(bound.unsqueeze(1)).exp_(), edges)
             if not isinstance(total, FakeTensor) and bool((total < _tiny_sqrt(total.dtype)).any()):

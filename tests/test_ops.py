@@ -753,3 +753,14 @@ def test_register_op_refuses_what_no_spec_could_build(user_ops, register, messag
     with pytest.raises(ValueError, match=message):
         register()
     assert "u1" not in OP_SIGNATURES and "true" not in OP_SIGNATURES
+
+
+@pytest.mark.parametrize("plan", ["store", "checkpoint"])
+def test_gat_on_a_graph_of_no_nodes_returns_no_rows_as_the_stock_layer(plan: str):
+    # the softmax's bound took a maximum over zero nodes: "amax(): Expected reduction dim 0 to have
+    # non-zero size", where GATConv returns a [0, C] tensor
+    assert GATConv(4, 4)(torch.randn(0, 4), torch.empty(2, 0, dtype=torch.long)).shape == (0, 4)
+    x = torch.randn(0, 4, requires_grad=True)
+    out = gnnspec.build("plain(op=gat, depth=2)", 4, 3, plan=plan)(x, torch.empty(2, 0, dtype=torch.long))
+    out.sum().backward()
+    assert out.shape == (0, 3) and x.grad.shape == (0, 4)
