@@ -923,10 +923,7 @@ class _SortedAggregation(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         alpha, x = ctx.saved_tensors
         if torch.is_grad_enabled():  # backward(create_graph=True): the products below record no graph
-            source, target = ctx.edges.edge_index
-            grad_alpha = (grad.index_select(0, target) * x.index_select(0, source)).sum(-1)
-            grad_x = torch.zeros_like(x).index_add(0, source, alpha.unsqueeze(-1) * grad.index_select(0, target))
-            return grad_alpha, grad_x, None
+            return (*_aggregation_backward_recorded(ctx.edges, alpha, x, grad), None)
         edges, heads, real = ctx.edges, x.size(1), not isinstance(x, FakeTensor)
         grad_alpha = grad_x = None
         with _quiet_sparse_csr():
@@ -1009,12 +1006,7 @@ class _EdgeSoftmax(torch.autograd.Function):
         alpha, positive = ctx.saved_tensors
         edges, heads = ctx.edges, alpha.size(0)
         if torch.is_grad_enabled():  # backward(create_graph=True): the formula above in recorded ops
-            source, target = edges.edge_index
-            zeros = alpha.new_zeros(heads, edges.num_nodes)
-            dz = alpha * grad
-            dz = (dz - alpha * zeros.index_add(1, target, dz).index_select(1, target)) \
-                * torch.where(positive, 1.0, ctx.slope).to(dz.dtype)
-            return zeros.index_add(1, source, dz).t(), zeros.index_add(1, target, dz).t(), None, None
+            return (*_edge_softmax_backward_recorded(edges, alpha, positive, ctx.slope, grad), None, None)
         source_index, target_index = _flat_edge_indices(edges, heads)
         dz = alpha * grad.contiguous()
         weighted = _segment_sums(dz, edges)
@@ -1028,6 +1020,29 @@ class _EdgeSoftmax(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_dst = _swapped_copy(_segment_sums(dz, edges))
         return grad_src, grad_dst, None, None
+
+
+def _aggregation_backward_recorded(edges: TargetSortedEdges, alpha: Tensor, x: Tensor,
+                                   grad: Tensor) -> tuple[Tensor, Tensor]:
+    """:class:`_SortedAggregation`'s gradients ``(dL/dalpha, dL/dx)`` in ops autograd records, for a
+    backward with ``create_graph=True`` (its CSR products write into ``out=`` buffers, which
+    record no graph). A function of its own: new locals in the backward would change the order in
+    which its frame releases tensors, which the memory calibration records."""
+    source, target = edges.edge_index
+    grad_alpha = (grad.index_select(0, target) * x.index_select(0, source)).sum(-1)
+    return grad_alpha, torch.zeros_like(x).index_add(0, source, alpha.unsqueeze(-1) * grad.index_select(0, target))
+
+
+def _edge_softmax_backward_recorded(edges: TargetSortedEdges, alpha: Tensor, positive: Tensor, slope: float,
+                                    grad: Tensor) -> tuple[Tensor, Tensor]:
+    """:class:`_EdgeSoftmax`'s gradients ``(dL/dalpha_src, dL/dalpha_dst)``, its backward's formula in
+    ops autograd records (see :func:`_aggregation_backward_recorded`)."""
+    source, target = edges.edge_index
+    zeros = alpha.new_zeros(alpha.size(0), edges.num_nodes)
+    dz = alpha * grad
+    dz = (dz - alpha * zeros.index_add(1, target, dz).index_select(1, target)) \
+        * torch.where(positive, 1.0, slope).to(dz.dtype)
+    return zeros.index_add(1, source, dz).t(), zeros.index_add(1, target, dz).t()
 
 
 def _flat_edge_indices(edges: TargetSortedEdges, heads: int) -> tuple[Tensor, Tensor]:
