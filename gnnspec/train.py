@@ -85,13 +85,14 @@ def accuracy(out: Tensor, y: Tensor, mask: Tensor) -> float:
     return int(correct.sum()) / correct.numel()
 
 
-def plan_label(model: nn.Module, requested: Any, spec: ir.Spec, budget: int | None = None) -> str:
+def plan_label(model: nn.Module, requested: Any, spec: ir.Spec, budget: int | str | None = None) -> str:
     """The plan ``compile`` and ``train`` report: the requested plan's text (else the spec's), and
     for ``auto`` what the planner chose, one plan per stack as ``--plan`` takes them
     (``"auto(budget=1GB) -> checkpoint(segments=8), reversible"``; a bare ``auto`` given a
-    ``budget`` of bytes reads as ``auto(budget=...)``); a request given as plans or an
+    ``budget`` (bytes, or a size as ``build`` takes it) reads as ``auto(budget=...)``); a request given as plans or an
     ``Estimate`` reads as the stacks' plans."""
     from gnnspec.format import format_node, format_size
+    from gnnspec.memory.estimate import parse_size
 
     stacks = [s.plan_text for r, s in zip(model.resolved, model.stages) if isinstance(r.stage, ir.Stack)]
     chosen = ", ".join(stacks) or "store"
@@ -99,7 +100,7 @@ def plan_label(model: nn.Module, requested: Any, spec: ir.Spec, budget: int | No
         return chosen
     label = (requested or "").strip() or format_node(spec.plan)  # a --plan text may be padded
     if label == "auto" and budget is not None:
-        label = f"auto(budget={format_size(budget)})"
+        label = f"auto(budget={format_size(parse_size(budget))})"
     return f"{label} -> {chosen}" if label.startswith("auto") else label
 
 

@@ -109,3 +109,11 @@ def test_train_rejects_a_negative_seed_and_no_epochs():
         train(spec, data, seed=-1)
     with pytest.raises(ValueError, match="epochs must be at least 1, got 0"):
         train(spec, data, epochs=0)
+
+
+@pytest.mark.parametrize("budget, shown", [("1GB", "1GB"), (2**30, "1GiB")])
+def test_a_budget_given_to_train_reads_in_its_plan(budget, shown):
+    # a budget written as text had raised TypeError in the plan's label
+    data = load_data("sbm(nodes=300, edges=1500, classes=3, features=8)")
+    _, result = train(gnnspec.parse("rev(depth=2)"), data, epochs=1, budget=budget)
+    assert result.plan == f"auto(budget={shown}) -> store"
