@@ -221,6 +221,12 @@ def _console(**options):
     return Console(markup=False, **options)
 
 
+def _table_console():
+    """:func:`_console` at least 150 columns wide: a table's plans (``checkpoint(segments=16)``)
+    and sizes are not cut at the 80 columns of a pipe."""
+    return _console(width=max(_console().width, 150))
+
+
 def _print_compile_table(summary: dict, saved: str | None) -> None:
     from rich.table import Table
 
@@ -232,7 +238,7 @@ def _print_compile_table(summary: dict, saved: str | None) -> None:
         table.add_row(
             str(index), kind, stage["plan"], str(stage["depth"]), f"{stage['in']} -> {stage['out']}", f"{stage['parameters']:,}"
         )
-    console = _console(width=max(_console().width, 150))  # plans like checkpoint(segments=16) uncut when piped
+    console = _table_console()
     console.print(table)
     if saved:
         console.print(f"state dict written to {saved}")
@@ -396,7 +402,7 @@ def cmd_estimate_mem(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    console = _console(width=max(_console().width, 150))
+    console = _table_console()
     try:
         _one_budget(args)
         est = gnnspec.estimate(spec, nodes=nodes, edges=edges, budget=args.budget, plan=args.plan,

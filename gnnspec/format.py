@@ -233,12 +233,19 @@ def _with_setting_comments(text: str, key: str, layout: Layout) -> str:
         if trailing:
             lines[i] += "  " + " ".join(trailing)
         lines[i:i] = ["  " + c if c else c for c in layout.leading.get(f"{key}.{name}", [])]
-    prefix = f"{key}."
-    for setting in [k for k in (*layout.leading, *layout.trailing) if k.startswith(prefix)]:
-        if setting[len(prefix):] not in printed:
-            layout.trailing.setdefault(key, []).extend(
-                c for c in (*layout.leading.pop(setting, []), *layout.trailing.pop(setting, [])) if c)
+    unprinted = _taken_setting_comments(layout, key, printed)
+    if unprinted:
+        layout.trailing.setdefault(key, []).extend(unprinted)
     return "\n".join(lines)
+
+
+def _taken_setting_comments(layout: Layout, key: str, printed: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """The comments (leading, then trailing) of each setting ``key.name`` of ``layout`` whose name
+    is not in ``printed``, taken out of ``layout``."""
+    prefix = f"{key}."
+    settings = dict.fromkeys(k for k in (*layout.leading, *layout.trailing)
+                             if k.startswith(prefix) and k[len(prefix):] not in printed)
+    return [c for k in settings for c in (*layout.leading.pop(k, []), *layout.trailing.pop(k, [])) if c]
 
 
 def _yaml_scalar(value: Any) -> Any:
@@ -273,9 +280,7 @@ def format_spec(spec: ir.Spec, layout: Layout | None = None, *, style: str = "gn
     for key in ir.SPEC_KEYS:
         pending += layout.leading.get(key, [])
         if key not in values:  # its comments, and those of its settings, go on with the next key
-            pending += layout.trailing.get(key, [])
-            settings = dict.fromkeys(k for k in (*layout.leading, *layout.trailing) if k.startswith(key + "."))
-            pending += [c for k in settings for c in (*layout.leading.get(k, []), *layout.trailing.get(k, [])) if c]
+            pending += layout.trailing.get(key, []) + _taken_setting_comments(layout, key)
             continue
         lines += pending
         pending = []
