@@ -298,14 +298,16 @@ class _CsrMatmul(torch.autograd.Function):
     def forward(ctx, x: Tensor, adjacency: CsrAdjacency, bias: Tensor | None) -> Tensor:  # type: ignore[override]
         ctx.adjacency, ctx.x_dtype = adjacency, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
+        mark_tensor_inputs(ctx, x, adjacency, bias)
         return adjacency._product(x, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
+        needs = gradients_used(ctx)
+        if needs[0]:
             grad_x = ctx.adjacency.t().matmul(grad).to(ctx.x_dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        if ctx.bias_dtype is not None and needs[2]:
             grad_bias = grad.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias
 
@@ -358,13 +360,14 @@ class _PropagatedLinear(torch.autograd.Function):
             out = adjacency._add_product_(root, neighbours)
         ctx.save_for_backward(x)
         ctx.weights, ctx.adjacency, ctx.has_bias = (weight, root_weight), adjacency, bias is not None
+        mark_tensor_inputs(ctx, x, weight, root_weight, bias, adjacency, residual)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
         weight, root_weight = ctx.weights
-        needs = ctx.needs_input_grad
+        needs = gradients_used(ctx)
         propagated = ctx.adjacency.t()._product(grad)  # A^T g
         grad_x = grad_w = grad_root = grad_b = None
         if needs[0]:
@@ -379,7 +382,7 @@ class _PropagatedLinear(torch.autograd.Function):
         if ctx.has_bias and needs[3]:
             grad_b = grad.sum(0)
         grads = (grad_x, grad_w, grad_root, grad_b, None)
-        return grads + (grad if needs[5] else None,) if len(needs) > 5 else grads
+        return grads + (grad if needs[5] else None,) if len(ctx.needs_input_grad) > 5 else grads
 
 
 def _fusable_product(x: Any, adjacency: Any, *modules: nn.Module) -> bool:
@@ -424,6 +427,36 @@ def has_forward_hooks(*modules: nn.Module) -> bool:
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def mark_tensor_inputs(ctx: Any, *inputs: Any) -> None:
+    """Records which of a custom autograd Function's forward inputs are tensors, for
+    :func:`gradients_used` (the node's edges cover the tensor inputs only)."""
+    ctx.tensor_inputs = tuple(isinstance(a, Tensor) for a in inputs)
+
+
+def gradients_used(ctx: Any) -> tuple[bool, ...]:
+    """Per forward input of the custom autograd Function whose backward is running (``ctx``, its
+    inputs marked by :func:`mark_tensor_inputs`): whether this backward pass uses the input's
+    gradient. ``ctx.needs_input_grad`` only says which inputs required grad at the forward; an
+    ``autograd.grad`` or ``backward(inputs=...)`` that does not reach an input (the implicit deq's
+    adjoint iterations take gradients with respect to ``z`` alone) never runs that input's node,
+    and torch's own nodes then skip its gradient, so a Function need not compute it either: the
+    deq's adjoint had computed and dropped the weight gradients of gcn and sage in every iteration.
+    """
+    edges = iter(ctx.next_functions)
+    used = []
+    for needed, is_tensor in zip(ctx.needs_input_grad, ctx.tensor_inputs):
+        node = next(edges)[0] if is_tensor else None
+        used.append(needed and node is not None and _engine_runs(node))
+    return tuple(used)
+
+
+def _engine_runs(node: Any) -> bool:
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # a leaf that autograd.grad returns the gradient of: used
+        return True
 
 
 @dataclass(frozen=True)

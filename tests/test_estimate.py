@@ -57,6 +57,22 @@ GRID = [
     ("deq(op=sage, max_iter=4, tol=1e-30, hidden=16)", 700, 4000, 16, 4, "unroll"),
     # f's loop holds each layer's input until the layer returns (9.3% low at one iteration)
     ("deq(op=gcn, depth=2, max_iter=1, norm=none, tol=1e-30, hidden=64)", 3000, 12000, 3, 4, "unroll"),
+    # the adjoint iterations take the gradient of z alone: gcn's and sage's fused products no
+    # longer compute (and drop) the weight gradients in each one (6.8-7.8% low while they did)
+    ("deq(op=sage, norm=layer, max_iter=6, tol=1e-30, hidden=256)", 300, 1500, 16, 4, "implicit"),
+    ("deq(op=gcn, solver=fixed_point, max_iter=6, tol=1e-30, hidden=256)", 300, 1500, 16, 4, "implicit"),
+    # a deq's dropout mask that the norm's unit multiplies in place (norm then relu) is saved by
+    # no application and freed when the stage's forward returns (was 7.5-10.9% high); a mask
+    # that `y * mask` saves is held until the stage's backward ends
+    ("deq(op=gcn, solver=fixed_point, norm=layer, dropout=0.2, max_iter=5, tol=1e-30, hidden=64)", 1500, 6000, 16, 4,
+     "implicit"),
+    ("deq(op=gcn, norm=layer, dropout=0.2, max_iter=3, tol=1e-30, hidden=64)", 1500, 6000, 16, 4, "unroll"),
+    ("deq(op=sage, norm=none, dropout=0.2, max_iter=5, tol=1e-30, hidden=64)", 1500, 6000, 16, 4, "implicit"),
+    # solves of one or two iterations: no best iterate before the first, no mixing (Anderson) or
+    # update (Broyden) in it (were 5.5-74% high)
+    ("deq(op=gcn, solver=broyden, norm=layer, max_iter=1, tol=1e-30, hidden=64)", 1500, 6000, 16, 4, "implicit"),
+    ("deq(op=gcn, solver=anderson, norm=layer, max_iter=1, tol=1e-30, hidden=64)", 1500, 6000, 16, 4, "implicit"),
+    ("deq(op=gcn, solver=anderson, norm=layer, max_iter=2, tol=1e-30, hidden=64)", 1500, 6000, 16, 4, "implicit"),
     # Broyden's working iterates (was 5-14% low)
     ("deq(op=gcn, solver=broyden, norm=layer, max_iter=10, tol=1e-30, hidden=16)", 700, 4000, 16, 4, "implicit"),
     ("dense(op=sage(aggr=max), depth=3, norm=batch, hidden=16) >> linear", 600, 4000, 12, 4, "store"),

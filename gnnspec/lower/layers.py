@@ -13,7 +13,9 @@ from torch_geometric.nn.norm import BatchNorm, GraphNorm, InstanceNorm
 from gnnspec import ir
 from gnnspec.lower.dropout_tape import dropout, dropout_noise, noise_scale
 from gnnspec.lower.recompute import SharedDropout
-from gnnspec.ops import PreparedGraph, call_conv, has_forward_hooks, make_conv, make_gcn2
+from gnnspec.ops import (
+    PreparedGraph, call_conv, gradients_used, has_forward_hooks, make_conv, make_gcn2, mark_tensor_inputs,
+)
 
 
 class NodeNorm(nn.Module):
@@ -121,13 +123,14 @@ class _LayerNormReluOfDropped(torch.autograd.Function):
         y.mul_(noise).relu_()
         ctx.save_for_backward(x, mean, rstd, y)
         ctx.weight, ctx.bias, ctx.scale = weight, bias, scale
+        mark_tensor_inputs(ctx, x, weight, bias, noise, scale, eps)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, mean, rstd, y = ctx.saved_tensors
         grad_z = torch.ops.aten.threshold_backward(grad, y, 0).mul_(ctx.scale)
-        needs = ctx.needs_input_grad
+        needs = gradients_used(ctx)
         grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
             grad_z, x, [x.shape[-1]], mean, rstd, ctx.weight, ctx.bias, [needs[0], needs[1], needs[2]])
         return grad_x, grad_w, grad_b, None, None, None
