@@ -44,7 +44,8 @@ backward) cannot beat. ``checkpoint``'s first forward runs with autograd on (tor
 checkpoint records the graph and drops the saved tensors), so where an op's no-grad kernels are
 faster than its autograd ones (``gat``) checkpoint's own floor lies above this column. ``fastest`` is a method's fastest step over
 store's fastest step (less affected by other load on a shared machine; the target checks use the
-paired median). Peak memory is
+paired median, and from 6 rounds on give a distribution-free 95% confidence interval of it:
+binomial order statistics of the rounds' ratios, :func:`median_interval`). Peak memory is
 ``gnnspec.memory.measure.measure_step_peak`` (live tensor storage bytes, including parameters,
 optimizer state and graph data; ``resize_`` of a storage, as ``GroupAddRev`` does, is tracked).
 
@@ -64,6 +65,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import queue
 import re
 import statistics
@@ -551,6 +553,32 @@ def _paired(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median of ``values`` (independent rounds):
+    the order statistics ``[x_(k), x_(n+1-k)]`` with the largest ``k`` such that
+    ``P(Binomial(n, 1/2) < k) <= (1 - level) / 2``, which cover the median with probability at
+    least ``level``. None when ``n`` is too small for that level (n < 6 at 95%)."""
+    xs, n = sorted(values), len(values)
+    tail, k = 0.0, 0
+    while True:
+        tail += math.comb(n, k) / 2 ** n  # P(Binomial(n, 1/2) <= k)
+        if tail > (1 - level) / 2:
+            break
+        k += 1
+    return None if k == 0 else (xs[k - 1], xs[n - k])
+
+
+def _interval_text(ratios: list[float]) -> str:
+    ci = median_interval(ratios)
+    return "" if ci is None else f", 95% CI of the median {ci[0]:.2f}-{ci[1]:.2f}"
+
+
+def _ratios(row: Row, rows: list[Row]) -> list[float]:
+    """``row``'s per-round CPU time ratios to gnnspec store of its stack kind."""
+    base = next(r for r in rows if (r.op, r.depth, r.kind) == (row.op, row.depth, row.kind) and r.is_base)
+    return [t / b for t, b in zip(row.cpu_times, base.cpu_times)]
+
+
 def _overall(results: list[bool]) -> str:
     """A target's verdict over its cells: "not run" when the run had none."""
     return "not run" if not results else ("PASS" if all(results) else "MISS")
@@ -571,7 +599,8 @@ def summary(rows: list[Row], console) -> dict[str, Any]:
             ok_t = rev.cpu_ratio <= REV_TIME_TARGET
             ok_m = gar is None or rev.peak_bytes <= gar.peak_bytes
             line = (f"  {op:5s} depth {depth:4d}  (1) reversible {rev.cpu_ratio:.3f}x ({rev.time_ratio:.2f}x) "
-                    f"store, fastest {rev.cpu_min_ratio:.2f}x, floor {rev.floor:.2f}: time {'PASS' if ok_t else 'MISS'}")
+                    f"store{_interval_text(_ratios(rev, rows))}, fastest {rev.cpu_min_ratio:.2f}x, "
+                    f"floor {rev.floor:.2f}: time {'PASS' if ok_t else 'MISS'}")
             entry = {"check": "reversible", "op": op, "depth": depth, "cpu_ratio": rev.cpu_ratio,
                      "cpu_min_ratio": rev.cpu_min_ratio,
                      "wall_ratio": rev.time_ratio, "floor": rev.floor, "time_ok": ok_t,
@@ -595,7 +624,7 @@ def summary(rows: list[Row], console) -> dict[str, Any]:
             targeted = kind in CKPT_TARGET_KINDS
             verdict = ("PASS" if ok else "MISS") if targeted else "info"
             console.print(f"  {op:5s} depth {depth:4d}  (2) {kind:5s} checkpoint {ck.cpu_ratio:.3f}x "
-                          f"({ck.time_ratio:.2f}x) store, fastest {ck.cpu_min_ratio:.2f}x, floor {ck.floor:.2f}, peak {ck.peak_ratio:.2f}x: "
+                          f"({ck.time_ratio:.2f}x) store{_interval_text(_ratios(ck, rows))}, fastest {ck.cpu_min_ratio:.2f}x, floor {ck.floor:.2f}, peak {ck.peak_ratio:.2f}x: "
                           f"{verdict}")
             checks.append({"check": "checkpoint" if targeted else "checkpoint (info)", "op": op,
                            "depth": depth, "kind": kind,

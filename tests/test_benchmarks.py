@@ -51,6 +51,18 @@ def test_plans_benchmark_quick_run(tmp_path: Path) -> None:
         assert (tmp_path / "plans.png").exists()
 
 
+def test_median_interval_is_the_binomial_order_statistics() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from plans import median_interval
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # n = 9: P(Binomial(9, 1/2) <= 1) = 10/512 <= 2.5% < P(<= 2) = 46/512, so the 2nd and 8th values
+    assert median_interval([9.0, 1.0, 8.0, 2.0, 7.0, 3.0, 6.0, 4.0, 5.0]) == (2.0, 8.0)
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) == (1.0, 6.0)  # P(Binomial(6, 1/2) = 0) = 1/64 <= 2.5%
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # even min-max covers only 93.75%
+
+
 def test_plan_sweep_finds_every_plan_equal_to_store() -> None:
     """A small run of the random differential sweep (all ops, stack kinds, norms, activations)."""
     proc = subprocess.run(
