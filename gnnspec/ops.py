@@ -444,6 +444,8 @@ def gradients_used(ctx: Any) -> tuple[bool, ...]:
     and torch's own nodes then skip its gradient, so a Function need not compute it either: the
     deq's adjoint had computed and dropped the weight gradients of gcn and sage in every iteration.
     """
+    if torch.compiler.is_compiling():  # compiled autograd traces the node: it cannot ask the engine
+        return tuple(ctx.needs_input_grad)
     edges = iter(ctx.next_functions)
     used = []
     for needed, is_tensor in zip(ctx.needs_input_grad, ctx.tensor_inputs):

@@ -764,3 +764,29 @@ def test_gat_on_a_graph_of_no_nodes_returns_no_rows_as_the_stock_layer(plan: str
     out = gnnspec.build("plain(op=gat, depth=2)", 4, 3, plan=plan)(x, torch.empty(2, 0, dtype=torch.long))
     out.sum().backward()
     assert out.shape == (0, 3) and x.grad.shape == (0, 4)
+
+
+def test_fused_nodes_run_under_compiled_autograd():
+    """gcn/sage's fused products and the layer-norm block ask the engine which input gradients a
+    backward uses; compiled autograd traces the nodes instead, so there they take every gradient
+    that needs_input_grad names (asking the engine raised inside Dynamo's trace)."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(123)
+    edge_index = torch.randint(0, 40, (2, 160), generator=g)
+    x = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    grads = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = gnnspec.build("res+(op=sage, depth=2, norm=layer, dropout=0.2, hidden=16) >> plain(op=gcn, norm=layer)",
+                              in_channels=8, out_channels=4, plan="store").double()
+        torch.manual_seed(1)
+        loss = model(x, edge_index).pow(2).sum()
+        if compiled:
+            torch._dynamo.reset()
+            with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for eager, traced in zip(*grads):
+        torch.testing.assert_close(traced, eager, rtol=1e-10, atol=0)
