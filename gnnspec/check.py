@@ -252,7 +252,8 @@ def _plan_without_stage(spec: ir.Spec, plan: ir.Plan, span: Span | None) -> Iter
     """``plan`` given for the whole model when no stage of it can run that plan."""
     valid = PLAN_VALID_FOR.get(plan.kind)
     if valid is not None and not any(s.kind in valid for s in spec.model):
-        usable = ["store", "auto"] + (["checkpoint"] if any(isinstance(s, ir.Stack) for s in spec.model) else [])
+        kinds = {s.kind for s in spec.model}
+        usable = ["store", "auto"] + [k for k, v in PLAN_VALID_FOR.items() if v is not None and kinds & set(v)]
         yield _error(
             span,
             f"plan `{plan.kind}` applies to {', '.join(f'`{k}`' for k in valid)} stages; this model has none",

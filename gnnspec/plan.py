@@ -2,7 +2,8 @@
 
 For each stack the candidates are the plans valid for it (``store``, ``checkpoint``,
 ``reversible`` for ``rev``, ``implicit``/``unroll`` for ``deq``); other stages run ``store``. Every
-combination (or, beyond :data:`MAX_COMBINATIONS`, every uniform one) is estimated with
+combination (or, beyond :data:`MAX_COMBINATIONS`, every uniform one and the one with every stack
+on its leanest plan) is estimated with
 :mod:`gnnspec.memory.estimate`, and the planner picks the assignment with the least estimated
 relative time whose peak fits the budget, the smaller peak breaking ties. A ``checkpoint`` stage
 gets the fewest segments that make the assignment fit (fewest segments: the largest segments, so
@@ -29,6 +30,9 @@ from gnnspec.errors import SpecError
 from gnnspec.memory.segments import PeakBySegments, fitted_peak, lowest_peak_segments
 
 MAX_COMBINATIONS = 64
+# plans by the memory they usually save, most first: beyond MAX_COMBINATIONS one assignment puts
+# every stack on the first of its plans in this order
+_LEAN_ORDER = ("reversible", "implicit", "checkpoint", "store", "unroll")
 
 
 class MissingGraphSize(ValueError):
@@ -98,9 +102,12 @@ def candidate_assignments(model, fixed=None) -> list[list[ir.Plan]]:
         combos = [list(c) for c in itertools.product(*per_stage)]
     else:
         kinds = sorted({p.kind for c in per_stage for p in c})
-        combos = []
-        for k in kinds:
-            combos.append([next((p for p in c if p.kind == k), c[0]) for c in per_stage])
+        combos = [[next((p for p in c if p.kind == k), c[0]) for c in per_stage] for k in kinds]
+        # and every stack on its leanest plan, which no uniform assignment is where stacks differ
+        # (rev stacks reversible, a deq implicit): without it, nothing fit a budget that this fits
+        combos.append([min(c, key=lambda p: _LEAN_ORDER.index(p.kind)) for c in per_stage])
+        unique = {repr(a): a for a in combos}  # a kind a stack lacks falls back to its first plan
+        combos = list(unique.values())
     # store first: the baseline of relative time, and the first choice when it fits
     combos.sort(key=lambda a: sum(p.kind != "store" and p.kind != "unroll" for p in a))
     return combos

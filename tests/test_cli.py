@@ -342,6 +342,19 @@ def test_estimate_mem_json_and_exit_3_when_nothing_fits(capsys):
     assert code == 2 and "--nodes" in err
 
 
+def test_estimate_mem_table_keeps_every_number_beside_long_plans(capsys):
+    """Five stacks name five plans a row: the plan column wraps at its commas, and the peaks the
+    exit-3 message points to are printed whole (they were cut to `1…` at 150 columns)."""
+    five = " >> ".join(["res+(depth=2)"] * 5)
+    code, out, err = run(capsys, "estimate-mem", "--expr", five, "--in", "16", "--out", "4",
+                         "--nodes", "1000", "--edges", "5000", "--budget", "1MiB")
+    assert code == 3 and "the leanest plan" in err
+    assert "…" not in out
+    assert "fits" in out and "time" in out
+    needed = err.split(" needs ")[1].split(" (")[0]  # "3.96 MiB"
+    assert needed in out
+
+
 # ---------------------------------------------------------------------------- planner on the command line
 
 TWO = "rev(op=gcn, depth=6, hidden=32, dropout=0.2) >> res+(op=gcn, depth=8, hidden=32)"
@@ -403,7 +416,10 @@ def test_a_plan_option_is_checked_like_a_plan_in_a_spec(capsys, command):
         "  implicit",
         "  ^^^^^^^^",
     ]
-    assert "hint: use `store` or `auto` or `checkpoint`" in err
+    assert "hint: use `store` or `auto` or `checkpoint`\n" in err
+    # the hint names the plans of the stages the model has (a deq's implicit and unroll)
+    err = refused("deq(op=gcn, hidden=16)", "reversible")
+    assert "hint: use `store` or `auto` or `checkpoint` or `implicit` or `unroll`" in err
     err = refused(TWO, "store, store, store")
     assert err.splitlines()[0] == "<plan>:1:1: 3 plans given for a model with 2 stacks"
     assert "or 2 separated by commas (one per stack, in order)" in err
@@ -580,6 +596,16 @@ def test_the_planned_label_lists_one_plan_per_stack_and_can_be_given_back(capsys
     assert code == 0 and json.loads(out)["plan"] == f"auto(budget=90MB) -> {chosen}"
     code, out, _ = run(capsys, "compile", "--expr", expr, *size[:-3], "--plan", chosen, "--json")
     assert code == 0 and json.loads(out)["plan"] == chosen
+
+
+def test_a_deq_planned_store_reads_unroll_as_the_estimate_names_it(capsys):
+    """A deq's `store` is `unroll`: compile and train had said `auto -> store` where estimate-mem
+    chose `unroll`."""
+    size = ["--in", "8", "--out", "3", "--nodes", "200", "--edges", "1000", "--json"]
+    code, out, _ = run(capsys, "estimate-mem", "--expr", "deq(op=gcn, hidden=16)", *size)
+    assert code == 0 and json.loads(out)["chosen"] == "unroll"
+    code, out, _ = run(capsys, "compile", "--expr", "deq(op=gcn, hidden=16)", *size)
+    assert code == 0 and json.loads(out)["plan"] == "auto -> unroll"
 
 
 def test_train_of_one_epoch_measures_its_step(capsys):

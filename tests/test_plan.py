@@ -43,6 +43,21 @@ def test_the_cheapest_sufficient_plan_when_store_does_not_fit() -> None:
         assert est.chosen == "reversible"
 
 
+def test_beyond_the_combination_limit_every_stack_on_its_leanest_plan_is_tried() -> None:
+    """Three rev stacks and a deq make 81 assignments, more than MAX_COMBINATIONS: the uniform
+    ones leave the deq on unroll or the rev stacks on store, and nothing fit 6 MiB, which the rev
+    stacks reversible with the deq implicit does. Each assignment is listed once (unroll had
+    repeated store's)."""
+    mixed = "rev(depth=2) >> rev(depth=2) >> rev(depth=2) >> deq"
+    size = dict(nodes=1000, edges=5000, in_channels=16, out_channels=4)
+    lean = gnnspec.estimate(mixed, plan="reversible, reversible, reversible, implicit", **size).plans[0].peak_bytes
+    est = gnnspec.estimate(mixed, budget=lean + 1, **size)
+    assert est.chosen == "reversible, reversible, reversible, implicit"
+    names = [p.name for p in est.plans]
+    assert len(names) == len(set(names)), names
+    assert all(p.peak_bytes > lean for p in est.plans if p.name != est.chosen)
+
+
 def test_checkpoint_gets_the_fewest_segments_that_fit() -> None:
     by_k = {k: estimate_spec(RESPLUS, plan=f"checkpoint(segments={k})", **GRAPH).plans[0].peak_bytes
             for k in range(1, 25)}

@@ -127,7 +127,8 @@ class Estimate:
             caption="* chosen: the fastest plan whose estimated peak fits",
         )
         for column in ("", "plan", "peak", "params", "grads", "optim", "inputs", "activ.", "temp.", "time", "fits"):
-            table.add_column(column, justify="left" if column in ("", "plan") else "right", no_wrap=True)
+            # a long plan (one per stack) wraps at its commas; the numbers are never cut
+            table.add_column(column, justify="left" if column in ("", "plan") else "right", no_wrap=column != "plan")
         for p in self.plans:
             b = p.breakdown
             table.add_row(
