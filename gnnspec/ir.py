@@ -465,11 +465,12 @@ def uses_batch_norm(spec: "Spec") -> bool:
 def runnable_plan(stage: Any, plan: Any) -> Any:
     """The plan ``stage`` runs under ``plan``: ``plan`` where it is valid for the stage's kind
     (:data:`PLAN_VALID_FOR`), ``store`` elsewhere; ``auto`` without a planner decision runs
-    ``store``."""
-    if plan.kind == "auto":
-        return Store(kind="store")
-    valid = PLAN_VALID_FOR[plan.kind]
-    return plan if valid is None or stage.kind in valid else Store(kind="store")
+    ``store``. A ``deq``'s ``store`` is its synonym ``unroll`` (it keeps every iteration's graph),
+    the name the lowering and the estimate report."""
+    valid = None if plan.kind == "auto" else PLAN_VALID_FOR[plan.kind]
+    if plan.kind == "auto" or not (valid is None or stage.kind in valid):
+        plan = Store(kind="store")
+    return Unroll(kind="unroll") if plan.kind == "store" and stage.kind == "deq" else plan
 
 
 def runnable_plans(stages: Sequence[Any], plan: Any) -> list[Any]:

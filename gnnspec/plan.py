@@ -70,7 +70,7 @@ def _candidates(model, stage) -> list[ir.Plan]:
     out: list[ir.Plan] = []
     for k in kinds:
         if k == "store":
-            out.append(ir.Unroll(kind="unroll") if stage.kind == "deq" else ir.Store(kind="store"))
+            out.append(model.stage_plan(stage, ir.Store(kind="store")))  # a deq's is unroll
         elif k == "checkpoint":
             out.append(ir.Checkpoint(kind="checkpoint", segments=stage.default_segments()))
         elif k == "unroll":

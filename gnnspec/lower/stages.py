@@ -42,12 +42,9 @@ class Stage(nn.Module):
 
     @property
     def plan_text(self) -> str:
-        """The plan as a spec writes it, ``checkpoint(segments=k)`` with the segments it runs; a
-        ``deq``'s ``store`` is its synonym ``unroll``, as the estimate names it."""
+        """The plan as a spec writes it, ``checkpoint(segments=k)`` with the segments it runs."""
         segments = getattr(self, "segments", None)
-        if self.plan == "checkpoint" and segments is not None:
-            return f"checkpoint(segments={segments})"
-        return "unroll" if self.kind == "deq" and self.plan == "store" else self.plan
+        return f"checkpoint(segments={segments})" if self.plan == "checkpoint" and segments is not None else self.plan
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, plan={self.plan!r}"

@@ -1268,11 +1268,10 @@ class ModelEstimator:
     def stage_plan(self, stage: StageModel, plan: ir.Plan) -> ir.Plan:
         """The plan ``stage`` runs under ``plan`` (:func:`gnnspec.ir.runnable_plan`, as the
         lowering does), as the estimator models it."""
-        return _modelled(stage, ir.runnable_plan(stage.stage, plan))
+        return ir.runnable_plan(stage.stage, plan)
 
     def assignment(self, plan: ir.Plan | Sequence[ir.Plan]) -> list[ir.Plan]:
-        runnable = ir.runnable_plans([s.stage for s in self.stages], plan)
-        return [_modelled(s, p) for s, p in zip(self.stages, runnable)]
+        return ir.runnable_plans([s.stage for s in self.stages], plan)
 
     # -- the step
 
@@ -1439,11 +1438,6 @@ def _parse_plans(plan) -> list[ir.Plan] | ir.Plan | None:
     if isinstance(plan, (list, tuple)):
         return [parse_plan(p) if isinstance(p, str) else p for p in plan]
     return plan
-
-
-def _modelled(stage: StageModel, plan: ir.Plan) -> ir.Plan:
-    """A ``deq`` stage under ``store`` keeps every iteration's graph: it is modelled as ``unroll``."""
-    return ir.Unroll(kind="unroll") if plan.kind == "store" and stage.kind == "deq" else plan
 
 
 def _calibrated(key: str, op: ir.Op, shape: dict[str, int]) -> None:
