@@ -549,8 +549,12 @@ def _find(rows: list[Row], op: str, depth: int, kind: str, method: str) -> Row |
     return next((r for r in rows if (r.op, r.depth, r.kind) == (op, depth, kind) and r.method == method), None)
 
 
+def _per_round(a: list[float], b: list[float]) -> list[float]:
+    return [x / y for x, y in zip(a, b)]
+
+
 def _paired(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b))
+    return statistics.median(_per_round(a, b))
 
 
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
@@ -575,8 +579,7 @@ def _interval_text(ratios: list[float]) -> str:
 
 def _ratios(row: Row, rows: list[Row]) -> list[float]:
     """``row``'s per-round CPU time ratios to gnnspec store of its stack kind."""
-    base = next(r for r in rows if (r.op, r.depth, r.kind) == (row.op, row.depth, row.kind) and r.is_base)
-    return [t / b for t, b in zip(row.cpu_times, base.cpu_times)]
+    return _per_round(row.cpu_times, _find(rows, row.op, row.depth, row.kind, "gnnspec store").cpu_times)
 
 
 def _overall(results: list[bool]) -> str:
