@@ -790,3 +790,41 @@ def test_fused_nodes_run_under_compiled_autograd():
         grads.append([p.grad.clone() for p in model.parameters()])
     for eager, traced in zip(*grads):
         torch.testing.assert_close(traced, eager, rtol=1e-10, atol=0)
+
+
+def test_reversible_backward_does_not_ask_the_engine(monkeypatch):
+    """The reversible stack's backward takes the gradient of each group function's input and of all
+    its parameters, so its fused nodes take needs_input_grad as it is (ops.every_gradient_used):
+    asking the engine about a leaf that autograd.grad captures raises inside torch (~10 us each,
+    5% of a gcn reversible step at depth 64). A store model's autograd.grad with respect to its
+    parameters still asks, and the flag is down again after the reversible backward, also when
+    it raised."""
+    calls = []
+    ask = torch._C._will_engine_execute_node
+
+    def counted(node):
+        calls.append(node)
+        return ask(node)
+
+    monkeypatch.setattr(torch._C, "_will_engine_execute_node", counted)
+    g = torch.Generator().manual_seed(5)
+    edge_index = torch.randint(0, 30, (2, 120), generator=g)
+    x = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    for op in ("gcn", "sage"):
+        spec = f"rev(op={op}, depth=3, groups=2, norm=layer, dropout=0.2, hidden=16)"
+        grads = {}
+        for plan in ("reversible", "store"):
+            torch.manual_seed(0)
+            model = gnnspec.build(spec, in_channels=8, out_channels=4, plan=plan).double()
+            torch.manual_seed(1)
+            loss = model(x, edge_index).pow(2).sum()
+            calls.clear()
+            grads[plan] = torch.autograd.grad(loss, list(model.parameters()))
+            assert (len(calls) == 0) == (plan == "reversible"), (op, plan, len(calls))
+            assert ops._every_gradient_used.passes == 0
+        for a, b in zip(grads["reversible"], grads["store"]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError), ops.every_gradient_used():
+        assert ops._every_gradient_used.passes == 1
+        raise ValueError
+    assert ops._every_gradient_used.passes == 0

@@ -13,6 +13,7 @@ from gnnspec.lower.recompute import (
     BuffersBefore, ModuleRecord, buffers_as_before, module_record, parameters_as_leaves, preserved_buffers,
     refuse_second_order, restored_training_modes,
 )
+from gnnspec.ops import every_gradient_used
 
 
 class ReversibleStack(nn.Module):
@@ -289,13 +290,14 @@ def _layer_backward(
             ys[i] = None
             # y_i = f_output + x_i, so d loss / d f_output = d loss / d y_i, cast to f_output's
             # dtype as the plain stack's add hands it on (bfloat16 under autocast).
-            grad_input, *grads = torch.autograd.grad(
-                f_output,
-                [f_input, *(leaves[id(p)] for p in state.params)],
-                grad.to(f_output.dtype),
-                allow_unused=True,
-                materialize_grads=True,
-            )
+            with every_gradient_used():  # f's input and all its parameters
+                grad_input, *grads = torch.autograd.grad(
+                    f_output,
+                    [f_input, *(leaves[id(p)] for p in state.params)],
+                    grad.to(f_output.dtype),
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
             del f_output, f_input
         grad_xs[i] = grad
         del grad
