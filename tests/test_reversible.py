@@ -306,3 +306,40 @@ def test_invalid_stacks_are_rejected() -> None:
         _, rev = _pair(1, 2)
         x, edge_index, _, _ = _data(2)
         rev(x, edge_index, torch.ones(N, D // 2, dtype=torch.float64, requires_grad=True))
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_forward_without_autograd_passes_groups_as_a_list(groups):
+    """In eval mode and under no_grad the stack runs as the reversible forward does, with the
+    outputs of the layer-by-layer loop that training uses: no concatenation and split a layer.
+    With two groups that split hands group 0 a strided view (its own input group); in the list
+    only the stack's first split does."""
+    import gnnspec
+
+    torch.manual_seed(0)
+    model = gnnspec.build(f"rev(op=gcn, depth=3, groups={groups}, norm=layer, dropout=0.3, hidden={4 * groups})",
+                          in_channels=5, out_channels=2, plan="store").double()
+    stack = next(m for m in model.modules() if isinstance(m, ReversibleStack))
+    seen: list[bool] = []
+    for f in stack.functions:
+        f.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    edge_index = torch.randint(0, 20, (2, 60), generator=g)
+    model.eval()
+    listed = [groups != 2] + [True] * (3 * groups - 1)
+    with torch.no_grad():
+        out = model(x, edge_index)
+    assert seen == listed
+    seen.clear()
+    with torch.enable_grad():
+        assert torch.equal(model(x, edge_index), out)
+    assert seen == listed
+    model.train()
+    seen.clear()
+    torch.manual_seed(2)
+    trained = model(x, edge_index)
+    assert seen == ([False, True] * 3 if groups == 2 else [True] * (3 * groups))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        assert torch.equal(model(x, edge_index), trained)
