@@ -183,9 +183,11 @@ class RevStack(Stage):
 
     def forward(self, x: Tensor, graph: PreparedGraph) -> Tensor:
         mask = self.dropout.draw(x)
-        if self.plan != "checkpoint":
-            return self.stack(x, graph, mask)
         stack = self.stack
+        if self.plan != "checkpoint":
+            return stack(x, graph, mask)
+        if not (torch.is_grad_enabled() and any(f.training for f in stack.functions)):
+            return stack.forward_groups(x, (graph, mask))  # what run_segments would run plainly
         steps = [partial(lambda layer, h, g, m: stack._layer_forward(layer, h, (g, m)), layer) for layer in stack.table]
         modules = [nn.ModuleList([stack.functions[i] for i in layer]) for layer in stack.table]
         return run_segments(steps, x, graph, mask, segments=self.segments, modules=modules)
