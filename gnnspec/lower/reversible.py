@@ -99,16 +99,20 @@ class ReversibleStack(nn.Module):
             x = self._layer_forward(layer, x, args)
         return x
 
-    def forward_groups(self, x: Tensor, args: Sequence[Any]) -> Tensor:
+    def forward_groups(
+        self, x: Tensor, args: Sequence[Any],
+        buffers: tuple[list[BuffersBefore], Sequence["_FunctionState"]] | None = None,
+    ) -> Tensor:
         """The stack's output, the groups passed from layer to layer as a list and concatenated
         once, as the reversible forward runs: no concatenation and split a layer, whose split hands
         group 0 a strided view with two groups (0.90-0.97x the time at depth 64). The same values
         as the layer-by-layer loop up to rounding: bit-identical with layer norm or none, while
         batch norm rounds a strided input differently (2.7e-15 in float64). Eval and ``no_grad``
-        forwards of every plan run it, so their outputs agree bit for bit."""
+        forwards of every plan run it, so their outputs agree bit for bit. ``buffers`` as
+        :meth:`_layer_groups`."""
         groups = x.chunk(self.groups, dim=-1)
         for layer in self.table:
-            groups = self._layer_groups(layer, groups, args)
+            groups = self._layer_groups(layer, groups, args, buffers)
         return torch.cat(groups, dim=-1)
 
     def _function_states(self) -> tuple[list[Tensor], list["_FunctionState"]]:
@@ -213,17 +217,14 @@ class _ReversibleStackFunction(torch.autograd.Function):
             torch.get_autocast_dtype(device_type),
         )
         # Nothing is saved, so the layers pass group lists on and the output is concatenated once
-        # (the plain stack concatenates every layer's output, which autograd needs as one tensor).
+        # (the plain stack in training concatenates every layer's output: see forward).
         rng_before = _rng_state(x.device)
         # Per call, the values of the buffers it changed (spectral_norm's vectors): its
         # recomputation starts from them. Only where a function has buffers other than norms'.
         ctx.buffers_before = [] if any(state.record.stateful for state in states) else None
         buffers = None if ctx.buffers_before is None else (ctx.buffers_before, states)
         with torch.no_grad():
-            groups = x.chunk(stack.groups, dim=-1)
-            for layer in stack.table:
-                groups = stack._layer_groups(layer, groups, args, buffers)
-            x = torch.cat(groups, dim=-1)
+            x = stack.forward_groups(x, args, buffers)
         if _rng_advanced(rng_before, x.device):
             # backward would recompute each f with other random numbers: wrong gradients
             raise RuntimeError(
