@@ -157,3 +157,35 @@ def test_device_check_without_cuda_says_so() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no CUDA device here" in proc.stdout
+
+
+def _instruction_counts():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import instruction_counts
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return instruction_counts
+
+
+def test_instruction_counts_reads_callgrind_dumps() -> None:
+    """The counts come from the dump's ``summary`` line (the part since the counters were zeroed),
+    labelled by the ``--dump=<label>`` trigger; per step and per forward over ``--steps``."""
+    ic = _instruction_counts()
+    dump = ("# callgrind format\nversion: 1\npart: 3\n\ndesc: Trigger: dump reversible:step\n\n"
+            "positions: line\nevents: Ir\nsummary: 4705176863\n\nob=(4) /usr/lib/libm.so.6\n")
+    assert ic.parse_dump(dump) == ("reversible:step", 4705176863)
+    with pytest.raises(ValueError, match="not a callgrind dump"):
+        ic.parse_dump("version: 1\nsummary: 5\n")
+    counts = {"store:step": 3438076906, "store:forward": 1390899449,
+              "reversible:step": 4705176863, "reversible:forward": 1389953397}
+    steps = ic.per_step(counts, 2)
+    assert steps == {"store": {"step": 1719038453.0, "forward": 695449724.5},
+                     "reversible": {"step": 2352588431.5, "forward": 694976698.5}}
+
+
+def test_instruction_counts_needs_valgrind(monkeypatch, capsys) -> None:
+    ic = _instruction_counts()
+    monkeypatch.setattr(ic.shutil, "which", lambda name: None)
+    assert ic.main(["--ops", "gcn"]) == 2
+    assert "valgrind" in capsys.readouterr().err
