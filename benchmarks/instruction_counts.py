@@ -57,14 +57,24 @@ def per_step(dumps: dict[str, int], steps: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def _plans():
+    """``benchmarks/plans.py``, whose graph, spec and peer this script counts."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import plans
+
+    return plans
+
+
 def _child(args: argparse.Namespace) -> None:
     """Runs under callgrind: every method's steps, each between a zero and a dump of the counters."""
     import torch
 
-    sys.path.insert(0, str(HERE))
     import gnnspec
     from gnnspec.memory.measure import training_step
-    from plans import peer_rev, random_graph, spec_of
+
+    plans = _plans()
+    peer_rev, random_graph, spec_of = plans.peer_rev, plans.random_graph, plans.spec_of
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
@@ -114,19 +124,19 @@ def _count(op: str, args: argparse.Namespace, forwarded: list[str]) -> dict[str,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    base = _plans().parse_args([])  # plans.py's configuration is the default
+    per_node = base.edges // base.nodes
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ops", default="gcn,sage,gat")
     p.add_argument("--depth", type=int, default=64)
-    p.add_argument("--nodes", type=int, default=5000)
-    p.add_argument("--edges", type=int, default=None, help="default: 10 per node")
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--features", type=int, default=32)
-    p.add_argument("--classes", type=int, default=8)
-    p.add_argument("--groups", type=int, default=2)
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--nodes", type=int, default=base.nodes)
+    p.add_argument("--edges", type=int, default=None, help=f"default: {per_node} per node, as plans.py")
+    for name in ("hidden", "features", "classes", "groups"):
+        p.add_argument(f"--{name}", type=int, default=getattr(base, name))
+    p.add_argument("--dropout", type=float, default=base.dropout)
     p.add_argument("--steps", type=int, default=1, help="counted steps per method")
     p.add_argument("--warm", type=int, default=1, help="steps before counting (Adam's state, the graph cache)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=base.seed)
     p.add_argument("--no-peers", action="store_true", help="without GroupAddRev (the slowest method)")
     p.add_argument("--jobs", type=int, default=1, help="ops counted at once")
     p.add_argument("--out", type=Path, default=OUT_DIR)
@@ -134,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--op", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.edges is None:
-        args.edges = 10 * args.nodes
+        args.edges = per_node * args.nodes
     return args
 
 

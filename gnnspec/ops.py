@@ -445,7 +445,8 @@ def gradients_used(ctx: Any) -> tuple[bool, ...]:
     and torch's own nodes then skip its gradient, so a Function need not compute it either: the
     deq's adjoint had computed and dropped the weight gradients of gcn and sage in every iteration.
     """
-    # Compiled autograd traces the node: it cannot ask the engine.
+    # Inside every_gradient_used its caller vouches for needs_input_grad; compiled autograd traces
+    # the node and cannot ask the engine.
     if _every_gradient_used.passes or torch.compiler.is_compiling():
         return tuple(ctx.needs_input_grad)
     edges = iter(ctx.next_functions)
