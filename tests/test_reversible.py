@@ -200,6 +200,39 @@ def test_caller_tensors_are_never_freed_or_overwritten() -> None:
     assert base.grad is not None and torch.count_nonzero(base.grad[:, D:]) == 0
 
 
+class _FailsWithGrad(nn.Module):
+    """A group function whose recomputation in backward (the only call with grad enabled) raises."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = BatchNorm(width)
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.lin(F.relu(self.norm(x)))
+        if torch.is_grad_enabled():
+            raise RuntimeError("boom")
+        return out
+
+
+def test_a_recomputation_that_raises_leaves_every_module_as_it_was() -> None:
+    torch.manual_seed(0)
+    rev = ReversibleStack([[_FailsWithGrad(4), _FailsWithGrad(4)] for _ in range(2)], reversible=True)
+    params = {name: p for name, p in rev.named_parameters()}
+    out = rev(torch.randn(6, 8, requires_grad=True))
+    buffers = {name: b.clone() for name, b in rev.named_buffers()}
+    rev.eval()  # the recomputation runs in the forward's (training) mode, then must restore eval
+
+    with pytest.raises(RuntimeError, match="boom"):
+        out.sum().backward()
+
+    assert all(p is params[name] for name, p in rev.named_parameters())
+    assert all(m._parameters[name] is p for m in rev.modules() for name, p in m._parameters.items()
+               if p is not None and any(p is q for q in params.values()))
+    assert not any(m.training for m in rev.modules())
+    assert all(torch.equal(b, buffers[name]) for name, b in rev.named_buffers())
+
+
 def test_eval_and_no_grad_run_the_plain_forward() -> None:
     store, rev = _pair(3, 2)
     x, edge_index, mask, _ = _data(2)

@@ -451,8 +451,8 @@ def record_rev_back(groups: int, pt: dict[str, int], s: int, first: bool) -> dic
             # The holes' parameters are not the stack's: their gradients belong to the hole's own
             # calibration, so each function recomputes with no parameters to differentiate.
             states = [_FunctionState([], [], ModuleRecord()) for _ in stack.functions]
-            ctx = SimpleNamespace(stack=stack, autocast=("cpu", False, torch.bfloat16), states=states,
-                                  buffers_before=None)
+            ctx = SimpleNamespace(stack=stack, functions=list(stack.functions), autocast=("cpu", False, torch.bfloat16),
+                                  states=states, buffers_before=None)
             rec.mark("F")
             xs, grad_xs = _layer_backward(ctx, 0, ys, grad_ys, (), [])
             rec.mark("Fend")
