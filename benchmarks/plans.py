@@ -24,7 +24,8 @@ the way gnnspec prepares it (GCN normalisation / self-loops computed once and ca
 so it counts as input data for every method alike); before timing, each peer's eval-mode output
 is compared with gnnspec's (column ``|dout|``), so all methods of a row group compute one function.
 
-Timing: ``torch.set_num_threads(1)``; denormal floats flushed to zero
+Timing: ``torch.set_num_threads(1)``, on one CPU (``--cpu``: every method's thread pinned to the same
+one, see :func:`pin_to_cpus`); denormal floats flushed to zero
 (``torch.set_flush_denormal(True)``: every round takes an Adam step, and after a few of them a deep
 ``plain`` stack's gradients include denormals, on which x86 arithmetic is up to ~100x slower: a
 ``plain`` sage step at depth 64 went from 0.45 s to 2.9 s over 8 steps without it, and stayed at
@@ -66,6 +67,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import queue
 import re
 import statistics
@@ -708,6 +710,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timing rounds per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cpu", type=int, default=None,
+                   help="pin the run to this CPU and the next --threads - 1 the process may use "
+                        "(default: the first it may use; -1: not pinned)")
     p.add_argument("--budget-s", type=float, default=570.0,
                    help="skip cells projected to end the run past this many seconds (0: no limit)")
     p.add_argument("--no-peers", action="store_true", help="gnnspec plans only")
@@ -721,6 +726,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown stack kind {bad[0]!r}; known: {', '.join(KINDS)}")
     return args
+
+
+def pin_to_cpus(first: int | None, count: int) -> list[int]:
+    """Restrict the calling thread, and so the threads it starts afterwards (the methods'
+    :class:`MethodThread`), to ``count`` of the CPUs the process may use, from ``first`` on
+    (``None``: from the first), and return them; ``first == -1``, or no affinity call on this OS:
+    not pinned, ``[]``. Each round wakes the methods' threads in turn: unpinned, a method's step
+    could run on either vCPU of a 2-vCPU machine, with the other's cold cache and its own share of
+    the host's load, which ``store`` and the method compared with it need not share."""
+    if first == -1 or not hasattr(os, "sched_setaffinity"):
+        return []
+    allowed = sorted(os.sched_getaffinity(0))
+    if first is not None and first not in allowed:
+        raise SystemExit(f"--cpu {first}: this process may use CPUs {allowed}")
+    start = 0 if first is None else allowed.index(first)
+    cpus = allowed[start:start + max(count, 1)]
+    os.sched_setaffinity(0, cpus)
+    return cpus
 
 
 def _glibc_malloc():
@@ -771,6 +794,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     console = Console(width=200)
+    pinned = pin_to_cpus(args.cpu, args.threads)
     torch.set_num_threads(args.threads)
     denormals = "denormals flushed" if torch.set_flush_denormal(True) else "denormals kept (no flush on this CPU)"
     allocator = "glibc: freed memory kept mapped" if _keep_freed_memory_mapped() else "default allocator"
@@ -782,7 +806,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"graph: {args.nodes} nodes, {args.edges} edges, {args.features} features, {args.classes} classes; "
         f"hidden {args.hidden}, groups {args.groups}, norm layer, dropout {args.dropout}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {allocator}, {denormals}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{'pinned to CPU ' + ','.join(map(str, pinned)) if pinned else 'not pinned'}, {allocator}, {denormals}; "
         f"{args.repeats} rounds per cell"
     )
     start = time.perf_counter()
