@@ -4,8 +4,10 @@ gnnspec's function, and the memory plans keep less than ``store`` (timings are n
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ def test_plans_benchmark_quick_run(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Target checks" in proc.stdout
+    assert ("pinned to CPU" in proc.stdout) == hasattr(os, "sched_setaffinity")
     record = json.loads((tmp_path / "plans.json").read_text())
     rows = record["rows"]
     cells = {(r["op"], r["depth"], r["kind"]) for r in rows}
@@ -49,6 +52,29 @@ def test_plans_benchmark_quick_run(tmp_path: Path) -> None:
         assert "matplotlib is not installed" in proc.stdout
     else:
         assert (tmp_path / "plans.png").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_plans_pins_its_method_threads_to_one_cpu() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from plans import pin_to_cpus
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    before = os.sched_getaffinity(0)
+    try:
+        assert pin_to_cpus(-1, 1) == [] and os.sched_getaffinity(0) == before
+        first = min(before)
+        assert pin_to_cpus(None, 1) == [first] and os.sched_getaffinity(0) == {first}
+        seen: list[set[int]] = []
+        thread = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+        thread.start()
+        thread.join()
+        assert seen == [{first}]  # a method's thread, started afterwards, runs on the same CPU
+        with pytest.raises(SystemExit, match="may use CPUs"):
+            pin_to_cpus(max(before) + 1, 1)
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def test_median_interval_is_the_binomial_order_statistics() -> None:
