@@ -42,10 +42,11 @@ gnnspec ``store`` of the same stack kind (paired, so machine load drifts cancel)
 ``1 + forward / step`` of the store model, the forward timed under ``no_grad`` in train mode in the
 same rounds (for a ``rev`` stack the forward ``reversible`` runs: groups passed on as a list): the
 ratio ``reversible`` (one no-grad forward, then one recompute fused with the backward) cannot beat.
-``checkpoint``'s first forward runs with autograd on (torch's non-reentrant checkpoint records the graph and drops the saved tensors), so where an op's no-grad kernels are
-faster than its autograd ones (``gat``) checkpoint's own floor lies above this column. ``fastest`` is a method's fastest step over
-store's fastest step (less affected by other load on a shared machine; the target checks use the
-paired median, and from 6 rounds on give a distribution-free 95% confidence interval of it:
+``checkpoint``'s first forward runs with autograd on (torch's non-reentrant checkpoint records the
+graph and drops the saved tensors), so where an op's no-grad kernels are faster than its autograd
+ones (``gat``) checkpoint's own floor lies above this column. ``fastest`` is a method's fastest
+step over store's fastest step (less affected by other load on a shared machine; the target checks
+use the paired median, and from 6 rounds on give a distribution-free 95% confidence interval of it:
 binomial order statistics of the rounds' ratios, :func:`median_interval`). Peak memory is
 ``gnnspec.memory.measure.measure_step_peak`` (live tensor storage bytes, including parameters,
 optimizer state and graph data; ``resize_`` of a storage, as ``GroupAddRev`` does, is tracked).

@@ -227,8 +227,8 @@ def test_a_recomputation_that_raises_leaves_every_module_as_it_was() -> None:
         out.sum().backward()
 
     assert all(p is params[name] for name, p in rev.named_parameters())
-    assert all(m._parameters[name] is p for m in rev.modules() for name, p in m._parameters.items()
-               if p is not None and any(p is q for q in params.values()))
+    # no module is left holding a leaf alias (a plain tensor) in a parameter slot
+    assert all(isinstance(p, nn.Parameter) for m in rev.modules() for p in m._parameters.values() if p is not None)
     assert not any(m.training for m in rev.modules())
     assert all(torch.equal(b, buffers[name]) for name, b in rev.named_buffers())
 

@@ -8,8 +8,8 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import _engine_run_backward
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.autograd.graph import _engine_run_backward
 from torch.utils._mode_utils import no_dispatch
 
 from gnnspec.lower.recompute import (
