@@ -342,16 +342,17 @@ def test_invalid_stacks_are_rejected() -> None:
 
 
 @pytest.mark.parametrize("groups", [2, 3])
-def test_forward_without_autograd_passes_groups_as_a_list(groups):
-    """In eval mode and under no_grad the stack runs as the reversible forward does, with the
-    outputs of the layer-by-layer loop that training uses: no concatenation and split a layer.
-    With two groups that split hands group 0 a strided view (its own input group); in the list
-    only the stack's first split does."""
+def test_store_passes_groups_as_a_list_and_a_checkpoint_segment_splits_each_layer(groups):
+    """``store`` runs the stack as the reversible forward does, in eval, under no_grad and in
+    training with autograd: no concatenation and split a layer. With two groups that split hands
+    group 0 a strided view (its own input group); in the list only the stack's first split does.
+    A checkpointed segment (a single tensor in, one out) runs the layer-by-layer loop, with the
+    same outputs."""
     import gnnspec
 
     torch.manual_seed(0)
-    model = gnnspec.build(f"rev(op=gcn, depth=3, groups={groups}, norm=layer, dropout=0.3, hidden={4 * groups})",
-                          in_channels=5, out_channels=2, plan="store").double()
+    spec = f"rev(op=gcn, depth=3, groups={groups}, norm=layer, dropout=0.3, hidden={4 * groups})"
+    model = gnnspec.build(spec, in_channels=5, out_channels=2, plan="store").double()
     stack = next(m for m in model.modules() if isinstance(m, ReversibleStack))
     seen: list[bool] = []
     for f in stack.functions:
@@ -372,10 +373,19 @@ def test_forward_without_autograd_passes_groups_as_a_list(groups):
     seen.clear()
     torch.manual_seed(2)
     trained = model(x, edge_index)
-    assert seen == ([False, True] * 3 if groups == 2 else [True] * (3 * groups))
+    assert seen == listed
     torch.manual_seed(2)
     with torch.no_grad():
-        assert torch.equal(model(x, edge_index), trained)  # layer norm rounds both layouts alike
+        assert torch.equal(model(x, edge_index), trained)
+    torch.manual_seed(0)
+    segmented = gnnspec.build(spec, in_channels=5, out_channels=2, plan="checkpoint(segments=3)").double()
+    for f in next(m for m in segmented.modules() if isinstance(m, ReversibleStack)).functions:
+        f.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    seen.clear()
+    torch.manual_seed(2)
+    out = segmented(x, edge_index)  # each segment runs once here, and again in backward
+    assert seen == ([False, True] * 3 if groups == 2 else [True] * (3 * groups))
+    assert torch.equal(out, trained)  # layer norm rounds both layouts alike
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer"])

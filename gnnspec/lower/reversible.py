@@ -42,13 +42,15 @@ class ReversibleStack(nn.Module):
     The stack never frees, resizes or writes into a tensor its caller can see (its input, its
     output, ``args``), unlike ``GroupAddRev``, which frees its input's storage.
 
-    ``reversible=False`` runs plain autograd (every layer's activations are saved).
+    ``reversible=False`` runs plain autograd (every layer's activations are saved), the groups
+    passed from layer to layer as a list and concatenated once (:meth:`forward_groups`).
     ``reversible=True`` in training mode with grad enabled runs the whole stack as one autograd
     function that saves only the stack's output and, in backward, reconstructs each layer's input
     from its output while computing its gradients, recomputing every ``f`` once (about one extra
     forward of the stack). Gradients equal the plain stack's up to rounding. In eval mode or under
-    ``torch.no_grad()`` both settings run the plain forward, passing the groups from layer to
-    layer as a list and concatenating once, as the reversible forward does.
+    ``torch.no_grad()`` both settings run the plain forward of :meth:`forward_groups`.
+    A checkpointed segment runs :meth:`_layer_forward` (a full-width tensor between layers: a
+    segment's input and output are single tensors).
     """
 
     def __init__(self, blocks: Sequence[Sequence[nn.Module]], reversible: bool) -> None:
@@ -94,23 +96,21 @@ class ReversibleStack(nn.Module):
                 raise ValueError("arguments of a reversible stack receive no gradient; detach them")
             params, states = self._function_states()
             return _ReversibleStackFunction.apply(self, states, len(args), x, *args, *params)
-        if not self.training or not torch.is_grad_enabled():
-            return self.forward_groups(x, args)
-        # Training with autograd: layer by layer, whose memory the estimator models (skel:rev<G>).
-        for layer in self.table:
-            x = self._layer_forward(layer, x, args)
-        return x
+        return self.forward_groups(x, args)
 
     def forward_groups(
         self, x: Tensor, args: Sequence[Any],
         buffers: tuple[list[BuffersBefore], Sequence["_FunctionState"]] | None = None,
     ) -> Tensor:
         """The stack's output, the groups passed from layer to layer as a list and concatenated
-        once, as the reversible forward runs: no concatenation and split a layer, whose split hands
-        group 0 a strided view with two groups (0.90-0.97x the time at depth 64). The same values
-        as the layer-by-layer loop up to rounding: bit-identical with layer norm or none, while
-        batch norm rounds a strided input differently (2.7e-15 in float64). Eval and ``no_grad``
-        forwards of every plan run it, so their outputs agree bit for bit. ``buffers`` as
+        once: no concatenation and split a layer, whose split hands the first group function a
+        strided view (which a layer norm copies, and whose save keeps the whole concatenation
+        alive). Under plain autograd (``store``) that is 0.86-0.91x the step time of the
+        layer-by-layer loop at depth 64 and one ``[N, hidden/groups]`` tensor less saved per layer
+        after the first; the forward of the reversible plan runs it too. The same values as the
+        layer-by-layer loop up to rounding: bit-identical with layer norm or none, while batch
+        norm rounds a strided input differently (2.7e-15 in float64). Every plan's eval and
+        ``no_grad`` forward runs it, so their outputs agree bit for bit. ``buffers`` as
         :meth:`_layer_groups`."""
         groups = x.chunk(self.groups, dim=-1)
         for layer in self.table:

@@ -511,6 +511,8 @@ class StageModel:
             return self._checkpoint_program(plan.segments or self.default_segments(), grad_in)
         if plan.kind == "reversible":
             return self._reversible_program(grad_in)
+        if kind == "rev":
+            return self._rev_stack_program(grad_in)
         return self._stack_program(grad_in)
 
     def _stage_extras(self, fwd: list[tuple]) -> dict[str, int]:
@@ -669,6 +671,39 @@ class StageModel:
         if self.jk == "cat":
             prog = self._cat_output(prog)
         return _with_stage_storages(prog, pre, {k: v for k, v in extras.items() if k == "M"}), grad
+
+    def _rev_stack_program(self, grad_in: bool) -> tuple[Program, bool]:
+        """A ``rev`` stack under plain autograd (:meth:`~gnnspec.lower.reversible.ReversibleStack.
+        forward_groups`): between layers a list of group tensors, not one tensor, so the whole
+        stack of ``d = min(depth, 3)`` layers is one calibrated skeleton (``skel:revstack<G>:<d>``)
+        with a hole per group function; deeper stacks repeat the middle layer ``depth - 2`` times
+        in closed form, cut before each layer's first group function in the forward and before
+        its last one in the backward (which runs the groups in reverse)."""
+        st, g = self.stage, self.graph
+        groups, depth = st.groups, st.depth
+        pre: list[tuple] = []
+        extras = self._stage_extras(pre)
+        units = self.layer_units()
+        layers = min(depth, 3)
+        sk, holes = instantiate(f"skel:revstack{groups}:{layers}", "g" if grad_in else "n",
+                                {"N": g.nodes, "W": self.hidden // groups, "s": g.s})
+        inner: dict[int, Program] = {}
+        grad_out = False
+        for k in sorted(holes):
+            # under tie the last layer's functions run backward first and make the .grad; the
+            # layers before add into it
+            accum = st.tie and k // groups != layers - 1
+            inner[k], made = chain_units(units, "g", grad_in if k == 0 else grad_in or grad_out, accum, extras)
+            grad_out = grad_out or made
+        fwd, bwd = sk.fwd, sk.bwd
+        if depth > 3:
+            fwd = _marked_before(fwd, {("hF", groups), ("hF", 2 * groups)})
+            bwd = _marked_before(bwd, {("hB", 2 * groups - 1), ("hB", groups - 1)})
+        fwd, bwd = substitute(fwd, bwd, holes, inner)
+        prog = Program(fwd, bwd, {r: sid for r, sid in sk.roles.items() if r in ("X", "Y", "GY", "GX")})
+        if depth > 3:
+            prog = _compress(prog, depth, set(prog.roles.values()) | set(extras.values()))
+        return _with_stage_storages(prog, pre, {k: v for k, v in extras.items() if k == "M"}), True
 
     def _with_max(self, p: Program, mode: str, acc_prev: int, first: bool = False) -> tuple[Program, int]:
         """A layer followed by ``acc = maximum(acc, x)`` (saves both; its backward makes a
@@ -1110,6 +1145,16 @@ def _chain_marked(progs: list[Program], tail: Sequence[tuple] = (), head: Sequen
     if "GX" in bound[0].roles:
         roles["GX"] = grads[0]
     return fwd, bwd, roles
+
+
+def _marked_before(events: list[tuple], places: set[tuple]) -> list[tuple]:
+    """``events`` with a layer mark ``("|",)`` before each event in ``places``."""
+    out: list[tuple] = []
+    for ev in events:
+        if tuple(ev) in places:
+            out.append(("|",))
+        out.append(ev)
+    return out
 
 
 def _strip_marks(prog: Program) -> Program:
