@@ -757,7 +757,7 @@ class StageModel:
         depth = self.steps()
         runs = segment_runs(depth, segments)
         if sum(count for _, _, count in runs) == 1:  # one segment runs plainly (run_segments): store
-            return self._stack_program(grad_in)
+            return self._rev_stack_program(grad_in) if self.kind == "rev" else self._stack_program(grad_in)
         # the last segment runs plainly; the checkpointed ones before it are runs of equal length
         start, length, count = runs[-1]
         last = (start + (count - 1) * length, start + count * length, 1)
