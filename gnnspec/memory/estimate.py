@@ -673,37 +673,46 @@ class StageModel:
         return _with_stage_storages(prog, pre, {k: v for k, v in extras.items() if k == "M"}), grad
 
     def _rev_stack_program(self, grad_in: bool) -> tuple[Program, bool]:
-        """A ``rev`` stack under plain autograd (:meth:`~gnnspec.lower.reversible.ReversibleStack.
-        forward_groups`): between layers a list of group tensors, not one tensor, so the whole
-        stack of ``d = min(depth, 3)`` layers is one calibrated skeleton (``skel:revstack<G>:<d>``)
-        with a hole per group function; deeper stacks repeat the middle layer ``depth - 2`` times
-        in closed form, cut before each layer's first group function in the forward and before
-        its last one in the backward (which runs the groups in reverse)."""
-        st, g = self.stage, self.graph
-        groups, depth = st.groups, st.depth
+        """A ``rev`` stack under plain autograd: :meth:`_rev_groups_chain` with the stage's mask."""
         pre: list[tuple] = []
         extras = self._stage_extras(pre)
+        prog = self._rev_groups_chain("g", grad_in, extras)
+        return _with_stage_storages(prog, pre, {k: v for k, v in extras.items() if k == "M"}), True
+
+    def _rev_groups_chain(self, mode: str, grad_in: bool, extras: dict[str, int]) -> Program:
+        """:meth:`~gnnspec.lower.reversible.ReversibleStack.forward_groups`, with autograd (mode
+        ``g``) or without (``o``: the reversible plan's forward): between layers a list of group
+        tensors, not one tensor, so the whole stack of ``d = min(depth, 3)`` layers is one
+        calibrated skeleton (``skel:revstack<G>:<d>``) with a hole per group function; deeper
+        stacks repeat the middle layer ``depth - 2`` times in closed form, cut before each layer's
+        first group function in the forward and before its last one in the backward (which runs
+        the groups in reverse). Roles X, Y, GY, GX."""
+        st, g = self.stage, self.graph
+        groups, depth = st.groups, st.depth
         units = self.layer_units()
         layers = min(depth, 3)
-        sk, holes = instantiate(f"skel:revstack{groups}:{layers}", "g" if grad_in else "n",
+        variant = "o" if mode == "o" else ("g" if grad_in else "n")
+        sk, holes = instantiate(f"skel:revstack{groups}:{layers}", variant,
                                 {"N": g.nodes, "W": self.hidden // groups, "s": g.s})
         inner: dict[int, Program] = {}
         grad_out = False
         for k in sorted(holes):
             # under tie the last layer's functions run backward first and make the .grad; the
             # layers before add into it
-            accum = st.tie and k // groups != layers - 1
-            inner[k], made = chain_units(units, "g", grad_in if k == 0 else grad_in or grad_out, accum, extras)
+            accum = st.tie and k // groups != layers - 1 and mode != "o"
+            inner[k], made = chain_units(units, mode, grad_in if k == 0 else grad_in or grad_out, accum, extras)
             grad_out = grad_out or made
         fwd, bwd = sk.fwd, sk.bwd
         if depth > 3:
             fwd = _marked_before(fwd, {("hF", groups), ("hF", 2 * groups)})
-            bwd = _marked_before(bwd, {("hB", 2 * groups - 1), ("hB", groups - 1)})
+            bwd = _marked_before(bwd, {("hB", 2 * groups - 1), ("hB", groups - 1)}) if bwd else [("|",), ("|",)]
         fwd, bwd = substitute(fwd, bwd, holes, inner)
-        prog = Program(fwd, bwd, {r: sid for r, sid in sk.roles.items() if r in ("X", "Y", "GY", "GX")})
+        roles = {r: sid for r, sid in sk.roles.items() if r in ("X", "Y", "GY", "GX")}
+        roles.setdefault("X", new_sid())  # the input's storage, when no piece of the stack holds it
+        prog = Program(fwd, bwd, roles)
         if depth > 3:
             prog = _compress(prog, depth, set(prog.roles.values()) | set(extras.values()))
-        return _with_stage_storages(prog, pre, {k: v for k, v in extras.items() if k == "M"}), True
+        return _strip_marks(prog)
 
     def _with_max(self, p: Program, mode: str, acc_prev: int, first: bool = False) -> tuple[Program, int]:
         """A layer followed by ``acc = maximum(acc, x)`` (saves both; its backward makes a
@@ -908,7 +917,7 @@ class StageModel:
         extras = self._stage_extras(pre)
         units = self.layer_units()
         depth = st.depth
-        f_prog, _ = self._layers_chain(depth, "o", False, extras)
+        f_prog = self._rev_groups_chain("o", False, extras)
         x, y = f_prog.roles["X"], f_prog.roles["Y"]
         fwd = pre + f_prog.fwd
         if "M" in extras:
