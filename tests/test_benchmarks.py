@@ -91,6 +91,30 @@ def test_median_interval_is_the_binomial_order_statistics() -> None:
     assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # even min-max covers only 93.75%
 
 
+def test_plans_summary_says_when_the_reversible_target_is_below_its_floor() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from plans import Row, summary
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from rich.console import Console
+
+    def row(method: str, op: str, cpu: list[float], floor: float | None) -> Row:
+        ratio = cpu[0]  # store steps take 1.0
+        return Row(op=op, depth=64, kind="rev", method=method, time_ratio=ratio, ratio_lo=ratio, ratio_hi=ratio,
+                   cpu_ratio=ratio, cpu_lo=ratio, cpu_hi=ratio, cpu_min_ratio=ratio, floor=floor, peak_bytes=1,
+                   peak_ratio=1.0, out_diff=0.0, is_base=method == "gnnspec store", times=cpu, cpu_times=cpu)
+
+    rows = [row("gnnspec store", "gcn", [1.0], None), row("gnnspec reversible", "gcn", [1.45], 1.43),
+            row("gnnspec store", "gat", [1.0], None), row("gnnspec reversible", "gat", [1.38], 1.36)]
+    console = Console(record=True, width=300)
+    checks = {c["op"]: c for c in summary(rows, console)["checks"]}
+    text = console.export_text()
+    assert checks["gcn"]["target_below_floor"] and not checks["gcn"]["time_ok"]
+    assert not checks["gat"]["target_below_floor"] and checks["gat"]["time_ok"]
+    assert "floor 1.43 (above the target): time MISS" in text and "floor 1.36: time PASS" in text
+
+
 def test_plan_sweep_finds_every_plan_equal_to_store() -> None:
     """A small run of the random differential sweep (all ops, stack kinds, norms, activations)."""
     proc = subprocess.run(
