@@ -341,6 +341,18 @@ def test_invalid_stacks_are_rejected() -> None:
         rev(x, edge_index, torch.ones(N, D // 2, dtype=torch.float64, requires_grad=True))
 
 
+class _CountingCalls(torch.overrides.TorchFunctionMode):
+    """Counts the calls of one torch function while active."""
+
+    def __init__(self, func) -> None:
+        super().__init__()
+        self.func, self.count = func, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func is self.func
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("groups", [2, 3])
 def test_store_passes_groups_as_a_list_and_a_checkpoint_segment_splits_each_layer(groups):
     """``store`` runs the stack as the reversible forward does, in eval, under no_grad and in
@@ -372,8 +384,9 @@ def test_store_passes_groups_as_a_list_and_a_checkpoint_segment_splits_each_laye
     model.train()
     seen.clear()
     torch.manual_seed(2)
-    trained = model(x, edge_index)
-    assert seen == listed
+    with _CountingCalls(torch.cat) as cats:
+        trained = model(x, edge_index)
+    assert seen == listed and cats.count == 1  # one concatenation at the end, none per layer
     torch.manual_seed(2)
     with torch.no_grad():
         assert torch.equal(model(x, edge_index), trained)
@@ -383,8 +396,9 @@ def test_store_passes_groups_as_a_list_and_a_checkpoint_segment_splits_each_laye
         f.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
     seen.clear()
     torch.manual_seed(2)
-    out = segmented(x, edge_index)  # each segment runs once here, and again in backward
-    assert seen == ([False, True] * 3 if groups == 2 else [True] * (3 * groups))
+    with _CountingCalls(torch.cat) as cats:
+        out = segmented(x, edge_index)  # each segment runs once here, and again in backward
+    assert seen == ([False, True] * 3 if groups == 2 else [True] * (3 * groups)) and cats.count >= 3  # one a layer
     assert torch.equal(out, trained)  # layer norm rounds both layouts alike
 
 
