@@ -48,9 +48,9 @@ class ReversibleStack(nn.Module):
     function that saves only the stack's output and, in backward, reconstructs each layer's input
     from its output while computing its gradients, recomputing every ``f`` once (about one extra
     forward of the stack). Gradients equal the plain stack's up to rounding. In eval mode or under
-    ``torch.no_grad()`` both settings run the plain forward of :meth:`forward_groups`.
-    A checkpointed segment runs :meth:`_layer_forward` (a full-width tensor between layers: a
-    segment's input and output are single tensors).
+    ``torch.no_grad()`` both settings run the plain forward of :meth:`forward_groups`, and so
+    does each segment of a checkpointed stack (over its range of layers: a segment's input and
+    output are single tensors).
     """
 
     def __init__(self, blocks: Sequence[Sequence[nn.Module]], reversible: bool) -> None:
@@ -101,20 +101,22 @@ class ReversibleStack(nn.Module):
     def forward_groups(
         self, x: Tensor, args: Sequence[Any],
         buffers: tuple[list[BuffersBefore], Sequence["_FunctionState"]] | None = None,
+        layers: range | None = None,
     ) -> Tensor:
-        """The stack's output, the groups passed from layer to layer as a list and concatenated
-        once: no concatenation and split a layer, whose split hands the first group function a
-        strided view (which a layer norm copies, and whose save keeps the whole concatenation
-        alive). Under plain autograd (``store``) that is 0.86-0.91x the step time of the
-        layer-by-layer loop at depth 64 and one ``[N, hidden/groups]`` tensor less saved per layer
-        after the first; the forward of the reversible plan runs it too. The same values as the
-        layer-by-layer loop up to rounding: bit-identical with layer norm or none, while batch
+        """The output of the stack's ``layers`` (default all), the groups passed from layer to
+        layer as a list and concatenated once: no concatenation and split a layer, whose split
+        hands the first group function a strided view (which a layer norm copies, and whose save
+        keeps the whole concatenation alive). Under plain autograd (``store``) that is 0.85x the
+        step time of a layer-by-layer loop at depth 64 (gcn, sage; 0.96x gat) and one
+        ``[N, hidden/groups]`` tensor less saved per layer after the first; the forward of the
+        reversible plan and each segment of a checkpointed stack run it too. The same values as
+        a layer-by-layer loop up to rounding: bit-identical with layer norm or none, while batch
         norm rounds a strided input differently (2.7e-15 in float64). Every plan's eval and
         ``no_grad`` forward runs it, so their outputs agree bit for bit. ``buffers`` as
         :meth:`_layer_groups`."""
         groups = x.chunk(self.groups, dim=-1)
-        for layer in self.table:
-            groups = self._layer_groups(layer, groups, args, buffers)
+        for number in range(len(self.table)) if layers is None else layers:
+            groups = self._layer_groups(self.table[number], groups, args, buffers)
         return torch.cat(groups, dim=-1)
 
     def _function_states(self) -> tuple[list[Tensor], list["_FunctionState"]]:
@@ -134,9 +136,6 @@ class ReversibleStack(nn.Module):
                     params.append(p)
             states.append(_FunctionState(own, [position[id(p)] for p in own], record))
         return params, states
-
-    def _layer_forward(self, layer: tuple[int, ...], x: Tensor, args: Sequence[Any]) -> Tensor:
-        return torch.cat(self._layer_groups(layer, x.chunk(self.groups, dim=-1), args), dim=-1)
 
     def _layer_groups(
         self, layer: tuple[int, ...], xs: Sequence[Tensor], args: Sequence[Any],

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from gnnspec import ir
-from gnnspec.lower.checkpoint import run_segments
+from gnnspec.lower.checkpoint import run_segments, segment_bounds
 from gnnspec.lower.deq import DEQFixedPoint
 from gnnspec.lower.layers import ConvLayer, make_act, make_norm
 from gnnspec.lower.recompute import SharedDropout
@@ -188,9 +188,14 @@ class RevStack(Stage):
             return stack(x, graph, mask)
         if not (torch.is_grad_enabled() and any(f.training for f in stack.functions)):
             return stack.forward_groups(x, (graph, mask))  # what run_segments would run plainly
-        steps = [partial(lambda layer, h, g, m: stack._layer_forward(layer, h, (g, m)), layer) for layer in stack.table]
-        modules = [nn.ModuleList([stack.functions[i] for i in layer]) for layer in stack.table]
-        return run_segments(steps, x, graph, mask, segments=self.segments, modules=modules)
+        # one step a segment, each a stack of its own layers (group lists inside, one tensor
+        # between segments); the tied functions of a segment are listed once per layer
+        bounds = segment_bounds(stack.depth, self.segments)
+        steps = [partial(lambda layers, h, g, m: stack.forward_groups(h, (g, m), layers=layers), range(lo, hi))
+                 for lo, hi in bounds]
+        modules = [nn.ModuleList([stack.functions[i] for layer in stack.table[lo:hi] for i in layer])
+                   for lo, hi in bounds]
+        return run_segments(steps, x, graph, mask, segments=len(steps), modules=modules)
 
 
 class DeqFunction(nn.Module):

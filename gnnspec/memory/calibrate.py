@@ -43,9 +43,9 @@ estimate substitutes the composed chain for each hole.
 Skeletons recorded: ``skel:res``/``skel:res+``/``skel:dense`` (the whole chain as the hole),
 ``skel:res:<op>``/``skel:dense:<op>`` (the op's convolution inside, the units after it as the
 hole: the convolution's input is also the skip connection's, and how their gradients meet depends
-on the op), ``skel:deqf`` (``f(z, x) = hole(z) + x``), ``skel:rev<G>`` (one reversible layer as a
-checkpointed segment runs it: a full-width input and output), ``skel:revstack<G>:<d>`` (a whole
-stack of ``d`` = 1-3 layers under plain autograd or ``no_grad``: group lists between layers),
+on the op), ``skel:deqf`` (``f(z, x) = hole(z) + x``), ``skel:revstack<G>:<d>`` (a reversible stack,
+or a checkpointed segment of one, of ``d`` = 1-3 layers under plain autograd or ``no_grad``: group
+lists between layers),
 ``skel:rev<G>:back[:first]`` (``_layer_backward`` of the
 reversible plan, group functions as holes).
 
@@ -374,12 +374,6 @@ def skeleton_defs() -> list[UnitDef]:
         hole = Hole()
         return lambda z, X1: hole(z) + X1
 
-    def rev(groups):
-        def call(pt):
-            stack = ReversibleStack([[Hole() for _ in range(groups)]], reversible=False)
-            return lambda x: stack._layer_forward(stack.table[0], x, ())
-        return call
-
     def rev_stack(groups, depth):
         def call(pt):
             stack = ReversibleStack([[Hole() for _ in range(groups)] for _ in range(depth)], reversible=False)
@@ -393,8 +387,6 @@ def skeleton_defs() -> list[UnitDef]:
         _skeleton("skel:deqf", deqf, extras=lambda pt: {"X1": ((pt["N"], pt["D"]), None, True)}),
     ]
     for groups in (2, 3, 4):
-        out.append(_skeleton(f"skel:rev{groups}", rev(groups), vars_=("N", "W"),
-                             in_width=lambda pt, g=groups: g * pt["W"], points=_points_rev))
         for depth in (1, 2, 3):
             out.append(_skeleton(f"skel:revstack{groups}:{depth}", rev_stack(groups, depth), vars_=("N", "W"),
                                  in_width=lambda pt, g=groups: g * pt["W"], points=_points_rev))

@@ -418,11 +418,7 @@ class StageModel:
         if kind == "dense":
             return in_skeleton("skel:dense", {"N": g.nodes, "I": h * (layer + 1), "O": h, "s": g.s}, mode,
                                grad_in, units, accum)
-        if kind == "rev":
-            groups = self.stage.groups
-            return in_skeleton(f"skel:rev{groups}", {"N": g.nodes, "W": h // groups, "s": g.s}, mode, grad_in,
-                               units, accum, extras, n_holes=groups)
-        raise ValueError(kind)
+        raise ValueError(kind)  # rev: _rev_groups_chain
 
     # -- parameters
 
@@ -555,6 +551,8 @@ class StageModel:
         """``count`` layers as the stack's loop runs them (``state = step(state)``), with roles X,
         Y, GY, GX. Up to three layers (or a ``dense`` stack) explicitly; more as the first, the
         middle one repeated ``count - 2`` times in closed form, and the last."""
+        if self.kind == "rev":
+            return self._rev_groups_chain(mode, grad_in, extras, count, first_layer)
         tie = self.stage.tie
         indices = range(first_layer, first_layer + count)  # not a list: depth may be huge
         explicit = count <= 3 or self.kind == "dense"
@@ -676,43 +674,46 @@ class StageModel:
         """A ``rev`` stack under plain autograd: :meth:`_rev_groups_chain` with the stage's mask."""
         pre: list[tuple] = []
         extras = self._stage_extras(pre)
-        prog = self._rev_groups_chain("g", grad_in, extras)
-        return _with_stage_storages(prog, pre, {k: v for k, v in extras.items() if k == "M"}), True
+        prog, grad = self._rev_groups_chain("g", grad_in, extras, self.stage.depth)
+        return _with_stage_storages(prog, pre, {k: v for k, v in extras.items() if k == "M"}), grad
 
-    def _rev_groups_chain(self, mode: str, grad_in: bool, extras: dict[str, int]) -> Program:
-        """:meth:`~gnnspec.lower.reversible.ReversibleStack.forward_groups`, with autograd (mode
-        ``g``) or without (``o``: the reversible plan's forward): between layers a list of group
-        tensors, not one tensor, so the whole stack of ``d = min(depth, 3)`` layers is one
-        calibrated skeleton (``skel:revstack<G>:<d>``) with a hole per group function; deeper
-        stacks repeat the middle layer ``depth - 2`` times in closed form, cut before each layer's
-        first group function in the forward and before its last one in the backward (which runs
-        the groups in reverse). Roles X, Y, GY, GX."""
+    def _rev_groups_chain(self, mode: str, grad_in: bool, extras: dict[str, int], count: int,
+                          first_layer: int = 0) -> tuple[Program, bool]:
+        """:meth:`~gnnspec.lower.reversible.ReversibleStack.forward_groups` over layers
+        ``first_layer .. first_layer + count - 1`` (the whole stack, or one checkpointed segment),
+        with autograd (mode ``g``) or without (``o``): between layers a list of group tensors, not
+        one tensor, so ``d = min(count, 3)`` layers are one calibrated skeleton
+        (``skel:revstack<G>:<d>``) with a hole per group function; more repeat the middle layer
+        ``count - 2`` times in closed form, cut before each layer's first group function in the
+        forward and before its last one in the backward (which runs the groups in reverse).
+        Roles X, Y, GY, GX; returns the program and whether its output requires grad."""
         st, g = self.stage, self.graph
-        groups, depth = st.groups, st.depth
+        groups = st.groups
         units = self.layer_units()
-        layers = min(depth, 3)
+        layers = min(count, 3)
         variant = "o" if mode == "o" else ("g" if grad_in else "n")
         sk, holes = instantiate(f"skel:revstack{groups}:{layers}", variant,
                                 {"N": g.nodes, "W": self.hidden // groups, "s": g.s})
         inner: dict[int, Program] = {}
         grad_out = False
+        ends_stack = first_layer + count == st.depth
         for k in sorted(holes):
-            # under tie the last layer's functions run backward first and make the .grad; the
-            # layers before add into it
-            accum = st.tie and k // groups != layers - 1 and mode != "o"
+            # under tie the stack's last layer's functions run backward first and make the .grad;
+            # every layer before adds into it
+            accum = st.tie and not (ends_stack and k // groups == layers - 1) and mode != "o"
             inner[k], made = chain_units(units, mode, grad_in if k == 0 else grad_in or grad_out, accum, extras)
             grad_out = grad_out or made
         fwd, bwd = sk.fwd, sk.bwd
-        if depth > 3:
+        if count > 3:
             fwd = _marked_before(fwd, {("hF", groups), ("hF", 2 * groups)})
             bwd = _marked_before(bwd, {("hB", 2 * groups - 1), ("hB", groups - 1)}) if bwd else [("|",), ("|",)]
         fwd, bwd = substitute(fwd, bwd, holes, inner)
         roles = {r: sid for r, sid in sk.roles.items() if r in ("X", "Y", "GY", "GX")}
         roles.setdefault("X", new_sid())  # the input's storage, when no piece of the stack holds it
         prog = Program(fwd, bwd, roles)
-        if depth > 3:
-            prog = _compress(prog, depth, set(prog.roles.values()) | set(extras.values()))
-        return _strip_marks(prog)
+        if count > 3:
+            prog = _compress(prog, count, set(prog.roles.values()) | set(extras.values()))
+        return _strip_marks(prog), grad_out or grad_in
 
     def _with_max(self, p: Program, mode: str, acc_prev: int, first: bool = False) -> tuple[Program, int]:
         """A layer followed by ``acc = maximum(acc, x)`` (saves both; its backward makes a
@@ -917,7 +918,7 @@ class StageModel:
         extras = self._stage_extras(pre)
         units = self.layer_units()
         depth = st.depth
-        f_prog = self._rev_groups_chain("o", False, extras)
+        f_prog, _ = self._rev_groups_chain("o", False, extras, depth)
         x, y = f_prog.roles["X"], f_prog.roles["Y"]
         fwd = pre + f_prog.fwd
         if "M" in extras:
