@@ -184,7 +184,7 @@ class RevStack(Stage):
     def forward(self, x: Tensor, graph: PreparedGraph) -> Tensor:
         mask = self.dropout.draw(x)
         stack = self.stack
-        if self.plan != "checkpoint" or self.segments == 1:  # one segment runs plainly: store's path
+        if self.plan != "checkpoint":
             return stack(x, graph, mask)
         if not (torch.is_grad_enabled() and any(f.training for f in stack.functions)):
             return stack.forward_groups(x, (graph, mask))  # what run_segments would run plainly

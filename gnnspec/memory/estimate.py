@@ -507,8 +507,6 @@ class StageModel:
             return self._checkpoint_program(plan.segments or self.default_segments(), grad_in)
         if plan.kind == "reversible":
             return self._reversible_program(grad_in)
-        if kind == "rev":
-            return self._rev_stack_program(grad_in)
         return self._stack_program(grad_in)
 
     def _stage_extras(self, fwd: list[tuple]) -> dict[str, int]:
@@ -550,7 +548,9 @@ class StageModel:
                             first_layer: int = 0) -> tuple[Program, bool]:
         """``count`` layers as the stack's loop runs them (``state = step(state)``), with roles X,
         Y, GY, GX. Up to three layers (or a ``dense`` stack) explicitly; more as the first, the
-        middle one repeated ``count - 2`` times in closed form, and the last."""
+        middle one repeated ``count - 2`` times in closed form, and the last. A ``rev`` stack passes
+        group lists between layers: :meth:`_rev_groups_chain` (for ``store``, each ``checkpoint``
+        segment and ``reversible``'s forward)."""
         if self.kind == "rev":
             return self._rev_groups_chain(mode, grad_in, extras, count, first_layer)
         tie = self.stage.tie
@@ -670,13 +670,6 @@ class StageModel:
             prog = self._cat_output(prog)
         return _with_stage_storages(prog, pre, {k: v for k, v in extras.items() if k == "M"}), grad
 
-    def _rev_stack_program(self, grad_in: bool) -> tuple[Program, bool]:
-        """A ``rev`` stack under plain autograd: :meth:`_rev_groups_chain` with the stage's mask."""
-        pre: list[tuple] = []
-        extras = self._stage_extras(pre)
-        prog, grad = self._rev_groups_chain("g", grad_in, extras, self.stage.depth)
-        return _with_stage_storages(prog, pre, {k: v for k, v in extras.items() if k == "M"}), grad
-
     def _rev_groups_chain(self, mode: str, grad_in: bool, extras: dict[str, int], count: int,
                           first_layer: int = 0) -> tuple[Program, bool]:
         """:meth:`~gnnspec.lower.reversible.ReversibleStack.forward_groups` over layers
@@ -767,7 +760,7 @@ class StageModel:
         depth = self.steps()
         runs = segment_runs(depth, segments)
         if sum(count for _, _, count in runs) == 1:  # one segment runs plainly (run_segments): store
-            return self._rev_stack_program(grad_in) if self.kind == "rev" else self._stack_program(grad_in)
+            return self._stack_program(grad_in)
         # the last segment runs plainly; the checkpointed ones before it are runs of equal length
         start, length, count = runs[-1]
         last = (start + (count - 1) * length, start + count * length, 1)
@@ -918,7 +911,7 @@ class StageModel:
         extras = self._stage_extras(pre)
         units = self.layer_units()
         depth = st.depth
-        f_prog, _ = self._rev_groups_chain("o", False, extras, depth)
+        f_prog, _ = self._layers_chain(depth, "o", False, extras)
         x, y = f_prog.roles["X"], f_prog.roles["Y"]
         fwd = pre + f_prog.fwd
         if "M" in extras:
