@@ -250,16 +250,18 @@ class CsrAdjacency:
         compute dtype, as :meth:`matmul`'s, and added."""
         return _CsrAddMatmul.apply(out, x, self)
 
-    def _add_product_(self, out: Tensor, x: Tensor) -> Tensor:
+    def _add_product_(self, out: Tensor, x: Tensor, alpha: int = 1) -> Tensor:
+        """``out += alpha * A @ x`` in place (``alpha`` 1 or -1: exact in any dtype)."""
         compute = self.parts[2].dtype
         if out.dtype != compute:
-            return out.add_(self._product(x))
+            return out.add_(self._product(x), alpha=alpha)
         if self._matrices is not None and not isinstance(x, FakeTensor):
             with _without_autocast(x):
-                out.addmm_(self._matrices[0], _cast(x, compute))
+                out.addmm_(self._matrices[0], _cast(x, compute), alpha=alpha)
         return out
 
-    def _product(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    def _product(self, x: Tensor, bias: Tensor | None = None, alpha: int = 1) -> Tensor:
+        """``alpha * A @ x (+ bias)``; ``alpha`` (1 or -1) only without a bias."""
         out_dtype = x.dtype if x.dtype == self.dtype else torch.promote_types(x.dtype, self.dtype)
         compute = self.parts[2].dtype
         x = _cast(x, compute)
@@ -272,7 +274,7 @@ class CsrAdjacency:
                 if bias is None:
                     # beta=0: out's uninitialised values are not read. torch.mm(A, x) gives the same
                     # values, but zero-fills a buffer and copies it into its output (1.6x the time).
-                    out = x.new_empty(self.num_nodes, x.shape[-1]).addmm_(self._matrices[0], x, beta=0)
+                    out = x.new_empty(self.num_nodes, x.shape[-1]).addmm_(self._matrices[0], x, beta=0, alpha=alpha)
                 else:  # the broadcast bias is read in place (a stride-0 view), not copied
                     out = torch.addmm(_cast(bias, compute).expand(self.num_nodes, x.shape[-1]), self._matrices[0], x)
         return _cast(out, out_dtype)
@@ -333,7 +335,7 @@ class _CsrAddMatmul(torch.autograd.Function):
 
 class _PropagatedLinear(torch.autograd.Function):
     r"""``out = r + A (x W^T) + x R^T + b`` (residual ``r``, root weight ``R`` and bias ``b``
-    optional), one autograd node for the products of :class:`CsrGCNConv` (no ``R``) and
+    optional), or with ``subtract`` ``out = r - (A (x W^T) + x R^T + b)``, one autograd node for the products of :class:`CsrGCNConv` (no ``R``) and
     :class:`CsrSAGEConv`, with the kernels of their unfused order (``addmm``/``mm``, then the
     sparse product: added into the root term in place, or with the bias into a fresh output).
     With a residual (a ``res+`` layer's ``x + conv(h)``) the output starts as ``r + b``, the root
@@ -343,17 +345,27 @@ class _PropagatedLinear(torch.autograd.Function):
     ``[N, C_in]`` tensor, accumulated in place), ``dL/dW = h^T x``, ``dL/dR = g^T x``,
     ``dL/db = sum_rows g``, ``dL/dr = g``. The unfused order runs three to five nodes and saves
     two to five tensors; a checkpoint's hooks here pack and unpack one. ``x``, ``r``, the weights
-    and ``A`` share one dtype (no autocast)."""
+    and ``A`` share one dtype (no autocast).
+
+    ``subtract`` (with ``r``) is the reversible stack's reconstruction ``x_i = y_i - f(u)``
+    computed inside the products: ``r - b``, then the products accumulated with ``alpha = -1``,
+    where ``f``'s own output and the difference were two fresh tensors. Its backward negates
+    ``g`` inside the products (``-A^T g`` by the sparse product's ``alpha``), not in a pass of its
+    own: the same values as the backward of ``r - f``, since negation is exact."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, root_weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
-                adjacency: CsrAdjacency, residual: Tensor | None = None) -> Tensor:
+                adjacency: CsrAdjacency, residual: Tensor | None = None, subtract: bool = False) -> Tensor:
         neighbours = torch.mm(x, weight.t())
+        sign = -1 if subtract else 1
         if residual is not None:
-            out = residual.clone(memory_format=torch.contiguous_format) if bias is None else torch.add(residual, bias)
+            if bias is None:
+                out = residual.clone(memory_format=torch.contiguous_format)
+            else:
+                out = torch.sub(residual, bias) if subtract else torch.add(residual, bias)
             if root_weight is not None:
-                out.addmm_(x, root_weight.t())
-            out = adjacency._add_product_(out, neighbours)
+                out.addmm_(x, root_weight.t(), alpha=sign)
+            out = adjacency._add_product_(out, neighbours, alpha=sign)
         elif root_weight is None:
             out = adjacency._product(neighbours, bias)
         else:
@@ -361,7 +373,8 @@ class _PropagatedLinear(torch.autograd.Function):
             out = adjacency._add_product_(root, neighbours)
         ctx.save_for_backward(x)
         ctx.weights, ctx.adjacency, ctx.has_bias = (weight, root_weight), adjacency, bias is not None
-        mark_tensor_inputs(ctx, x, weight, root_weight, bias, adjacency, residual)
+        ctx.sign = sign
+        mark_tensor_inputs(ctx, x, weight, root_weight, bias, adjacency, residual, subtract)
         return out
 
     @staticmethod
@@ -369,21 +382,30 @@ class _PropagatedLinear(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         weight, root_weight = ctx.weights
         needs = gradients_used(ctx)
-        propagated = ctx.adjacency.t()._product(grad)  # A^T g
+        sign = ctx.sign
+        propagated = ctx.adjacency.t()._product(grad, alpha=sign)  # sign A^T g
         grad_x = grad_w = grad_root = grad_b = None
         if needs[0]:
             if root_weight is None:
                 grad_x = torch.mm(propagated, weight)
+            elif sign < 0:
+                grad_x = torch.mm(propagated, weight).addmm_(grad, root_weight, alpha=-1)
             else:
                 grad_x = torch.mm(grad, root_weight).addmm_(propagated, weight)
         if needs[1]:
             grad_w = torch.mm(propagated.t(), x)
         if root_weight is not None and needs[2]:
             grad_root = torch.mm(grad.t(), x)
+            if sign < 0:
+                grad_root.neg_()
         if ctx.has_bias and needs[3]:
             grad_b = grad.sum(0)
+            if sign < 0:
+                grad_b.neg_()
         grads = (grad_x, grad_w, grad_root, grad_b, None)
-        return grads + (grad if needs[5] else None,) if len(ctx.needs_input_grad) > 5 else grads
+        if len(ctx.needs_input_grad) > 5:
+            grads = grads + (grad if needs[5] else None, None)
+        return grads
 
 
 def _fusable_product(x: Any, adjacency: Any, *modules: nn.Module) -> bool:
@@ -404,19 +426,24 @@ def _fusable_residual(residual: Tensor | None, x: Tensor, out_channels: int) -> 
             and residual.dtype == x.dtype and residual.device == x.device)
 
 
-def _plus(residual: Tensor | None, out: Tensor) -> Tensor:
-    return out if residual is None else residual + out
+def _plus(residual: Tensor | None, out: Tensor, subtract: bool = False) -> Tensor:
+    """``out``, ``residual + out``, or with ``subtract`` ``residual - out``."""
+    if residual is None:
+        return out
+    return residual - out if subtract else residual + out
 
 
 def _propagated_linear(x: Tensor, weight: Tensor, root_weight: Tensor | None, bias: Tensor | None,
-                       adjacency: CsrAdjacency, residual: Tensor | None, out_channels: int) -> Tensor:
-    """``residual + A (x W^T) + x R^T + b`` by :class:`_PropagatedLinear`, the residual inside the
-    node where :func:`_fusable_residual` allows it, else added after it."""
+                       adjacency: CsrAdjacency, residual: Tensor | None, out_channels: int,
+                       subtract: bool = False) -> Tensor:
+    """``residual + A (x W^T) + x R^T + b`` (``residual - (...)`` with ``subtract``) by
+    :class:`_PropagatedLinear`, the residual inside the node where :func:`_fusable_residual`
+    allows it, else added (subtracted) after it."""
     # In half precision the sparse product runs in float32 and is added back in a cast copy: into
     # the residual's sum that copy would be alive beside it (one [N, C] more than the unfused sum)
     if _fusable_residual(residual, x, out_channels) and adjacency.parts[2].dtype == x.dtype:
-        return _PropagatedLinear.apply(x, weight, root_weight, bias, adjacency, residual)
-    return _plus(residual, _PropagatedLinear.apply(x, weight, root_weight, bias, adjacency))
+        return _PropagatedLinear.apply(x, weight, root_weight, bias, adjacency, residual, subtract)
+    return _plus(residual, _PropagatedLinear.apply(x, weight, root_weight, bias, adjacency), subtract)
 
 
 def has_forward_hooks(*modules: nn.Module) -> bool:
@@ -912,15 +939,17 @@ class CsrGCNConv(CsrPropagation, GCNConv):
     graph_form = "gcn_csr"
 
     def forward(self, x: Tensor, edge_index: Any, edge_weight: Tensor | None = None,
-                residual: Tensor | None = None) -> Tensor:
-        """``residual + conv(x)`` where ``residual`` is given (see :func:`call_conv`)."""
+                residual: Tensor | None = None, subtract: bool = False) -> Tensor:
+        """``residual + conv(x)`` where ``residual`` is given, ``residual - conv(x)`` with
+        ``subtract`` (see :func:`call_conv`)."""
         if not isinstance(edge_index, CsrAdjacency) or self.normalize or isinstance(x, (tuple, list)):
-            return _plus(residual, super().forward(x, edge_index, edge_weight))
+            return _plus(residual, super().forward(x, edge_index, edge_weight), subtract)
         if edge_weight is not None:
             raise ValueError("CsrGCNConv: the edge weights belong in the CsrAdjacency")
         if not _fusable_product(x, edge_index, self.lin) or self.lin.bias is not None:
-            return _plus(residual, edge_index.matmul(self.lin(x), bias=self.bias))
-        return _propagated_linear(x, self.lin.weight, None, self.bias, edge_index, residual, self.out_channels)
+            return _plus(residual, edge_index.matmul(self.lin(x), bias=self.bias), subtract)
+        return _propagated_linear(x, self.lin.weight, None, self.bias, edge_index, residual, self.out_channels,
+                                  subtract)
 
 
 class CsrGCN2Conv(CsrPropagation, GCN2Conv):
@@ -950,16 +979,18 @@ class CsrSAGEConv(CsrPropagation, SAGEConv):
 
     graph_form = "mean_csr"
 
-    def forward(self, x: Any, edge_index: Any, size: Any = None, residual: Tensor | None = None) -> Tensor:
-        """``residual + conv(x)`` where ``residual`` is given (see :func:`call_conv`)."""
+    def forward(self, x: Any, edge_index: Any, size: Any = None, residual: Tensor | None = None,
+                subtract: bool = False) -> Tensor:
+        """``residual + conv(x)`` where ``residual`` is given, ``residual - conv(x)`` with
+        ``subtract`` (see :func:`call_conv`)."""
         if (not isinstance(edge_index, CsrAdjacency) or isinstance(x, (tuple, list)) or size is not None
                 or self.project or self.normalize or not self.root_weight):
-            return _plus(residual, super().forward(x, edge_index, size))
+            return _plus(residual, super().forward(x, edge_index, size), subtract)
         if not _fusable_product(x, edge_index):
             out = F.linear(x, self.lin_r.weight, self.lin_l.bias)
-            return _plus(residual, edge_index.add_matmul_(out, F.linear(x, self.lin_l.weight)))
+            return _plus(residual, edge_index.add_matmul_(out, F.linear(x, self.lin_l.weight)), subtract)
         return _propagated_linear(x, self.lin_l.weight, self.lin_r.weight, self.lin_l.bias, edge_index, residual,
-                                  self.out_channels)
+                                  self.out_channels, subtract)
 
 
 class _SortedAggregation(torch.autograd.Function):
@@ -1249,8 +1280,8 @@ class CsrGATConv(GATConv):
         # the graph to copy slices (a gradient clone more in backward)
         if self.bias is not None:
             out.add_(self.bias.view(heads, channels))
-        if _fusable_residual(residual, x, heads * channels) and residual.is_contiguous():
-            out.add_(residual.view(-1, heads, channels))
+        if _fusable_residual(residual, x, heads * channels):  # a strided group of a rev stack too
+            out.add_(residual.unflatten(-1, (heads, channels)))
             residual = None
         return _plus(residual, out.view(-1, heads * channels))
 
@@ -1515,18 +1546,44 @@ def _takes_keyword(factory: Callable[..., object], name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def subtracts_in_product(conv: nn.Module, x: Tensor) -> bool:
+    """Whether ``call_conv(conv, ..., x, residual=r, subtract=True)`` computes ``r - conv(x)``
+    inside the convolution's products (:class:`_PropagatedLinear`), not as a difference of its
+    output: the CSR gcn and sage layers on float32/float64 features outside autocast, no forward
+    hook on the layer (:func:`subtracting_op` is the same rule for the estimator)."""
+    return (isinstance(conv, _SUBTRACTING_CONVS) and x.dtype in _FULL_PRECISION
+            and not torch.is_autocast_enabled(x.device.type) and not has_forward_hooks(conv))
+
+
+def subtracting_op(op: Op, value_bytes: int) -> bool:
+    """:func:`subtracts_in_product` for the layer ``make_conv(op)`` builds, on features of
+    ``value_bytes`` bytes each: a built-in op whose layer propagates by a CSR form (gcn; sage with
+    ``aggr=mean``) in float32/float64. In half precision the sparse product runs in float32 and
+    the difference is taken after it."""
+    return value_bytes >= 4 and op.name in _BUILTIN_OPS and graph_form(op) in _SUBTRACTING_FORMS
+
+
 def call_conv(
     conv: nn.Module, op_name: str, x: Tensor, graph: PreparedGraph, *, x_0: Tensor | None = None,
-    residual: Tensor | None = None,
+    residual: Tensor | None = None, subtract: bool = False,
 ) -> Tensor:
     """``conv`` (built for ``op_name``) applied to ``x [N, c]`` on ``graph``; returns ``[N, c]``.
 
     ``graph`` must hold the form ``conv`` takes (:func:`graph_form` of the op it was built for).
     ``x_0`` is the initial representation that ``gcn2`` (GCNII) needs, and only it. With
-    ``residual``, returns ``residual + conv(x)`` (a ``res+`` layer): the CSR gcn and sage layers
-    add it inside their product (:class:`_PropagatedLinear`, one ``[N, c]`` pass and tensor fewer)
-    unless a forward hook on ``conv`` must see the convolution's own output.
+    ``residual``, returns ``residual + conv(x)`` (a ``res+`` layer, a ``rev`` group's
+    ``x_i + f_i``): the CSR gcn and sage layers add it inside their product
+    (:class:`_PropagatedLinear`, one ``[N, c]`` pass and tensor fewer), gat into its aggregation's
+    output, unless a forward hook on ``conv`` must see the convolution's own output. With
+    ``subtract`` as well, returns ``residual - conv(x)`` (the reversible stack's reconstruction),
+    inside the product where :func:`subtracts_in_product`, else as a difference after it.
     """
+    if subtract:
+        if not isinstance(residual, Tensor):
+            raise ValueError("subtract needs the residual to subtract from")
+        if subtracts_in_product(conv, x):
+            return conv(x, *graph.tensors(conv.graph_form), residual=residual, subtract=True)
+        return residual - call_conv(conv, op_name, x, graph, x_0=x_0)
     if residual is not None:
         if isinstance(conv, (CsrGCNConv, CsrSAGEConv)) and not has_forward_hooks(conv):
             return conv(x, *graph.tensors(conv.graph_form), residual=residual)
@@ -1550,6 +1607,10 @@ def call_conv(
         return impl.call(conv, x, graph)
     return conv(x, *graph.tensors(form))
 
+
+_SUBTRACTING_CONVS = (CsrGCNConv, CsrSAGEConv)
+_SUBTRACTING_FORMS = frozenset(conv.graph_form for conv in _SUBTRACTING_CONVS)
+_FULL_PRECISION = (torch.float32, torch.float64)
 
 # Keywords the lowering passes to a factory itself: ``factory(channels, in_channels=w, **args)``.
 _FACTORY_KEYWORDS = frozenset({"channels", "in_channels"})

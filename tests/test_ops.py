@@ -828,3 +828,62 @@ def test_reversible_backward_does_not_ask_the_engine(monkeypatch):
         assert ops._every_gradient_used.passes == 1
         raise ValueError
     assert ops._every_gradient_used.passes == 0
+
+
+def _residual_case(name: str, hooked: bool):
+    x, edge_index = _graph(channels=8)
+    op = _op(name, heads=2) if name == "gat" else _op(name)
+    graph = _prepare(edge_index, forms=[graph_form(op)])
+    torch.manual_seed(0)
+    conv = make_conv(op, 8).double()
+    if hooked:  # the hook must see the layer's own output: the residual is taken after it
+        conv.register_forward_hook(lambda module, args, out: None)
+    residual = torch.randn(N, 8, dtype=torch.float64)
+    return conv, op.name, x, graph, residual
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+@pytest.mark.parametrize("subtract", [False, True])
+@pytest.mark.parametrize("name", ["gcn", "sage", "gat", "gin"])
+def test_call_conv_adds_or_subtracts_a_residual_with_the_gradients_of_the_expression(name, subtract, hooked):
+    """``call_conv(..., residual=r)`` is ``r + conv(x)`` and with ``subtract`` ``r - conv(x)`` (a
+    rev group's sum and its reconstruction), in value and in the gradients of ``x``, ``r`` and
+    every parameter: whether the CSR product starts from ``r`` (gcn, sage; gat adds it to its
+    aggregation) or, under a forward hook, the sum is taken after the layer. ``r`` is unchanged."""
+    conv, name, x, graph, residual = _residual_case(name, hooked)
+    params = [p for p in conv.parameters() if p.requires_grad]
+    before = residual.clone()
+    results = []
+    for fused in (True, False):
+        xs, rs = x.clone().requires_grad_(), residual.clone().requires_grad_()
+        if fused:
+            out = call_conv(conv, name, xs, graph, residual=rs, subtract=subtract)
+        else:
+            conv_out = call_conv(conv, name, xs, graph)
+            out = rs - conv_out if subtract else rs + conv_out
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        grads = torch.autograd.grad((out * weights).sum(), [xs, rs, *params])
+        results.append((out.detach(), grads))
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert torch.equal(residual, before)
+
+
+def test_subtract_needs_a_residual():
+    conv, name, x, graph, _ = _residual_case("gcn", hooked=False)
+    with pytest.raises(ValueError, match="residual to subtract from"):
+        call_conv(conv, name, x, graph, subtract=True)
+
+
+@pytest.mark.parametrize("op", [_op(name) for name in BUILTIN] + [_op("sage", aggr="max"), _op("gat", heads=2)])
+def test_the_estimator_and_the_layers_agree_on_which_subtract_inside_their_products(op):
+    """``subtracting_op`` (read by the estimator, which picks the reversible backward's skeleton by
+    it) says of an op what ``subtracts_in_product`` says of the layer ``make_conv`` builds: gcn
+    and sage with ``aggr=mean`` in float32/float64, nothing in half precision."""
+    conv = make_conv(op, 8)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        x = torch.empty(3, 8, dtype=dtype)
+        assert ops.subtracting_op(op, x.element_size()) == ops.subtracts_in_product(conv, x)
+    assert ops.subtracting_op(op, 4) == (op.name == "gcn" or (op.name == "sage" and dict(op.args)["aggr"] == "mean"))

@@ -433,3 +433,88 @@ def test_eval_outputs_of_every_plan_agree_bit_for_bit(norm):
             assert torch.equal(model(x, edge_index), outs[plan])
     for plan, out in outs.items():
         assert torch.equal(out, outs["store"]), plan
+
+
+@pytest.mark.parametrize("op", ["gcn", "sage"])
+def test_a_reconstruction_inside_the_product_holds_one_group_tensor_less(op, monkeypatch):
+    """gcn and sage group functions reconstruct ``x_i = y_i - f(u)`` inside their products
+    (``ConvLayer.subtracts_residual``): the reversible step's peak is one ``[N, hidden/groups]``
+    tensor below subtracting each function's output from its group (what other ops do; the
+    estimate's ``:sub`` skeleton follows), with the same gradients."""
+    import gnnspec
+    from gnnspec.lower.layers import ConvLayer
+    from gnnspec.memory.estimate import estimate_spec
+    from gnnspec.memory.measure import measure_step_peak
+
+    nodes, edges, hidden = 300, 1500, 32
+    spec = f"rev(op={op}, depth=4, groups=2, norm=layer, dropout=0.1, hidden={hidden})"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(nodes, 6, generator=g)
+    source = torch.randint(0, nodes, (edges,), generator=g)
+    edge_index = torch.stack([source, (source + torch.randint(1, nodes, (edges,), generator=g)) % nodes])
+    y = torch.randint(0, 3, (nodes,), generator=g)
+
+    def run() -> tuple[int, list[Tensor]]:
+        torch.manual_seed(0)
+        model = gnnspec.build(spec, in_channels=6, out_channels=3, plan="reversible")
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+        peak = measure_step_peak(model, x, edge_index, y, optimizer)
+        return peak, [p.grad.clone() for p in model.parameters()]
+
+    fused, fused_grads = run()
+    monkeypatch.setattr(ConvLayer, "subtracts_residual", lambda self, u: False)
+    separate, separate_grads = run()
+    assert separate - fused == nodes * (hidden // 2) * 4
+    for a, b in zip(fused_grads, separate_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    monkeypatch.undo()
+    estimate = estimate_spec(spec, nodes=nodes, edges=edges, in_channels=6, out_channels=3, plan="reversible")
+    assert abs(estimate.plans[0].peak_bytes - fused) <= 0.001 * fused, (estimate.plans[0].peak_bytes, fused)
+
+
+class _CountingAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts op outputs of a given number of bytes (fresh tensors, not views) while active."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__()
+        self.nbytes, self.count = nbytes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (isinstance(out, Tensor) and out.layout == torch.strided and out._base is None
+                and out.untyped_storage().nbytes() == self.nbytes):
+            self.count += not any(isinstance(a, Tensor) and a.layout == torch.strided and
+                                  a.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+                                  for a in args)  # not written in place
+        return out
+
+
+@pytest.mark.parametrize("op", ["gcn", "sage", "gat"])
+def test_the_skip_term_is_added_inside_each_group_function(op, monkeypatch):
+    """``y_i = x_i + f_i(u)`` starts from ``x_i`` inside ``f_i``'s product (gcn, sage) or is added
+    into its aggregation's output (gat): a forward makes no ``[N, hidden/groups]`` tensor for the
+    sum beside ``f_i``'s output, one fewer a group function than adding after ``f_i``, with the
+    same output."""
+    import gnnspec
+    from gnnspec.lower.layers import ConvLayer
+
+    nodes, hidden, depth, groups = 50, 16, 3, 2
+    spec = f"rev(op={op}, depth={depth}, groups={groups}, norm=layer, dropout=0, hidden={hidden})"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(nodes, 6, generator=g, dtype=torch.float64)
+    edge_index = torch.randint(0, nodes, (2, 200), generator=g)
+
+    def forward() -> tuple[int, Tensor]:
+        torch.manual_seed(0)
+        model = gnnspec.build(spec, in_channels=6, out_channels=3, plan="store").double().eval()
+        with torch.no_grad():
+            model(x, edge_index)  # prepares the graph
+            with _CountingAllocations(nodes * (hidden // groups) * 8) as counted:
+                out = model(x, edge_index)
+        return counted.count, out
+
+    inside, out = forward()
+    monkeypatch.setattr(ConvLayer, "adds_residual", property(lambda self: False))
+    after, expected = forward()
+    assert after - inside == depth * groups
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)

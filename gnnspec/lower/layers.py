@@ -15,6 +15,7 @@ from gnnspec.lower.dropout_tape import dropout, dropout_noise, noise_scale
 from gnnspec.lower.recompute import SharedDropout
 from gnnspec.ops import (
     PreparedGraph, call_conv, gradients_used, has_forward_hooks, make_conv, make_gcn2, mark_tensor_inputs,
+    subtracts_in_product,
 )
 
 
@@ -182,7 +183,8 @@ class ConvLayer(nn.Module):
     * ``gcnii``: ``drop(act(norm(gcn2(x, x0))))`` with GCNII's initial residual and identity map
     * ``rev``:   ``conv(mask_i * act(norm(x)))``, group function ``f_i``; ``mask_i`` is group ``i``'s
       slice of the stage's ``[N, hidden]`` mask, shared by every layer (RevGNN's shared dropout, see
-      :class:`gnnspec.lower.recompute.SharedDropout`)
+      :class:`gnnspec.lower.recompute.SharedDropout`); ``residual + f_i`` or ``residual - f_i``
+      where given (:attr:`adds_residual`)
     * ``deq``:   ``conv(mask * act(norm(z)))``, one application inside ``f(z, x)``
     """
 
@@ -207,8 +209,23 @@ class ConvLayer(nn.Module):
         else:
             self.conv = make_conv(stage.op, channels, in_channels=in_channels)
 
-    def _conv(self, x: Tensor, graph: PreparedGraph, x0: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
-        return call_conv(self.conv, self.op_name, x, graph, x_0=x0, residual=residual)
+    def _conv(self, x: Tensor, graph: PreparedGraph, x0: Tensor | None = None, residual: Tensor | None = None,
+              subtract: bool = False) -> Tensor:
+        return call_conv(self.conv, self.op_name, x, graph, x_0=x0, residual=residual, subtract=subtract)
+
+    @property
+    def adds_residual(self) -> bool:
+        """Whether ``forward(x, graph, mask, residual=r)`` returns ``r + f(x)`` (and with
+        ``subtract=True`` ``r - f(x)``), the skip term added inside the convolution
+        (:func:`gnnspec.ops.call_conv`): a ``rev`` group function, for
+        :class:`~gnnspec.lower.reversible.ReversibleStack`."""
+        return self.kind == "rev"
+
+    def subtracts_residual(self, x: Tensor) -> bool:
+        """Whether ``forward(x, ..., residual=r, subtract=True)`` computes ``r - f(x)`` inside the
+        convolution's products (:func:`gnnspec.ops.subtracts_in_product`; the norm and activation
+        before it keep ``x``'s dtype), not as a difference after it."""
+        return self.kind == "rev" and subtracts_in_product(self.conv, x)
 
     def _drop(self, x: Tensor) -> Tensor:
         return dropout(x, self.dropout, self.training) if self.dropout > 0 else x
@@ -240,8 +257,11 @@ class ConvLayer(nn.Module):
             return norm_relu_of_dropout(self.norm, x, self.dropout, self.training)
         return self._drop(self._act(self.norm(x)))
 
-    def forward(self, x: Tensor, graph: PreparedGraph, extra: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, graph: PreparedGraph, extra: Tensor | None = None, residual: Tensor | None = None,
+                subtract: bool = False) -> Tensor:
         kind = self.kind
+        if residual is not None and kind != "rev":
+            raise ValueError(f"a {kind} layer takes no residual (only a rev group function does)")
         if kind == "plain":
             return self._norm_act_drop(self._conv(x, graph))
         if kind == "res":
@@ -257,6 +277,8 @@ class ConvLayer(nn.Module):
             width = x.shape[-1]
             extra = extra[:, self.group * width : (self.group + 1) * width]
         if extra is not None and self._fuses_relu():
-            return self._conv(norm_relu_of_masked(self.norm, x, extra, self.dropout), graph)
-        return self._conv(SharedDropout.apply_mask(self._act(self.norm(x)), extra), graph)
+            return self._conv(norm_relu_of_masked(self.norm, x, extra, self.dropout), graph, residual=residual,
+                              subtract=subtract)
+        return self._conv(SharedDropout.apply_mask(self._act(self.norm(x)), extra), graph, residual=residual,
+                          subtract=subtract)
 

@@ -36,7 +36,13 @@ class ReversibleStack(nn.Module):
     modify its inputs in place, and is deterministic given its inputs (randomness such as dropout
     comes in through ``args``, e.g. a mask from ``SharedDropout.draw``); a reversible forward in
     which the default generator of the input's device advanced raises a RuntimeError. ``args`` are passed
-    unchanged to every ``f`` and receive no gradient. A module may appear in several layers (tied
+    unchanged to every ``f`` and receive no gradient. An ``f`` whose ``adds_residual`` is true
+    (a ``rev`` :class:`~gnnspec.lower.layers.ConvLayer`) also takes the skip term:
+    ``f(u, *args, residual=x_i)`` returns ``x_i + f(u)``, and ``f(u, *args, residual=y_i,
+    subtract=True)`` returns ``y_i - f(u)``, with the gradients of those expressions. The stack
+    then adds ``x_i`` inside ``f``'s product (one ``[N, C/G]`` pass and tensor fewer a function),
+    and reconstructs with ``subtract`` where ``f.subtracts_residual(u)`` says the difference is
+    taken inside ``f``'s products too (otherwise as ``y_i - f(u)`` of ``f``'s output). A module may appear in several layers (tied
     weights); it is stored once, so ``parameters()`` and the state dict do not depend on depth.
 
     The stack never frees, resizes or writes into a tensor its caller can see (its input, its
@@ -72,6 +78,8 @@ class ReversibleStack(nn.Module):
                     position[id(f)] = len(unique)
                     unique.append(f)
         self.functions = nn.ModuleList(unique)
+        # per function: whether it adds the skip term itself (plain data, fixed by its kind)
+        self.adds_residual = tuple(bool(getattr(f, "adds_residual", False)) for f in unique)
         # layer -> group -> index into `functions`; plain data, so not part of the state dict.
         self.table: tuple[tuple[int, ...], ...] = tuple(
             tuple(position[id(f)] for f in layer) for layer in layers
@@ -148,13 +156,20 @@ class ReversibleStack(nn.Module):
         ys = []
         for i, index in enumerate(layer):
             if buffers is None:
-                y = self.functions[index](y, *args) + xs[i]
+                y = self._plus(index, y, args, xs[i])
             else:
                 before = BuffersBefore(buffers[1][index].record.stateful)
-                y = self.functions[index](y, *args) + xs[i]
+                y = self._plus(index, y, args, xs[i])
                 buffers[0].append(before.settle())
             ys.append(y)
         return ys
+
+    def _plus(self, index: int, u: Tensor, args: Sequence[Any], residual: Tensor) -> Tensor:
+        """``residual + f(u)`` for ``f = functions[index]``, the sum inside ``f`` where it adds it."""
+        f = self.functions[index]
+        if self.adds_residual[index]:
+            return f(u, *args, residual=residual)
+        return f(u, *args) + residual
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, groups={self.groups}, reversible={self.reversible}"
@@ -287,30 +302,45 @@ def _layer_backward(
     the given tensors: they may be the caller's.
     """
     layer = ctx.stack.table[number]
+    adds = ctx.stack.adds_residual
     groups = len(layer)
     xs: list[Tensor | None] = [None] * groups
     grad_xs: list[Tensor | None] = [None] * groups
-    grad_from_next: Tensor | None = None  # d loss / d y_i through f_{i+1}
+    grad_from_next: Tensor | None = None  # d loss / d y_i through f_{i+1}, negated if next_negated
+    next_negated = False
     for i in reversed(range(groups)):
-        grad = grad_ys[i] if grad_from_next is None else grad_ys[i] + grad_from_next
+        if grad_from_next is None:
+            grad = grad_ys[i]
+        else:
+            grad = grad_ys[i] - grad_from_next if next_negated else grad_ys[i] + grad_from_next
         grad_ys[i] = grad_from_next = None
         f, state = ctx.functions[layer[i]], ctx.states[layer[i]]
         f_input = (ys[i - 1] if i > 0 else _sum(xs[1:])).detach().requires_grad_()
+        subtract = adds[layer[i]] and f.subtracts_residual(f_input)
         # The gradients are taken before the running statistics are restored: batch norm saved them
         # for backward, so the restore must not come between the recomputation and its backward.
         changed = [] if ctx.buffers_before is None else ctx.buffers_before[number * groups + i].changed
         with recomputed_as_recorded(state.record, changed) as leaves:
             with torch.enable_grad(), _forward_autocast(ctx.autocast):
-                f_output = f(f_input, *args)
-            xs[i] = ys[i] - f_output.detach()
+                if subtract:  # root = y_i - f(u) = x_i, computed inside f's products
+                    root = f(f_input, *args, residual=ys[i], subtract=True)
+                    xs[i] = root.detach()
+                else:
+                    root = f(f_input, *args)
+                    xs[i] = ys[i] - root.detach()
             ys[i] = None
             _prefetch(grad)
-            # y_i = f_output + x_i, so d loss / d f_output = d loss / d y_i, cast to f_output's
-            # dtype as the plain stack's add hands it on (bfloat16 under autocast).
+            # y_i = f(u) + x_i, so d loss / d f(u) = d loss / d y_i, cast to f's output dtype as the
+            # plain stack's add hands it on (bfloat16 under autocast). Through root = y_i - f(u) the
+            # engine returns minus f's gradients: negated below (the input's by subtracting it).
             with every_gradient_used():  # f's input and all its parameters
                 grad_input, *grads = _gradients(
-                    f_output, [f_input, *(leaves[id(p)] for p in state.params)], grad.to(f_output.dtype))
-            del f_output, f_input
+                    root, [f_input, *(leaves[id(p)] for p in state.params)], grad.to(root.dtype))
+            del root, f_input
+        if subtract and grads:
+            # in place: f's parameter gradients are its nodes' fresh outputs (root's node hands
+            # the incoming gradient on to the residual alone, which is no input here)
+            torch._foreach_neg_(grads)
         grad_xs[i] = grad
         del grad
         for k, g in zip(state.positions, grads):
@@ -318,10 +348,10 @@ def _layer_backward(
         # a tied layer's gradients are in the sums now: not kept alive through the next function
         grads = g = None
         if i > 0:
-            grad_from_next = grad_input
+            grad_from_next, next_negated = grad_input, subtract
         else:  # y_{-1} = x_1 + ... + x_{C-1}
             for j in range(1, groups):
-                grad_xs[j] = grad_xs[j] + grad_input
+                grad_xs[j] = grad_xs[j] - grad_input if subtract else grad_xs[j] + grad_input
     return xs, grad_xs
 
 

@@ -40,7 +40,9 @@ from typing import Any, Sequence, get_args
 
 from gnnspec import ir
 from gnnspec.memory import pieces
-from gnnspec.memory.pieces import buffer_bytes, draws_dropout, instantiate, norm_act_key, param_bytes
+from gnnspec.memory.pieces import (
+    buffer_bytes, draws_dropout, instantiate, norm_act_key, param_bytes, rev_back_key,
+)
 from gnnspec.memory.timeline import Program, chain, new_sid, peak, resolve, substitute, summarize
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -919,8 +921,12 @@ class StageModel:
         gy = new_sid()
         shape = {"N": g.nodes, "W": w, "s": g.s}
 
+        from gnnspec.ops import subtracting_op
+
+        subtract = subtracting_op(st.op, g.s)  # the group functions reconstruct inside their products
+
         def piece(first: bool, ins: dict[str, int]) -> tuple[list[tuple], dict[str, int]]:
-            key = f"skel:rev{groups}:back" + (":first" if first else "")
+            key = rev_back_key(groups, first, subtract)
             sk, holes = instantiate(key, "g", shape)
             inner = {}
             for k in holes:

@@ -186,6 +186,14 @@ def table_key(key: str, half: bool) -> str:
     return key + HALF if half else key
 
 
+def rev_back_key(groups: int, first: bool, subtract: bool) -> str:
+    """The key of the reversible backward's skeleton through one layer of ``groups`` groups
+    (``first``: the stack's last layer, which starts from the saved output); ``subtract`` for
+    group functions that reconstruct inside their products
+    (:func:`gnnspec.ops.subtracting_op`), whose output is the reconstructed group."""
+    return f"skel:rev{groups}:back" + (":sub" if subtract else "") + (":first" if first else "")
+
+
 def keyed(key: str, shape: dict[str, int]) -> str:
     """The table key of ``key``'s piece at ``shape``: half precision (``s = 2``) has pieces of its
     own, since a float16/bfloat16 step keeps some temporaries in float32 and takes other kernels."""
