@@ -1088,16 +1088,22 @@ class _EdgeSoftmax(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         positive = z > 0 if needs_grad else None
         alpha = F.leaky_relu_(z, slope)
+        del z  # alpha is z (in place): under one name the fallback below frees it
         total = None
         if slope >= 0 and alpha_src.size(0) > 0:  # leaky ReLU is monotone: no logit exceeds the bound
             bound = F.leaky_relu(alpha_src.amax(0) + alpha_dst.amax(0), slope)
             total = _segment_sums(alpha.sub_(bound.unsqueeze(1)).exp_(), edges)
             if not isinstance(total, FakeTensor) and bool((total < _tiny_sqrt(total.dtype)).any()):
-                total = None
+                # the fallback holds no more than the path it replaces (which the estimate counts,
+                # its calibration never taking this branch): the first try's tensors go first
+                total = alpha = None
                 alpha = F.leaky_relu_(_edge_sums(alpha_src, alpha_dst, source_index, target_index), slope)
         if total is None:  # shifted by each node's maximum, as torch-geometric's softmax
             peak = torch._segment_reduce(alpha, "amax", offsets=_offsets(edges, alpha.size(0)), axis=1)
-            total = _segment_sums(alpha.sub_(_gather_node_major(_swapped_copy(peak), target_index)).exp_(), edges)
+            shift = _gather_node_major(_swapped_copy(peak), target_index)
+            del peak
+            total = _segment_sums(alpha.sub_(shift).exp_(), edges)
+            del shift
         alpha.div_(_gather_node_major(_swapped_copy(total), target_index))
         if needs_grad:
             ctx.edges, ctx.slope = edges, slope

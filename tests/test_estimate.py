@@ -551,3 +551,19 @@ def test_a_tied_reversible_stack_on_a_small_graph_is_not_estimated_low(expr) -> 
     measured = _measured(expr, 64, 320, 16, 4, "reversible")
     predicted = est.plans[0].peak_bytes
     assert measured <= predicted <= 1.01 * measured, (predicted, measured)
+
+
+@pytest.mark.parametrize("expr", [
+    "rev(op=gcn, depth=3, groups=2, norm=batch, dropout=0.0, hidden=48)",
+    "rev(op=sage, depth=3, groups=2, norm=batch, dropout=0.2, hidden=48)",
+    "rev(op=gcn, depth=3, groups=3, norm=batch, dropout=0.2, hidden=72, tie=true)",
+])
+def test_a_checkpointed_rev_segment_is_recomputed_up_to_its_last_saved_tensor(expr) -> None:
+    """torch's non-reentrant checkpoint stops a segment's recomputation once the last tensor its
+    backward saved is back (early stop, the default): a rev segment's closing concatenation is
+    never made again. The estimate reads within 0.1% (3.6-5.8% high while it counted it)."""
+    torch.set_num_threads(1)
+    plan = "checkpoint(segments=2)"
+    est = estimate_spec(expr, nodes=1500, edges=9000, in_channels=20, out_channels=5, plan=plan)
+    measured = _measured(expr, 1500, 9000, 20, 5, plan)
+    assert abs(est.plans[0].peak_bytes - measured) <= 0.001 * measured, (est.plans[0].peak_bytes, measured)
