@@ -518,3 +518,60 @@ def test_the_skip_term_is_added_inside_each_group_function(op, monkeypatch):
     after, expected = forward()
     assert after - inside == depth * groups
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["gcn", "gat"])
+def test_a_hook_on_a_group_function_sees_and_replaces_its_own_output(op):
+    """A forward hook on a group function sees ``f(u)``, not the sum the stack would otherwise take
+    inside ``f``, and whatever it returns is ``f``'s output in the forward and in the reversible
+    reconstruction alike: ``reversible`` equals ``store`` (it had rebuilt ``hook(y - f)`` in place of
+    ``x``, gradients off by 50-1700%)."""
+    import gnnspec
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    edge_index = torch.randint(0, 40, (2, 160), generator=g)
+    spec = f"rev(op={op}, depth=2, groups=2, norm=none, hidden=8)"
+    results = {}
+    for plan in ("store", "reversible"):
+        torch.manual_seed(0)
+        model = gnnspec.build(spec, 6, 3, plan=plan).double()
+        stack = next(m for m in model.modules() if isinstance(m, ReversibleStack))
+        seen = []
+
+        def hook(module, args, out):
+            with torch.no_grad():
+                seen.append(torch.equal(out, module.forward(*args)))  # f(u) itself, computed again
+            return out * 1.5
+
+        for f in stack.functions:
+            f.register_forward_hook(hook)
+        out = model(x, edge_index)
+        out.square().sum().backward()
+        results[plan] = [out.detach()] + [p.grad for p in model.parameters()]
+        assert seen and all(seen)
+    for a, b in zip(results["store"], results["reversible"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+class _AddingBlock(Block):
+    """A group function that adds the skip term itself (``adds_residual``) but has no
+    ``subtracts_residual``: the reversible stack reconstructs by subtracting its output."""
+
+    adds_residual = True
+
+    def forward(self, x: Tensor, edge_index: Tensor, mask: Tensor | None = None,
+                residual: Tensor | None = None) -> Tensor:
+        out = super().forward(x, edge_index, mask)
+        return out if residual is None else residual + out
+
+
+def test_a_function_that_only_adds_the_skip_term_is_reconstructed_by_the_stack():
+    torch.manual_seed(0)
+    blocks = [[_AddingBlock("gcn", D // 2) for _ in range(2)] for _ in range(3)]
+    store = ReversibleStack(blocks, reversible=False).double()
+    rev = copy.deepcopy(store)
+    rev.reversible = True
+    assert rev.adds_residual == (True,) * 6
+    x, edge_index, mask, weight = _data(2)
+    _assert_same(_step(store, x, edge_index, mask, weight=weight), _step(rev, x, edge_index, mask, weight=weight))

@@ -15,7 +15,7 @@ from torch.utils._mode_utils import no_dispatch
 from gnnspec.lower.recompute import (
     BuffersBefore, ModuleRecord, module_record, recomputed_as_recorded, refuse_second_order,
 )
-from gnnspec.ops import every_gradient_used
+from gnnspec.ops import every_gradient_used, has_forward_hooks
 
 
 class ReversibleStack(nn.Module):
@@ -38,11 +38,13 @@ class ReversibleStack(nn.Module):
     which the default generator of the input's device advanced raises a RuntimeError. ``args`` are passed
     unchanged to every ``f`` and receive no gradient. An ``f`` whose ``adds_residual`` is true
     (a ``rev`` :class:`~gnnspec.lower.layers.ConvLayer`) also takes the skip term:
-    ``f(u, *args, residual=x_i)`` returns ``x_i + f(u)``, and ``f(u, *args, residual=y_i,
-    subtract=True)`` returns ``y_i - f(u)``, with the gradients of those expressions. The stack
-    then adds ``x_i`` inside ``f``'s product (one ``[N, C/G]`` pass and tensor fewer a function),
-    and reconstructs with ``subtract`` where ``f.subtracts_residual(u)`` says the difference is
-    taken inside ``f``'s products too (otherwise as ``y_i - f(u)`` of ``f``'s output). A module may appear in several layers (tied
+    ``f(u, *args, residual=x_i)`` returns ``x_i + f(u)``, with the gradients of that sum; the
+    stack then adds ``x_i`` inside ``f``'s product (one ``[N, C/G]`` pass and tensor fewer a
+    function). If it also has ``subtracts_residual(u)`` and that is true,
+    ``f(u, *args, residual=y_i, subtract=True)`` returns ``y_i - f(u)`` (the reconstruction,
+    inside ``f``'s products too); otherwise the stack subtracts ``f``'s output. An ``f`` with a
+    forward hook is always called plainly, so that the hook sees (and may replace) ``f(u)``
+    itself, in the forward and in the reconstruction alike. A module may appear in several layers (tied
     weights); it is stored once, so ``parameters()`` and the state dict do not depend on depth.
 
     The stack never frees, resizes or writes into a tensor its caller can see (its input, its
@@ -165,9 +167,10 @@ class ReversibleStack(nn.Module):
         return ys
 
     def _plus(self, index: int, u: Tensor, args: Sequence[Any], residual: Tensor) -> Tensor:
-        """``residual + f(u)`` for ``f = functions[index]``, the sum inside ``f`` where it adds it."""
+        """``residual + f(u)`` for ``f = functions[index]``, the sum inside ``f`` where it adds it
+        (not under a forward hook, which must see ``f(u)``)."""
         f = self.functions[index]
-        if self.adds_residual[index]:
+        if self.adds_residual[index] and not has_forward_hooks(f):
             return f(u, *args, residual=residual)
         return f(u, *args) + residual
 
@@ -316,7 +319,7 @@ def _layer_backward(
         grad_ys[i] = grad_from_next = None
         f, state = ctx.functions[layer[i]], ctx.states[layer[i]]
         f_input = (ys[i - 1] if i > 0 else _sum(xs[1:])).detach().requires_grad_()
-        subtract = adds[layer[i]] and f.subtracts_residual(f_input)
+        subtract = adds[layer[i]] and _subtracts(f, f_input)
         # The gradients are taken before the running statistics are restored: batch norm saved them
         # for backward, so the restore must not come between the recomputation and its backward.
         changed = [] if ctx.buffers_before is None else ctx.buffers_before[number * groups + i].changed
@@ -353,6 +356,14 @@ def _layer_backward(
             for j in range(1, groups):
                 grad_xs[j] = grad_xs[j] - grad_input if subtract else grad_xs[j] + grad_input
     return xs, grad_xs
+
+
+def _subtracts(f: nn.Module, u: Tensor) -> bool:
+    """Whether ``f`` (which adds the skip term itself) reconstructs ``y_i - f(u)`` inside its
+    products: it says so for ``u``, and no forward hook must see ``f(u)`` (as in the forward,
+    where such an ``f`` is called plainly)."""
+    says = getattr(f, "subtracts_residual", None)
+    return says is not None and not has_forward_hooks(f) and bool(says(u))
 
 
 def _forward_autocast(state: tuple[str, bool, torch.dtype]) -> contextlib.AbstractContextManager:
