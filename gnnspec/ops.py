@@ -335,9 +335,10 @@ class _CsrAddMatmul(torch.autograd.Function):
 
 class _PropagatedLinear(torch.autograd.Function):
     r"""``out = r + A (x W^T) + x R^T + b`` (residual ``r``, root weight ``R`` and bias ``b``
-    optional), or with ``subtract`` ``out = r - (A (x W^T) + x R^T + b)``, one autograd node for the products of :class:`CsrGCNConv` (no ``R``) and
-    :class:`CsrSAGEConv`, with the kernels of their unfused order (``addmm``/``mm``, then the
-    sparse product: added into the root term in place, or with the bias into a fresh output).
+    optional), or with ``subtract`` ``out = r - (A (x W^T) + x R^T + b)``, one autograd node for
+    the products of :class:`CsrGCNConv` (no ``R``) and :class:`CsrSAGEConv`, with the kernels of
+    their unfused order (``addmm``/``mm``, then the sparse product: added into the root term in
+    place, or with the bias into a fresh output).
     With a residual (a ``res+`` layer's ``x + conv(h)``) the output starts as ``r + b``, the root
     product and the sparse product accumulate into it in place: one fresh ``[N, C]`` tensor where
     the conv's output and the sum were two. Saves ``x`` alone (the weights are held on the node:
@@ -1557,7 +1558,7 @@ def subtracts_in_product(conv: nn.Module, x: Tensor) -> bool:
     inside the convolution's products (:class:`_PropagatedLinear`), not as a difference of its
     output: the CSR gcn and sage layers on float32/float64 features outside autocast, no forward
     hook on the layer (:func:`subtracting_op` is the same rule for the estimator)."""
-    return (isinstance(conv, _SUBTRACTING_CONVS) and x.dtype in _FULL_PRECISION
+    return (isinstance(conv, _RESIDUAL_IN_PRODUCT) and x.dtype in _FULL_PRECISION
             and not torch.is_autocast_enabled(x.device.type) and not has_forward_hooks(conv))
 
 
@@ -1591,7 +1592,7 @@ def call_conv(
             return conv(x, *graph.tensors(conv.graph_form), residual=residual, subtract=True)
         return residual - call_conv(conv, op_name, x, graph, x_0=x_0)
     if residual is not None:
-        if isinstance(conv, (CsrGCNConv, CsrSAGEConv)) and not has_forward_hooks(conv):
+        if isinstance(conv, _RESIDUAL_IN_PRODUCT) and not has_forward_hooks(conv):
             return conv(x, *graph.tensors(conv.graph_form), residual=residual)
         if isinstance(conv, CsrGATConv) and not has_forward_hooks(conv):
             return _call_gat(conv, x, graph, residual=residual)
@@ -1614,8 +1615,9 @@ def call_conv(
     return conv(x, *graph.tensors(form))
 
 
-_SUBTRACTING_CONVS = (CsrGCNConv, CsrSAGEConv)
-_SUBTRACTING_FORMS = frozenset(conv.graph_form for conv in _SUBTRACTING_CONVS)
+# the layers that take a residual into their products (call_conv), added or subtracted
+_RESIDUAL_IN_PRODUCT = (CsrGCNConv, CsrSAGEConv)
+_SUBTRACTING_FORMS = frozenset(conv.graph_form for conv in _RESIDUAL_IN_PRODUCT)
 _FULL_PRECISION = (torch.float32, torch.float64)
 
 # Keywords the lowering passes to a factory itself: ``factory(channels, in_channels=w, **args)``.

@@ -260,7 +260,7 @@ class ConvLayer(nn.Module):
     def forward(self, x: Tensor, graph: PreparedGraph, extra: Tensor | None = None, residual: Tensor | None = None,
                 subtract: bool = False) -> Tensor:
         kind = self.kind
-        if residual is not None and kind != "rev":
+        if residual is not None and not self.adds_residual:
             raise ValueError(f"a {kind} layer takes no residual (only a rev group function does)")
         if kind == "plain":
             return self._norm_act_drop(self._conv(x, graph))
